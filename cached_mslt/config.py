@@ -62,24 +62,44 @@ class DataArgs:
     )
     tokenizer: str = field(
         default="bundled",
-        metadata={"help": "'bundled' (bert-base-uncased WordPiece, offline) or a local tokenizer dir"},
+        metadata={
+            "help": "'bundled' (bert-base-uncased WordPiece, offline) or a local tokenizer dir"
+        },
     )
     prepared_dir: str | None = field(
-        default=None, metadata={"help": "where the prepared dataset lives; default data/prepared/<preset>"}
+        default=None,
+        metadata={"help": "where the prepared dataset lives; default data/prepared/<preset>"},
     )
-    seq_len: int | None = field(default=None, metadata={"help": "tokens per packed sequence; default: preset"})
+    seq_len: int | None = field(
+        default=None, metadata={"help": "tokens per packed sequence; default: preset"}
+    )
     mask_prob: float = 0.15
-    mask_seed: int = field(default=1234, metadata={"help": "static masking seed: mask(i) = f(seed, i)"})
+    mask_seed: int = field(
+        default=1234, metadata={"help": "static masking seed: mask(i) = f(seed, i)"}
+    )
     views: int = field(
         default=1,
-        metadata={"help": "masked views per sequence (BERT's duplication factor); the cache holds all"},
+        metadata={
+            "help": "masked views per sequence (BERT's duplication factor); the cache holds all"
+        },
     )
     valid_fraction: float = 0.02
     split_seed: int = 0
     num_proc: int = 2
-    strict: bool = field(default=False, metadata={"help": "fail on undecodable bytes instead of skipping"})
-    max_documents: int | None = field(default=None, metadata={"help": "use only the first N documents"})
+    strict: bool = field(
+        default=False, metadata={"help": "fail on undecodable bytes instead of skipping"}
+    )
+    max_documents: int | None = field(
+        default=None, metadata={"help": "use only the first N documents"}
+    )
+    train_examples: int | None = field(
+        default=None,
+        metadata={"help": "train on the first N prepared examples (the cache holds exactly these)"},
+    )
     text_column: str = "text"
+    vocab_size: int = field(
+        default=30522, metadata={"help": "the model's vocabulary size; the tokenizer must match it"}
+    )
 
     def resolve(self, model: ModelArgs) -> None:
         if self.seq_len is None:
@@ -111,9 +131,13 @@ class TrainArgs:
     eval_every: int = field(default=100, metadata={"help": "validation every N optimizer steps"})
     eval_batches: int | None = field(default=None, metadata={"help": "cap validation batches"})
     log_every: int = 10
-    checkpoint_every: int = field(default=200, metadata={"help": "save_state every N steps (resume)"})
+    checkpoint_every: int = field(
+        default=200, metadata={"help": "save_state every N steps (resume)"}
+    )
     num_workers: int = 0
-    report_to: str | None = field(default=None, metadata={"help": "Accelerate tracker, e.g. tensorboard"})
+    report_to: str | None = field(
+        default=None, metadata={"help": "Accelerate tracker, e.g. tensorboard"}
+    )
 
 
 @dataclass
@@ -131,13 +155,18 @@ class ScheduleArgs:
         default=None, metadata={"help": "optimizer steps per stage (overrides stage_tokens)"}
     )
     warmup_fraction: float = field(default=0.06, metadata={"help": "linear warmup share per stage"})
-    lr_schedule: str = field(default="linear", metadata={"help": "linear or cosine decay per stage"})
+    lr_schedule: str = field(
+        default="linear", metadata={"help": "linear or cosine decay per stage"}
+    )
     growth_init: str = field(default="copy", metadata={"help": "copy (top layers) or fresh"})
     cache: str = field(default="auto", metadata={"help": "auto, always or never"})
     cache_dtype: str = field(default="float16", metadata={"help": "float32, float16 or bfloat16"})
     cache_codec: str = field(default="none", metadata={"help": "none, zstd or blosc"})
     cache_rebuild: str = field(
         default="incremental", metadata={"help": "incremental (from the previous store) or full"}
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "rebuild a stage's store that no longer matches (stale)"}
     )
     joint_tokens: float = field(default=0.0, metadata={"help": "final phase training all layers"})
 

@@ -1,0 +1,122 @@
+"""One metrics writer, the run clock, and the end-of-run summary (table + plot)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class RunClock:
+    """Counters that run across stages: every method reports the same ones, and wall-clock
+    includes cache builds, so a comparison charges caching for what it costs."""
+
+    step: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    flops: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Stopwatch:
+    """Adds elapsed wall time to a RunClock on `tick`, so resumed runs continue the count."""
+
+    def __init__(self, clock: RunClock):
+        self.clock = clock
+        self._last = time.perf_counter()
+
+    def tick(self) -> float:
+        now = time.perf_counter()
+        self.clock.wall_s += now - self._last
+        self._last = now
+        return self.clock.wall_s
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to `metrics.jsonl` (main process only) and forwards
+    the same values to Accelerate's trackers when the run configured any."""
+
+    def __init__(self, run_dir: str | Path, accelerator=None, base: dict[str, Any] | None = None):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.accelerator = accelerator
+        self.base = dict(base or {})
+        self.enabled = accelerator is None or accelerator.is_main_process
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {**self.base, **record}
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            numbers = {k: v for k, v in record.items() if isinstance(v, int | float)}
+            self.accelerator.log(numbers, step=record.get("step"))
+
+    def truncate_after(self, stage: Any, step: int) -> None:
+        """Drop lines a resumed stage will write again (those past its checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if not (
+                json.loads(line).get("stage") == stage and json.loads(line).get("step", 0) > step
+            )
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS_FILE
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(
+    curves: dict[str, list[dict[str, Any]]], x: str, path: str | Path, title: str, xlabel: str
+) -> None:
+    """Validation loss against `x` (wall_s or flops), one line per curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, records in curves.items():
+        points = [(r[x], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation MLM loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,194 @@
+"""BertForMaskedLM split into a frozen bottom and a trainable top, plus growth and freezing.
+
+The model is always a plain `transformers.BertForMaskedLM`; the split is a way of
+running it, not a different architecture. `bottom = embeddings + layer[:F]`,
+`top = layer[F:] + MLM head`. Running the two halves with the mask that
+`create_bidirectional_mask` builds gives logits bitwise equal to `model(...)`
+(measured in ../shared/NOTES.md), which is what lets the top train from cached
+hidden states.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM
+from transformers.masking_utils import create_bidirectional_mask
+
+from cached_mslt.config import ModelArgs
+
+IGNORE_INDEX = -100
+
+
+def bert_config(args: ModelArgs, vocab_size: int, num_layers: int) -> BertConfig:
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=args.num_attention_heads,
+        intermediate_size=args.intermediate_size,
+        max_position_embeddings=args.max_position_embeddings,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = args.attn_implementation
+    return config
+
+
+def build_model(
+    args: ModelArgs, vocab_size: int, num_layers: int, seed: int = 0
+) -> BertForMaskedLM:
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(bert_config(args, vocab_size, num_layers))
+    model.set_attn_implementation(args.attn_implementation)
+    return model
+
+
+def layer_mask(model: BertForMaskedLM, hidden: torch.Tensor, attention_mask: torch.Tensor | None):
+    """The mask every encoder layer takes, in the form the attention implementation wants
+    (bool under sdpa, additive under eager, None when nothing is padded)."""
+    return create_bidirectional_mask(
+        config=model.config, inputs_embeds=hidden, attention_mask=attention_mask
+    )
+
+
+def run_layers(
+    model: BertForMaskedLM,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    start: int,
+    stop: int | None = None,
+) -> torch.Tensor:
+    """Encoder layers [start, stop) on hidden states."""
+    mask = layer_mask(model, hidden, attention_mask)
+    for layer in model.bert.encoder.layer[start:stop]:
+        hidden = layer(hidden, mask)
+    return hidden
+
+
+def bottom_forward(
+    model: BertForMaskedLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    frozen: int,
+) -> torch.Tensor:
+    """Embeddings + the first `frozen` layers: what the activation store holds."""
+    hidden = model.bert.embeddings(input_ids=input_ids)
+    return run_layers(model, hidden, attention_mask, 0, frozen)
+
+
+def mlm_head_loss(
+    model: BertForMaskedLM, hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """MLM loss on masked positions only: gather them before the head, so the 30k-way
+    decoder runs on ~15% of the tokens (3.3x faster steps on tiny, NOTES.md).
+
+    Returns the mean loss and the number of masked tokens it averages over.
+    """
+    selected = labels != IGNORE_INDEX
+    logits = model.cls(hidden[selected])
+    target = labels[selected]
+    return F.cross_entropy(logits.float(), target), int(target.numel())
+
+
+def top_forward(
+    model: BertForMaskedLM,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    start: int,
+) -> torch.Tensor:
+    """Dense logits from hidden states after layer `start`: reproduces `model(...).logits`."""
+    return model.cls(run_layers(model, hidden_states, attention_mask, start))
+
+
+class TopModel(nn.Module):
+    """The trainable part of a stage as one module, so `accelerator.prepare` wraps exactly
+    what trains (DDP all-reduces only these gradients; the frozen bottom never enters DDP).
+
+    `frozen == 0` means nothing is frozen: the module starts from token ids
+    (stage 1, the full-model baseline, a joint phase).
+    """
+
+    def __init__(self, model: BertForMaskedLM, frozen: int):
+        super().__init__()
+        self.model = model
+        self.frozen = frozen
+
+    def forward(
+        self,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        if self.frozen == 0:
+            hidden_states = self.model.bert.embeddings(input_ids=input_ids)
+        elif hidden_states is None:
+            raise ValueError(f"a top above {self.frozen} frozen layers needs hidden_states")
+        hidden = run_layers(self.model, hidden_states, attention_mask, self.frozen)
+        return mlm_head_loss(self.model, hidden, labels)
+
+
+def frozen_modules(model: BertForMaskedLM, frozen: int) -> list[nn.Module]:
+    """What `frozen` means: the embeddings (and with them the tied decoder weight) and the
+    first `frozen` encoder layers. Nothing is frozen when `frozen == 0`."""
+    if frozen == 0:
+        return []
+    return [model.bert.embeddings, *model.bert.encoder.layer[:frozen]]
+
+
+def freeze_bottom(model: BertForMaskedLM, frozen: int) -> list[nn.Parameter]:
+    """Freeze the bottom for real (requires_grad off, eval mode so dropout is off) and return
+    the parameters that still train, for the optimizer: frozen ones are never handed to it.
+
+    The tied decoder weight is the word-embedding matrix, so it freezes with the
+    embeddings; the head transform and the decoder bias keep training. Freezing the tied
+    weight is also what makes cached training exact: a trainable embedding would get
+    gradient through the input path too, which a cache cannot reproduce (NOTES.md).
+    """
+    if not 0 <= frozen <= model.config.num_hidden_layers:
+        raise ValueError(
+            f"cannot freeze {frozen} layers of a {model.config.num_hidden_layers}-layer model"
+        )
+    model.requires_grad_(True)
+    model.train()
+    for module in frozen_modules(model, frozen):
+        module.requires_grad_(False)
+        module.eval()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def grow(model: BertForMaskedLM, num_layers: int, init: str = "copy") -> BertForMaskedLM:
+    """Add encoder layers on top until the model has `num_layers`.
+
+    `copy`: new layer j copies layer j - added of the grown stack, i.e. the current top
+    `added` layers are duplicated in order (progressive stacking's initialisation).
+    `fresh`: new layers get the model's standard initialisation.
+    """
+    layers = model.bert.encoder.layer
+    current = len(layers)
+    added = num_layers - current
+    if added <= 0:
+        raise ValueError(f"grow to {num_layers} layers: the model already has {current}")
+    if init not in ("copy", "fresh"):
+        raise ValueError(f"growth init {init!r}; choose copy or fresh")
+    for idx in range(current, num_layers):
+        source = layers[idx - added if current >= added else (idx - current) % current]
+        # The memo keeps the one shared config object: a plain deepcopy gives each new
+        # layer its own config and later attention-implementation switches miss them.
+        new = copy.deepcopy(source, memo={id(model.config): model.config})
+        if init == "fresh":
+            new.apply(model._init_weights)
+        new.attention.self.layer_idx = idx
+        layers.append(new)
+    model.config.num_hidden_layers = num_layers
+    return model
+
+
+def check_tied(model: BertForMaskedLM) -> None:
+    decoder = model.cls.predictions.decoder.weight
+    embedding = model.bert.embeddings.word_embeddings.weight
+    if decoder.data_ptr() != embedding.data_ptr():
+        raise AssertionError("decoder weight is no longer tied to the word embeddings")

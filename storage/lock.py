@@ -1,0 +1,108 @@
+"""The build lock: one `create` at a time per store.
+
+The lock is a small JSON key `build.lock` at the store root, written with the store's
+`set_if_not_exists`. On local paths that is atomic (Zarr's LocalStore links a temporary
+file into place, which fails if the name exists), so two concurrent builds cannot both
+win. On fsspec URLs (memory://, s3://, ...) Zarr 3.1.6 implements it as exists-then-set,
+which is racy: there the lock catches a forgotten second build, not a simultaneous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from storage.errors import StoreLockedError
+
+LOCK_KEY = "build.lock"
+
+
+@dataclass(frozen=True)
+class BuildLock:
+    host: str
+    pid: int
+    build_id: str
+    created_at: str
+
+    @classmethod
+    def new(cls) -> BuildLock:
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex, now)
+
+    def describe(self) -> str:
+        return (
+            f"pid {self.pid} on host {self.host} (build {self.build_id}, since {self.created_at})"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    # A killed child that nobody reaped yet is a zombie: it answers kill(0) but is gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def read_lock(store: Store) -> BuildLock | None:
+    """The current holder; None when unlocked. Raises StoreLockedError if unreadable."""
+    buf = sync(store.get(LOCK_KEY, default_buffer_prototype()))
+    if buf is None:
+        return None
+    try:
+        return BuildLock(**json.loads(buf.to_bytes()))
+    except (ValueError, TypeError) as e:
+        raise StoreLockedError(
+            f"the build lock {LOCK_KEY!r} of {store} is unreadable ({e}); if no build is "
+            f"running, delete that file and retry"
+        ) from e
+
+
+def acquire_lock(store: Store, where: str) -> BuildLock:
+    """Take the lock for this process; take over a lock whose holder died on this host."""
+    mine = BuildLock.new()
+    payload = default_buffer_prototype().buffer.from_bytes(json.dumps(asdict(mine)).encode())
+    for _ in range(2):
+        sync(store.set_if_not_exists(LOCK_KEY, payload))
+        holder = read_lock(store)
+        if holder == mine:
+            return mine
+        if holder is None:
+            continue  # released between our write and our read: try again
+        if holder.host == mine.host and not _pid_alive(holder.pid):
+            warnings.warn(
+                f"{where}: taking over the build lock of {holder.describe()}, a process that "
+                f"no longer runs (a crashed build; resuming it)",
+                stacklevel=3,
+            )
+            sync(store.delete(LOCK_KEY))
+            continue
+        raise StoreLockedError(
+            f"{where} is being built by {holder.describe()}. Wait for that build to finish; "
+            f"if that process is gone (e.g. it ran on another host), delete "
+            f"{where.rstrip('/')}/{LOCK_KEY} and retry."
+        )
+    raise StoreLockedError(
+        f"{where}: could not take the build lock; another build is racing for it"
+    )
+
+
+def release_lock(store: Store, lock: BuildLock) -> None:
+    """Delete the lock if it is still ours (a stale-lock takeover may have replaced it)."""
+    if read_lock(store) == lock:
+        sync(store.delete(LOCK_KEY))

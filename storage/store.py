@@ -1,0 +1,618 @@
+"""`ActivationStore`: one Zarr v3 group of cached hidden states (DESIGN.md, "Store layout").
+
+Build protocol (DESIGN.md, "Distributed protocol"): rank 0 calls `create` (takes the
+build lock), every rank then `open(mode="r+")`s it and writes `pending_shards(rank,
+world)`, each shard whole, then marks it done; after a barrier rank 0 calls `commit`,
+which checks every marker and every shard file and only then sets `complete`.
+Readers `open` with mode "r", which refuses anything incomplete, stale or damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.abc.store import Store
+from zarr.codecs import Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from storage.backend import (
+    PARTIAL_SUFFIX,
+    MissingChunkError,
+    StrictStore,
+    delete_keys,
+    key_sizes,
+    list_keys,
+    open_zarr_store,
+)
+from storage.errors import (
+    CorruptStoreError,
+    IncompleteStoreError,
+    StaleStoreError,
+    StoreError,
+    StoreExistsError,
+    StoreNotFoundError,
+    StoreSpecError,
+    StoreWriteError,
+)
+from storage.lock import LOCK_KEY, BuildLock, acquire_lock, release_lock
+from storage.spec import INT_FILLS, StoreSpec
+
+FORMAT = "cached-mslt-activations"
+FORMAT_VERSION = 1
+ROW_ARRAYS = ("hidden", "attention_mask", "labels", "row_index")
+MARKERS = "shard_done"
+INT_DTYPES = {"attention_mask": np.uint8, "labels": np.int32, "row_index": np.int64}
+# Values each integer array may hold; the sentinel fill values lie outside these ranges.
+INT_RANGES = {
+    "attention_mask": (0, 1),
+    "labels": (int(np.iinfo(np.int32).min) + 1, int(np.iinfo(np.int32).max)),
+    "row_index": (0, int(np.iinfo(np.int64).max)),
+}
+RESERVED_ATTRS = {
+    "format",
+    "format_version",
+    "spec",
+    "logical_dtype",
+    "storage_dtype",
+    "num_shards",
+    "rows_per_shard",
+    "fingerprint",
+    "package_version",
+    "created_at",
+    "completed_at",
+    "complete",
+}
+SPEC_FIELDS_CHECKED = ("num_rows", "seq_len", "hidden_size", "dtype")
+REBUILD_HINT = (
+    "rebuild it: rerun the stage's cache build, or ActivationStore.create(..., overwrite=True)"
+)
+RESUME_HINT = "rerun the same cache build (ActivationStore.create with the same spec and fingerprint) to resume"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("cached-mslt")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _read_root_metadata(store: Store) -> dict[str, Any] | None:
+    """The root `zarr.json`, parsed fresh (Zarr handles keep stale attrs, NOTES.md)."""
+    buf = sync(store.get("zarr.json", default_buffer_prototype()))
+    return None if buf is None else json.loads(buf.to_bytes())
+
+
+def _normalize_fingerprint(fingerprint: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in fingerprint.items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, str | int):
+            raise StoreSpecError(
+                f"fingerprint must map str to str (or int); got {key!r}: {value!r}"
+            )
+        out[key] = str(value)
+    return out
+
+
+def _dict_diff(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    return [
+        f"{k}: expected {expected.get(k, '<absent>')!r}, found {found.get(k, '<absent>')!r}"
+        for k in sorted(set(expected) | set(found))
+        if expected.get(k) != found.get(k)
+    ]
+
+
+@contextmanager
+def _file_size_limit_as_oserror() -> Iterator[None]:
+    """Exceeding RLIMIT_FSIZE sends SIGXFSZ, whose default action kills the process
+    outright; ignored, the write fails with EFBIG instead, which we can report."""
+    if (
+        not hasattr(signal, "SIGXFSZ")
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGXFSZ) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+
+
+class ActivationStore:
+    """Handle on one store. Build with `create` / `open(mode="r+")`, read with `open`."""
+
+    def __init__(
+        self, url: str | os.PathLike[str], *, writable: bool, lock: BuildLock | None = None
+    ):
+        """Attach to an existing store without checks; use `create` or `open` instead."""
+        self.url = os.fspath(url)
+        self.writable = writable
+        self._lock = lock
+        self._store = open_zarr_store(self.url, read_only=not writable)
+        meta = _read_root_metadata(self._store)
+        if meta is None or meta.get("attributes", {}).get("format") != FORMAT:
+            what = "nothing" if meta is None else "a Zarr group that is not an activation store"
+            raise StoreNotFoundError(
+                f"no activation store at {self.url} (found {what}); build one with "
+                f"ActivationStore.create or the stage's cache build"
+            )
+        self._meta_attrs: dict[str, Any] = meta["attributes"]
+        if self._meta_attrs["format_version"] > FORMAT_VERSION:
+            raise StoreError(
+                f"{self.url} has format_version {self._meta_attrs['format_version']}, this "
+                f"package reads up to {FORMAT_VERSION}: upgrade cached-mslt or rebuild the store"
+            )
+        self.spec = StoreSpec.from_dict(self._meta_attrs["spec"])
+        # Reads go through StrictStore so a missing or empty shard raises instead of
+        # reading back as the fill value.
+        strict = StrictStore(open_zarr_store(self.url, read_only=True))
+        self._readers = {n: zarr.open_array(strict, path=n, mode="r") for n in ROW_ARRAYS}
+        # Marker reads use the plain store: an absent marker chunk legitimately means 0.
+        self._markers = zarr.open_array(self._store, path=MARKERS, mode="r+" if writable else "r")
+        self._writers = {}
+        if writable:
+            # write_empty_chunks is per handle and not saved (NOTES.md): without it a shard
+            # that equals the fill value is never written and later looks missing.
+            self._writers = {
+                n: zarr.open_array(self._store, path=n, mode="r+").with_config(
+                    {"write_empty_chunks": True}
+                )
+                for n in ROW_ARRAYS
+            }
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def create(
+        cls,
+        url: str | os.PathLike[str],
+        spec: StoreSpec,
+        *,
+        fingerprint: dict[str, Any],
+        attrs: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> ActivationStore:
+        """Create a store (one process, rank 0), or reopen an identical incomplete one to
+        resume it. Takes the build lock; `commit` releases it."""
+        fp = _normalize_fingerprint(fingerprint)
+        extra = dict(attrs or {})
+        if clash := RESERVED_ATTRS & set(extra):
+            raise StoreSpecError(f"attrs may not set reserved keys {sorted(clash)}")
+        try:
+            json.dumps(extra, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise StoreSpecError(f"attrs must be JSON-serializable: {e}") from e
+
+        where = os.fspath(url)
+        store = open_zarr_store(where, read_only=False)
+        top = sorted(set(sync(_list_dir(store))) - {LOCK_KEY})
+        if top and "zarr.json" not in top and not overwrite:
+            raise StoreExistsError(
+                f"{where} is not empty and holds no activation store (found {top[:5]}); "
+                f"choose another location, or pass overwrite=True to delete its contents"
+            )
+        lock = acquire_lock(store, where)
+        try:
+            meta = _read_root_metadata(store)
+            found = None if meta is None else meta.get("attributes", {})
+            if found is not None and found.get("format") == FORMAT:
+                problems = _dict_diff(spec.to_dict(), found["spec"]) + _dict_diff(
+                    {f"fingerprint.{k}": v for k, v in fp.items()},
+                    {f"fingerprint.{k}": v for k, v in found["fingerprint"].items()},
+                )
+                if not problems and not found["complete"] and not overwrite:
+                    _remove_partial_files(store)
+                    return cls(where, writable=True, lock=lock)
+                if not overwrite:
+                    state = "a complete" if found["complete"] else "an incomplete"
+                    why = "; ".join(problems) if problems else "it is already complete"
+                    raise StoreExistsError(
+                        f"{where} already holds {state} activation store that this build "
+                        f"cannot resume ({why}). Open it with ActivationStore.open if it is "
+                        f"what you want, or pass overwrite=True to wipe and rebuild it"
+                    )
+            elif found is not None and not overwrite:
+                raise StoreExistsError(
+                    f"{where} holds a Zarr hierarchy that is not an activation store; choose "
+                    f"another location, or pass overwrite=True to delete it"
+                )
+            if overwrite:
+                delete_keys(store, [k for k in list_keys(store) if k != LOCK_KEY])
+            _initialize(store, spec, fp, extra)
+        except BaseException:
+            release_lock(store, lock)
+            raise
+        return cls(where, writable=True, lock=lock)
+
+    @classmethod
+    def open(
+        cls,
+        url: str | os.PathLike[str],
+        *,
+        mode: str = "r",
+        expected_fingerprint: dict[str, Any] | None = None,
+        expected_spec: StoreSpec | None = None,
+        require_complete: bool | None = None,
+    ) -> ActivationStore:
+        """Open for reading ("r") or, in a build's worker processes, for writing ("r+").
+
+        `require_complete` defaults to True for "r" and False for "r+". A fingerprint (or
+        num_rows/seq_len/hidden_size/dtype) other than expected raises StaleStoreError; an
+        incomplete store IncompleteStoreError; a complete store missing shard files
+        CorruptStoreError. "r+" does not take the build lock (rank 0's `create` holds it).
+        """
+        if mode not in ("r", "r+"):
+            raise StoreSpecError(f"mode must be 'r' or 'r+', got {mode!r}")
+        if require_complete is None:
+            require_complete = mode == "r"
+        self = cls(url, writable=mode == "r+")
+        problems = []
+        if expected_fingerprint is not None:
+            problems += _dict_diff(_normalize_fingerprint(expected_fingerprint), self.fingerprint)
+        if expected_spec is not None:
+            want, have = expected_spec.to_dict(), self.spec.to_dict()
+            problems += _dict_diff(
+                {k: want[k] for k in SPEC_FIELDS_CHECKED}, {k: have[k] for k in SPEC_FIELDS_CHECKED}
+            )
+        if problems:
+            raise StaleStoreError(
+                f"{self.url} was built from other inputs than this run expects: "
+                f"{'; '.join(problems)}. The cache is stale: {REBUILD_HINT}"
+            )
+        complete = self.is_complete
+        if require_complete and not complete:
+            done = len(self.shards_done())
+            raise IncompleteStoreError(
+                f"{self.url} is incomplete: {done}/{self.num_shards} shards written and the "
+                f"build never committed. To finish it, {RESUME_HINT}; or {REBUILD_HINT}"
+            )
+        if complete and (missing := self._missing_files()):
+            raise CorruptStoreError(
+                f"{self.url} is marked complete but shard files are missing or empty: "
+                f"{_summarize(missing)}. The store lost data: {REBUILD_HINT}"
+            )
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get a fresh read-only handle; the lock stays with its owner.
+        return {"url": self.url}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], writable=False)  # type: ignore[misc]
+
+    # ---------------------------------------------------------------- layout
+
+    @property
+    def num_shards(self) -> int:
+        return self.spec.num_shards
+
+    @property
+    def rows_per_chunk(self) -> int:
+        return self.spec.rows_per_chunk  # type: ignore[return-value]
+
+    @property
+    def rows_per_shard(self) -> int:
+        return self.spec.rows_per_shard
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes, read fresh from the store."""
+        meta = _read_root_metadata(self._store)
+        if meta is None:
+            raise CorruptStoreError(f"{self.url}: the root zarr.json disappeared")
+        return meta["attributes"]
+
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        return dict(self._meta_attrs["fingerprint"])
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        """Rows [start, stop) of a shard."""
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"shard {shard} out of range: {self.url} has {self.num_shards} shards")
+        start = shard * self.rows_per_shard
+        return start, min(start + self.rows_per_shard, self.spec.num_rows)
+
+    def shards_for(self, rank: int, world_size: int) -> list[int]:
+        """Shards owned by `rank`: s % world_size == rank."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        return list(range(rank, self.num_shards, world_size))
+
+    def shards_done(self) -> list[int]:
+        return [int(s) for s in np.flatnonzero(self._markers[:])]
+
+    def is_shard_done(self, shard: int) -> bool:
+        self.shard_rows(shard)  # range check
+        return bool(self._markers[shard])
+
+    def pending_shards(self, rank: int, world_size: int) -> list[int]:
+        """Owned shards not marked done yet (what a resumed build still has to write)."""
+        done = self._markers[:]
+        return [s for s in self.shards_for(rank, world_size) if not done[s]]
+
+    def _shard_keys(self, shard: int) -> dict[str, str]:
+        """Array name -> store key of that array's file for `shard`."""
+        keys = {}
+        for name, arr in self._readers.items():
+            coords = (shard,) + (0,) * (arr.ndim - 1)
+            keys[name] = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+        return keys
+
+    def _missing_files(self) -> dict[str, int]:
+        """Shard files that are absent or empty -> their shard, over every array."""
+        owner = {key: s for s in range(self.num_shards) for key in self._shard_keys(s).values()}
+        sizes = key_sizes(self._store, owner)
+        return {key: owner[key] for key, size in sizes.items() if not size}
+
+    # ---------------------------------------------------------------- writing
+
+    def write_shard(
+        self,
+        shard: int,
+        *,
+        hidden: torch.Tensor | np.ndarray,
+        attention_mask: torch.Tensor | np.ndarray,
+        labels: torch.Tensor | np.ndarray,
+        row_index: torch.Tensor | np.ndarray,
+    ) -> None:
+        """Write one whole shard of every array, then mark it done (last)."""
+        if not self.writable:
+            raise StoreWriteError(f"{self.url} is open read-only; writers open with mode='r+'")
+        if self.is_complete:
+            raise StoreWriteError(
+                f"{self.url} is complete and read-only by contract; {REBUILD_HINT}"
+            )
+        start, stop = self.shard_rows(shard)
+        rows, t = stop - start, self.spec.seq_len
+        data = {
+            "hidden": self._hidden_array(hidden, (rows, t, self.spec.hidden_size), shard),
+            "attention_mask": self._int_array("attention_mask", attention_mask, (rows, t), shard),
+            "labels": self._int_array("labels", labels, (rows, t), shard),
+            "row_index": self._int_array("row_index", row_index, (rows,), shard),
+        }
+        try:
+            with _file_size_limit_as_oserror():
+                # One call per array for the whole shard: Zarr rewrites a shard whole, so
+                # partial writes from two processes to one shard lose data (NOTES.md).
+                for name, values in data.items():
+                    self._writers[name][start:stop] = values
+                self._markers[shard] = 1  # last: a set marker means every array is written
+        except OSError as e:
+            raise StoreWriteError(
+                f"{self.url}: writing shard {shard} (rows {start}-{stop}) failed: {e}. The "
+                f"shard stays not-done; free space (or raise the file-size limit) and {RESUME_HINT}"
+            ) from e
+
+    def _hidden_array(
+        self, x: torch.Tensor | np.ndarray, shape: tuple[int, ...], shard: int
+    ) -> np.ndarray:
+        spec = self.spec
+        if isinstance(x, torch.Tensor):
+            if x.dtype != spec.torch_dtype:
+                raise StoreWriteError(
+                    f"{self.url} shard {shard}: hidden has dtype {x.dtype}, the store holds "
+                    f"{spec.dtype}; convert explicitly (no silent casts)"
+                )
+            x = x.detach().cpu().contiguous()
+            arr = x.view(torch.uint16).numpy() if spec.dtype == "bfloat16" else x.numpy()
+        elif isinstance(x, np.ndarray):
+            if spec.dtype == "bfloat16" or x.dtype != np.dtype(spec.storage_dtype):
+                want = "a torch.bfloat16 tensor" if spec.dtype == "bfloat16" else spec.dtype
+                raise StoreWriteError(
+                    f"{self.url} shard {shard}: hidden has dtype {x.dtype}, expected {want}; "
+                    f"convert explicitly (no silent casts)"
+                )
+            arr = x
+        else:
+            raise StoreWriteError(
+                f"hidden must be a torch.Tensor or numpy array, got {type(x).__name__}"
+            )
+        if arr.shape != shape:
+            raise StoreWriteError(
+                f"{self.url} shard {shard}: hidden has shape {tuple(arr.shape)}, expected {shape}"
+            )
+        return arr
+
+    def _int_array(
+        self, name: str, x: torch.Tensor | np.ndarray, shape: tuple[int, ...], shard: int
+    ) -> np.ndarray:
+        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if arr.dtype.kind not in "biu":
+            raise StoreWriteError(
+                f"{self.url} shard {shard}: {name} has dtype {arr.dtype}, expected an integer dtype"
+            )
+        if arr.shape != shape:
+            raise StoreWriteError(
+                f"{self.url} shard {shard}: {name} has shape {arr.shape}, expected {shape}"
+            )
+        lo, hi = INT_RANGES[name]
+        if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+            raise StoreWriteError(
+                f"{self.url} shard {shard}: {name} has values in [{arr.min()}, {arr.max()}], "
+                f"expected within [{lo}, {hi}]"
+            )
+        # Lossless after the range check: the cast only narrows the container.
+        return arr.astype(INT_DTYPES[name], copy=False)
+
+    def commit(self) -> None:
+        """Check every marker and shard file, then set `complete` and release the lock."""
+        if not self.writable:
+            raise StoreWriteError(f"{self.url} is open read-only; commit from the build's rank 0")
+        pending = sorted(set(range(self.num_shards)) - set(self.shards_done()))
+        if pending:
+            raise IncompleteStoreError(
+                f"{self.url}: cannot commit, {len(pending)}/{self.num_shards} shards are not "
+                f"marked done (first: {pending[:8]}); some process did not finish its shards. "
+                f"To finish, {RESUME_HINT}"
+            )
+        if missing := self._missing_files():
+            # Clear their markers, so a resumed build rewrites them instead of skipping them.
+            for shard in sorted(set(missing.values())):
+                self._markers[shard] = 0
+            raise IncompleteStoreError(
+                f"{self.url}: cannot commit, shards marked done have missing or empty files: "
+                f"{_summarize(missing)}. Their markers were cleared; {RESUME_HINT}"
+            )
+        group = zarr.open_group(self._store, mode="r+")
+        group.attrs.update({"complete": True, "completed_at": _now()})
+        self.release_lock()
+
+    def release_lock(self) -> None:
+        """Give up this handle's build lock (commit does this; call it to abandon a build)."""
+        if self._lock is not None:
+            release_lock(self._store, self._lock)
+            self._lock = None
+
+    # ---------------------------------------------------------------- reading
+
+    def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows [start, stop) as tensors: hidden in the logical dtype, the rest int64."""
+        if not 0 <= start <= stop <= self.spec.num_rows:
+            raise IndexError(
+                f"rows [{start}, {stop}) outside [0, {self.spec.num_rows}) of {self.url}"
+            )
+        raw = {name: self._read(name, start, stop) for name in ROW_ARRAYS}
+        hidden = torch.from_numpy(raw.pop("hidden"))
+        if self.spec.dtype == "bfloat16":
+            hidden = hidden.view(torch.bfloat16)
+        return {"hidden": hidden, **{k: torch.from_numpy(v).long() for k, v in raw.items()}}
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        try:
+            return self._readers[name][start:stop]
+        except MissingChunkError as e:
+            shard = self._shard_of_key(name, e.key)
+            a, b = self.shard_rows(shard)
+            if not self._markers[shard]:
+                raise IncompleteStoreError(
+                    f"{self.url}: rows {a}-{b} (shard {shard}) were never written; {RESUME_HINT}"
+                ) from e
+            raise CorruptStoreError(
+                f"{self.url}: array {name!r} shard file {e.key} (rows {a}-{b}) is missing or "
+                f"empty although shard {shard} is marked done: the store lost data; {REBUILD_HINT}"
+            ) from e
+        except ValueError as e:
+            if "checksum" not in str(e):
+                raise
+            raise self._locate_corruption(name, start, stop) from e
+
+    def _shard_of_key(self, name: str, key: str) -> int:
+        return int(key.removeprefix(f"{name}/").split("/")[1])
+
+    def _locate_corruption(self, name: str, start: int, stop: int) -> CorruptStoreError:
+        """Re-read chunk by chunk to name the chunk whose checksum fails (Zarr does not)."""
+        arr, rpc = self._readers[name], self.rows_per_chunk
+        for chunk in range(start // rpc, math.ceil(stop / rpc)):
+            a, b = chunk * rpc, min((chunk + 1) * rpc, self.spec.num_rows)
+            try:
+                arr[a:b]
+            except ValueError:
+                coords = (chunk,) + (0,) * (arr.ndim - 1)
+                key = self._shard_keys(a // self.rows_per_shard)[name]
+                return CorruptStoreError(
+                    f"{self.url}: array {name!r} chunk {coords} (rows {a}-{b}, in shard file "
+                    f"{key}) fails its crc32c checksum: its bytes changed after writing. "
+                    f"Do not train on it; {REBUILD_HINT}"
+                )
+        return CorruptStoreError(
+            f"{self.url}: array {name!r} rows {start}-{stop} failed a checksum; {REBUILD_HINT}"
+        )
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({self.url!r}, {self.spec}, writable={self.writable})"
+
+
+def _summarize(missing: dict[str, int], limit: int = 5) -> str:
+    keys = sorted(missing)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+async def _list_dir(store: Store) -> list[str]:
+    return [k async for k in store.list_dir("")]
+
+
+def _remove_partial_files(store: Store) -> None:
+    """Delete temporary files a killed writer left behind (Zarr's LocalStore writes
+    `<key>.<uuid>.partial` then renames), so a resumed build ends byte-identical."""
+    delete_keys(store, [k for k in list_keys(store) if k.endswith(PARTIAL_SUFFIX)])
+
+
+def _initialize(
+    store: Store, spec: StoreSpec, fingerprint: dict[str, str], extra: dict[str, Any]
+) -> None:
+    attrs = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec": spec.to_dict(),
+        "logical_dtype": spec.dtype,
+        "storage_dtype": spec.storage_dtype,
+        "num_shards": spec.num_shards,
+        "rows_per_shard": spec.rows_per_shard,
+        "fingerprint": fingerprint,
+        "package_version": _package_version(),
+        "created_at": _now(),
+        "completed_at": None,
+        "complete": False,
+        **extra,
+    }
+    zarr.create_group(store, attributes=attrs)
+    n, t, h, rpc, rps = (
+        spec.num_rows,
+        spec.seq_len,
+        spec.hidden_size,
+        spec.rows_per_chunk,
+        spec.rows_per_shard,
+    )
+    layouts = {
+        "hidden": ((n, t, h), spec.storage_dtype, spec.hidden_fill, ("row", "token", "hidden")),
+        "attention_mask": ((n, t), "uint8", INT_FILLS["attention_mask"], ("row", "token")),
+        "labels": ((n, t), "int32", INT_FILLS["labels"], ("row", "token")),
+        "row_index": ((n,), "int64", INT_FILLS["row_index"], ("row",)),
+    }
+    for name, (shape, dtype, fill, dims) in layouts.items():
+        zarr.create_array(
+            store,
+            name=name,
+            shape=shape,
+            dtype=dtype,
+            chunks=(rpc, *shape[1:]),
+            shards=(rps, *shape[1:]),
+            compressors=spec.compressors(),
+            fill_value=fill,
+            dimension_names=dims,
+        )
+    # One chunk per marker: markers written by different processes never share a file.
+    zarr.create_array(
+        store,
+        name=MARKERS,
+        shape=(spec.num_shards,),
+        dtype="uint8",
+        chunks=(1,),
+        compressors=[Crc32cCodec()],
+        fill_value=0,
+        dimension_names=("shard",),
+    )

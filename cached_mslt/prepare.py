@@ -368,10 +368,13 @@ def summary(path: Path, manifest: dict[str, Any]) -> str:
         f"{docs['duplicates_dropped']} duplicates, {docs['undecodable_lines_skipped']} "
         f"undecodable lines skipped, {docs['kept']} kept",
     ]
+    views = f"{manifest['views']} view{'s' if manifest['views'] > 1 else ''}"
     for split, c in manifest["splits"].items():
         lines.append(
-            f"  {split}: {c['documents']} docs, {c['tokens']:,} tokens -> {c['sequences']:,} "
-            f"sequences x {manifest['views']} views = {c['examples']:,} examples of "
-            f"{manifest['seq_len']} tokens ({c['remainder_tokens']} remainder tokens dropped)"
+            f"  {split}: {c['documents']:,} docs, {c['tokens']:,} tokens -> {c['sequences']:,} "
+            f"sequences of {manifest['seq_len']} x {views} = {c['examples']:,} examples "
+            f"({c['remainder_tokens']} remainder tokens dropped)"
         )
+    total = sum(c["tokens"] for c in manifest["splits"].values())
+    lines.append(f"  total: {total:,} tokens")
     return "\n".join(lines)

@@ -106,7 +106,11 @@ def _expand(
         if _is_saved_dataset(path):
             yield "saved_dataset", str(path), _saved_dataset(path, text_column)
             return
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         usable = [p for p in files if p.suffix in SUFFIXES]
         if not usable:
             raise DataError(

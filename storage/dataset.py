@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -107,6 +107,16 @@ def concat_blocks(blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return {key: torch.cat([b[key] for b in blocks]) for key in blocks[0]}
 
 
+class Blocks(Protocol):
+    """What `make_block_loader` needs: a map-style dataset of row blocks."""
+
+    block_rows: int
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]: ...
+
+
 class BlockLoader(DataLoader):
     """A DataLoader over blocks with `set_epoch`, like accelerate's prepared loaders."""
 
@@ -115,7 +125,7 @@ class BlockLoader(DataLoader):
 
 
 def make_block_loader(
-    dataset: BlockDataset,
+    dataset: Blocks,
     *,
     rows_per_batch: int,
     shuffle: bool,
@@ -124,6 +134,8 @@ def make_block_loader(
     drop_last: bool = False,
 ) -> BlockLoader:
     """Map-style loader yielding batches of `rows_per_batch` rows (fewer at the end).
+
+    `dataset` is a `BlockDataset` or any map-style dataset of blocks with `block_rows`.
 
     Call `set_epoch(epoch)` before each epoch (a loader from `accelerator.prepare` does it
     itself). Under accelerate, a batch count that does not divide by the process count

@@ -95,7 +95,10 @@ def _package_version() -> str:
 
 def _read_root_metadata(store: Store) -> dict[str, Any] | None:
     """The root `zarr.json`, parsed fresh (Zarr handles keep stale attrs, NOTES.md)."""
-    buf = sync(store.get("zarr.json", default_buffer_prototype()))
+    try:
+        buf = sync(store.get("zarr.json", default_buffer_prototype()))
+    except FileNotFoundError:  # a read-only LocalStore whose directory does not exist
+        return None
     return None if buf is None else json.loads(buf.to_bytes())
 
 
@@ -146,8 +149,9 @@ class ActivationStore:
         self.url = os.fspath(url)
         self.writable = writable
         self._lock = lock
-        self._store = open_zarr_store(self.url, read_only=not writable)
-        meta = _read_root_metadata(self._store)
+        # Look read-only first: a writable LocalStore creates its directory on first use.
+        reader = open_zarr_store(self.url, read_only=True)
+        meta = _read_root_metadata(reader)
         if meta is None or meta.get("attributes", {}).get("format") != FORMAT:
             what = "nothing" if meta is None else "a Zarr group that is not an activation store"
             raise StoreNotFoundError(
@@ -163,7 +167,8 @@ class ActivationStore:
         self.spec = StoreSpec.from_dict(self._meta_attrs["spec"])
         # Reads go through StrictStore so a missing or empty shard raises instead of
         # reading back as the fill value.
-        strict = StrictStore(open_zarr_store(self.url, read_only=True))
+        self._store = open_zarr_store(self.url, read_only=False) if writable else reader
+        strict = StrictStore(reader)
         self._readers = {n: zarr.open_array(strict, path=n, mode="r") for n in ROW_ARRAYS}
         # Marker reads use the plain store: an absent marker chunk legitimately means 0.
         self._markers = zarr.open_array(self._store, path=MARKERS, mode="r+" if writable else "r")

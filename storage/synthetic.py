@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from storage.spec import StoreSpec
+from storage.store import ActivationStore
 
 VOCAB_SIZE = 30522  # bert-base-uncased; only used to make plausible label ids
 ROW_INDEX_OFFSET = 1_000_000  # row_index != row, so a mixed-up row order cannot pass a test
@@ -41,8 +42,19 @@ def synthetic_rows(
     }
 
 
-def write_synthetic_shards(store, shards: list[int], *, seed: int = 0) -> None:  # noqa: ANN001
-    """Write the given shards of `store` (an ActivationStore) with `synthetic_rows`."""
+def write_synthetic_shards(store: ActivationStore, shards: list[int], *, seed: int = 0) -> None:
+    """Write the given shards of `store` with `synthetic_rows`."""
     for shard in shards:
         start, stop = store.shard_rows(shard)
         store.write_shard(shard, **synthetic_rows(store.spec, start, stop, seed=seed))
+
+
+def build_synthetic_store(
+    url: str, spec: StoreSpec, *, fingerprint: dict[str, str], seed: int = 0, commit: bool = True
+) -> ActivationStore:
+    """Create a store at `url`, write every shard with `synthetic_rows`, and commit."""
+    store = ActivationStore.create(url, spec, fingerprint=fingerprint)
+    write_synthetic_shards(store, list(range(store.num_shards)), seed=seed)
+    if commit:
+        store.commit()
+    return store

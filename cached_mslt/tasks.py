@@ -17,6 +17,7 @@ examples and the split parameters; preparing again with the same inputs reuses i
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -68,6 +69,22 @@ class Examples:
     texts: list[str]
     labels: list[int]
     ids: list[str]
+
+    def subset(self, index: Iterable[int]) -> Examples:
+        index = list(index)
+        return dataclasses.replace(
+            self,
+            texts=[self.texts[i] for i in index],
+            labels=[self.labels[i] for i in index],
+            ids=[self.ids[i] for i in index],
+        )
+
+    def to_dataset(self) -> Dataset:
+        features = Features(
+            id=Value("string"), text=Value("string"), label=ClassLabel(names=self.label_names)
+        )
+        columns = {"id": self.ids, "text": self.texts, "label": self.labels}
+        return Dataset.from_dict(columns, features=features)
 
 
 @dataclass
@@ -194,7 +211,8 @@ def _rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
             missing = sorted({"text", "label"} - set(reader.fieldnames or ()))
             if missing:
                 raise TaskError(
-                    f"{path}: missing column(s) {missing}; found {reader.fieldnames or 'no header'}, "
+                    f"{path}: missing column(s) {missing}; found "
+                    f"{reader.fieldnames or 'no header'}, "
                     "a task file needs a header with 'text' and 'label'"
                 )
             for row in reader:
@@ -203,7 +221,10 @@ def _rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path} line {lineno}: not valid JSON ({e})") from e
             if not isinstance(row, dict) or not {"text", "label"} <= row.keys():
                 raise TaskError(
                     f"{path} line {lineno}: missing column(s); each line needs 'text' and 'label'"
@@ -235,8 +256,9 @@ def read_task_file(path: str | Path, label_names: Sequence[str] | None = None) -
             texts.append(text)
             raw_labels.append(label)
             ids.append(str(lineno))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
-        raise TaskError(f"{path}: unreadable as {path.suffix[1:].upper()} ({e})") from e
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        kind = path.suffix[1:].upper()
+        raise TaskError(f"{path}: unreadable as UTF-8 {kind} ({e}); save it as UTF-8 {kind}") from e
     if not texts:
         raise TaskError(f"{path}: no examples; the file is empty or has only a header")
     if label_names is None:
@@ -280,21 +302,12 @@ def deduplicate(ex: Examples) -> tuple[Examples, dict[str, int]]:
         if text not in seen and len(labels_of[text]) == 1:
             keep.append(i)
         seen.add(text)
-    conflicting = sum(len(v) > 1 for v in labels_of.values())
     stats = {
         "read": len(ex.texts),
         "duplicates_dropped": len(ex.texts) - len(labels_of),
-        "conflicting_dropped": conflicting,
+        "conflicting_dropped": sum(len(v) > 1 for v in labels_of.values()),
     }
-    kept = Examples(
-        ex.name,
-        ex.source,
-        ex.label_names,
-        [ex.texts[i] for i in keep],
-        [ex.labels[i] for i in keep],
-        [ex.ids[i] for i in keep],
-    )
-    return kept, stats
+    return ex.subset(keep), stats
 
 
 def stratified_split(
@@ -306,7 +319,8 @@ def stratified_split(
         0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1
     ):
         raise TaskError(
-            f"split fractions must be in (0, 1) and sum below 1; got valid={valid_fraction}, test={test_fraction}"
+            "split fractions must be in (0, 1) and sum below 1; "
+            f"got valid={valid_fraction}, test={test_fraction}"
         )
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -351,8 +365,9 @@ def format_label_distribution(task: Task) -> str:
     lines.append(f"{'total':<16}" + "".join(f"{n:>12,}" for n in totals) + f"{sum(totals):>10,}")
     dedup = task.manifest["deduplication"]
     summary = (
-        f"task {task.name}: {dedup['read']:,} examples read, {dedup['duplicates_dropped']} duplicates "
-        f"and {dedup['conflicting_dropped']} conflicting texts dropped; fingerprint {task.fingerprint[:12]}"
+        f"task {task.name}: {dedup['read']:,} examples read, {dedup['duplicates_dropped']} "
+        f"duplicates and {dedup['conflicting_dropped']} conflicting texts dropped; "
+        f"fingerprint {task.fingerprint[:12]}"
     )
     return "\n".join([summary, *lines])
 
@@ -400,28 +415,11 @@ def prepare_task(
     out = Path(task_dir) / examples.name
     manifest_file = out / "manifest.json"
     if (
-        manifest_file.is_file()
-        and json.loads(manifest_file.read_text()).get("fingerprint") == fingerprint
+        not manifest_file.is_file()
+        or json.loads(manifest_file.read_text())["fingerprint"] != fingerprint
     ):
-        prepared = load_task(out)
-    else:
-        features = Features(
-            id=Value("string"), text=Value("string"), label=ClassLabel(names=examples.label_names)
-        )
-        columns = {
-            "id": np.asarray(examples.ids),
-            "text": np.asarray(examples.texts, dtype=object),
-            "label": np.asarray(examples.labels),
-        }
         index = stratified_split(examples.labels, seed, valid_fraction, test_fraction)
-        splits = DatasetDict(
-            {
-                s: Dataset.from_dict(
-                    {k: v[index[s]].tolist() for k, v in columns.items()}, features=features
-                )
-                for s in SPLITS
-            }
-        )
+        splits = DatasetDict({s: examples.subset(index[s]).to_dataset() for s in SPLITS})
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": examples.name,
@@ -434,7 +432,7 @@ def prepare_task(
             "fingerprint": fingerprint,
         }
         _save(splits, manifest, out)
-        prepared = load_task(out)
+    prepared = load_task(out)
     if verbose:
         print(format_label_distribution(prepared))
     return prepared
@@ -463,18 +461,6 @@ def corpus_hashes(texts: Iterable[str]) -> set[str]:
     return out
 
 
-def read_corpus_texts(paths: Iterable[str | Path]) -> Iterable[str]:
-    """Documents of .txt files (one per file) and .jsonl files ('text' field), folders included."""
-    for path in map(Path, paths):
-        files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        for f in files:
-            if f.suffix == ".txt":
-                yield _decode(f)
-            elif f.suffix == ".jsonl":
-                with f.open(encoding="utf-8") as lines:
-                    yield from (json.loads(line)["text"] for line in lines if line.strip())
-
-
 def check_overlap(
     task: Task, pretraining: Iterable[str], *, hashed: bool = False
 ) -> dict[str, int]:
@@ -488,8 +474,9 @@ def check_overlap(
         total = sum(len(ds) for ds in task.splits.values())
         warnings.warn(
             f"{sum(counts.values())} of {total} examples of task {task.name} also appear in the "
-            f"pretraining corpus (per split: {counts}); downstream scores would reward memorisation. "
-            "Remove the task's source from the pretraining corpus (BBC news is not in the default one).",
+            f"pretraining corpus (per split: {counts}); downstream scores would reward "
+            "memorisation. Remove the task's source from the pretraining corpus (BBC news is "
+            "not in the default one).",
             TaskOverlapWarning,
             stacklevel=2,
         )

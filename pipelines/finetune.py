@@ -1,0 +1,36 @@
+"""Fine-tune a pretrained checkpoint on downstream tasks and print accuracy over seeds.
+
+    python pipelines/finetune.py --checkpoint runs/tiny/stage-4 --task sentiment bbc --seeds 0 1 2
+
+Tasks are 'sentiment', 'bbc' or .csv/.jsonl files with text,label columns (docs/evaluation.md).
+Multi-process: `accelerate launch pipelines/finetune.py ...`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from accelerate import PartialState
+
+from cached_mslt.config import ConfigError, parse_args
+from cached_mslt.finetune import FinetuneArgs, finetune, format_results
+from cached_mslt.tokenizer import BUNDLED, load_tokenizer
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    run, (args,) = parse_args(argv, extra=(FinetuneArgs,), description=__doc__)
+    if args.checkpoint is None:
+        raise ConfigError("--checkpoint is required: a checkpoint dir written by save_pretrained")
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+    )
+    # Default: the checkpoint's own tokenizer if it saved one, else the bundled one.
+    tokenizer = None if run.data.tokenizer == BUNDLED else load_tokenizer(run.data.tokenizer)
+    results = [finetune(args.checkpoint, task, args, tokenizer=tokenizer) for task in args.task]
+    if PartialState().is_main_process:
+        print(format_results(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

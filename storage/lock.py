@@ -1,10 +1,13 @@
-"""The build lock: one `create` at a time per store.
+"""The build lock: one build at a time per store.
 
 The lock is a small JSON key `build.lock` at the store root, written with the store's
 `set_if_not_exists`. On local paths that is atomic (Zarr's LocalStore links a temporary
 file into place, which fails if the name exists), so two concurrent builds cannot both
 win. On fsspec URLs (memory://, s3://, ...) Zarr 3.1.6 implements it as exists-then-set,
 which is racy: there the lock catches a forgotten second build, not a simultaneous one.
+
+The lock belongs to a process (host + pid), not to a handle: the rank-0 process that
+created the store may commit it through another handle (e.g. its mode="r+" one).
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ class BuildLock:
             f"pid {self.pid} on host {self.host} (build {self.build_id}, since {self.created_at})"
         )
 
+    def is_this_process(self) -> bool:
+        return self.host == socket.gethostname() and self.pid == os.getpid()
+
+    def is_stale(self) -> bool:
+        """Held by a process of this host that no longer runs (other hosts: unknowable)."""
+        return self.host == socket.gethostname() and not _pid_alive(self.pid)
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -73,36 +83,46 @@ def read_lock(store: Store) -> BuildLock | None:
         ) from e
 
 
+def locked_error(where: str, holder: BuildLock) -> StoreLockedError:
+    if holder.is_this_process():
+        return StoreLockedError(
+            f"{where}: this process already holds its build lock ({holder.describe()}): an "
+            f"earlier create neither committed nor called release_lock(). Commit or release "
+            f"that build first."
+        )
+    return StoreLockedError(
+        f"{where} is being built by {holder.describe()}. Wait for that build to finish; if "
+        f"that process is gone (e.g. it ran on another host), delete "
+        f"{where.rstrip('/')}/{LOCK_KEY} and retry."
+    )
+
+
 def acquire_lock(store: Store, where: str) -> BuildLock:
     """Take the lock for this process; take over a lock whose holder died on this host."""
     mine = BuildLock.new()
     payload = default_buffer_prototype().buffer.from_bytes(json.dumps(asdict(mine)).encode())
-    for _ in range(2):
+    for _ in range(3):
         sync(store.set_if_not_exists(LOCK_KEY, payload))
         holder = read_lock(store)
         if holder == mine:
             return mine
         if holder is None:
             continue  # released between our write and our read: try again
-        if holder.host == mine.host and not _pid_alive(holder.pid):
-            warnings.warn(
-                f"{where}: taking over the build lock of {holder.describe()}, a process that "
-                f"no longer runs (a crashed build; resuming it)",
-                stacklevel=3,
-            )
-            sync(store.delete(LOCK_KEY))
-            continue
-        raise StoreLockedError(
-            f"{where} is being built by {holder.describe()}. Wait for that build to finish; "
-            f"if that process is gone (e.g. it ran on another host), delete "
-            f"{where.rstrip('/')}/{LOCK_KEY} and retry."
+        if not holder.is_stale():
+            raise locked_error(where, holder)
+        warnings.warn(
+            f"{where}: taking over the build lock of {holder.describe()}, a process that no "
+            f"longer runs (a crashed build; resuming it)",
+            stacklevel=3,
         )
+        sync(store.delete(LOCK_KEY))
     raise StoreLockedError(
         f"{where}: could not take the build lock; another build is racing for it"
     )
 
 
-def release_lock(store: Store, lock: BuildLock) -> None:
-    """Delete the lock if it is still ours (a stale-lock takeover may have replaced it)."""
-    if read_lock(store) == lock:
+def release_lock(store: Store) -> None:
+    """Delete the lock if this process holds it (another holder's lock is left alone)."""
+    holder = read_lock(store)
+    if holder is not None and holder.is_this_process():
         sync(store.delete(LOCK_KEY))

@@ -26,14 +26,9 @@ DTYPES: dict[str, tuple[str, torch.dtype]] = {
 }
 CODECS = ("none", "zstd", "blosc")
 
-# Fill values double as "never written" sentinels that real data cannot take, so a plain
-# Zarr reader can tell a hole from data (Zarr reads missing chunks as the fill value).
+# NaN, so hidden values never written are not plausible data (Zarr reads a missing
+# chunk as the fill value). For bfloat16 the bits of its canonical NaN.
 BFLOAT16_NAN_BITS = 0x7FC0
-INT_FILLS: dict[str, int] = {
-    "attention_mask": 255,  # real values are 0 and 1
-    "labels": int(np.iinfo(np.int32).min),  # real values are -100 or token ids
-    "row_index": -1,  # real values are >= 0
-}
 
 
 def _positive_int(name: str, value: Any, *, optional: bool = False) -> None:
@@ -114,7 +109,7 @@ class StoreSpec:
 
     @property
     def hidden_fill(self) -> float | int:
-        """NaN in the logical dtype, so never-written hidden values are not plausible data."""
+        """Fill value of `hidden`: NaN in the logical dtype."""
         return BFLOAT16_NAN_BITS if self.dtype == "bfloat16" else float("nan")
 
     def compressors(self) -> list[BytesBytesCodec]:

@@ -16,16 +16,12 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
-from importlib import metadata
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
 from zarr.abc.store import Store
-from zarr.codecs import Crc32cCodec
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from storage.backend import (
@@ -47,59 +43,25 @@ from storage.errors import (
     StoreSpecError,
     StoreWriteError,
 )
-from storage.lock import LOCK_KEY, BuildLock, acquire_lock, release_lock
-from storage.spec import INT_FILLS, StoreSpec
+from storage.inputs import hidden_to_numpy, ints_to_numpy
+from storage.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    MARKERS,
+    RESERVED_ATTRS,
+    ROW_ARRAYS,
+    initialize,
+    now,
+    read_root_metadata,
+)
+from storage.lock import LOCK_KEY, acquire_lock, locked_error, read_lock, release_lock
+from storage.spec import StoreSpec
 
-FORMAT = "cached-mslt-activations"
-FORMAT_VERSION = 1
-ROW_ARRAYS = ("hidden", "attention_mask", "labels", "row_index")
-MARKERS = "shard_done"
-INT_DTYPES = {"attention_mask": np.uint8, "labels": np.int32, "row_index": np.int64}
-# Values each integer array may hold; the sentinel fill values lie outside these ranges.
-INT_RANGES = {
-    "attention_mask": (0, 1),
-    "labels": (int(np.iinfo(np.int32).min) + 1, int(np.iinfo(np.int32).max)),
-    "row_index": (0, int(np.iinfo(np.int64).max)),
-}
-RESERVED_ATTRS = {
-    "format",
-    "format_version",
-    "spec",
-    "logical_dtype",
-    "storage_dtype",
-    "num_shards",
-    "rows_per_shard",
-    "fingerprint",
-    "package_version",
-    "created_at",
-    "completed_at",
-    "complete",
-}
 SPEC_FIELDS_CHECKED = ("num_rows", "seq_len", "hidden_size", "dtype")
 REBUILD_HINT = (
     "rebuild it: rerun the stage's cache build, or ActivationStore.create(..., overwrite=True)"
 )
 RESUME_HINT = "rerun the same cache build (ActivationStore.create with the same spec and fingerprint) to resume"
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _package_version() -> str:
-    try:
-        return metadata.version("cached-mslt")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _read_root_metadata(store: Store) -> dict[str, Any] | None:
-    """The root `zarr.json`, parsed fresh (Zarr handles keep stale attrs, NOTES.md)."""
-    try:
-        buf = sync(store.get("zarr.json", default_buffer_prototype()))
-    except FileNotFoundError:  # a read-only LocalStore whose directory does not exist
-        return None
-    return None if buf is None else json.loads(buf.to_bytes())
 
 
 def _normalize_fingerprint(fingerprint: dict[str, Any]) -> dict[str, str]:
@@ -142,16 +104,13 @@ def _file_size_limit_as_oserror() -> Iterator[None]:
 class ActivationStore:
     """Handle on one store. Build with `create` / `open(mode="r+")`, read with `open`."""
 
-    def __init__(
-        self, url: str | os.PathLike[str], *, writable: bool, lock: BuildLock | None = None
-    ):
-        """Attach to an existing store without checks; use `create` or `open` instead."""
+    def __init__(self, url: str | os.PathLike[str], *, writable: bool):
+        """Attach to an existing store; use `create` or `open`, which check it."""
         self.url = os.fspath(url)
         self.writable = writable
-        self._lock = lock
         # Look read-only first: a writable LocalStore creates its directory on first use.
         reader = open_zarr_store(self.url, read_only=True)
-        meta = _read_root_metadata(reader)
+        meta = read_root_metadata(reader)
         if meta is None or meta.get("attributes", {}).get("format") != FORMAT:
             what = "nothing" if meta is None else "a Zarr group that is not an activation store"
             raise StoreNotFoundError(
@@ -165,9 +124,9 @@ class ActivationStore:
                 f"package reads up to {FORMAT_VERSION}: upgrade cached-mslt or rebuild the store"
             )
         self.spec = StoreSpec.from_dict(self._meta_attrs["spec"])
+        self._store = open_zarr_store(self.url, read_only=False) if writable else reader
         # Reads go through StrictStore so a missing or empty shard raises instead of
         # reading back as the fill value.
-        self._store = open_zarr_store(self.url, read_only=False) if writable else reader
         strict = StrictStore(reader)
         self._readers = {n: zarr.open_array(strict, path=n, mode="r") for n in ROW_ARRAYS}
         # Marker reads use the plain store: an absent marker chunk legitimately means 0.
@@ -214,9 +173,9 @@ class ActivationStore:
                 f"{where} is not empty and holds no activation store (found {top[:5]}); "
                 f"choose another location, or pass overwrite=True to delete its contents"
             )
-        lock = acquire_lock(store, where)
+        acquire_lock(store, where)
         try:
-            meta = _read_root_metadata(store)
+            meta = read_root_metadata(store)
             found = None if meta is None else meta.get("attributes", {})
             if found is not None and found.get("format") == FORMAT:
                 problems = _dict_diff(spec.to_dict(), found["spec"]) + _dict_diff(
@@ -225,7 +184,7 @@ class ActivationStore:
                 )
                 if not problems and not found["complete"] and not overwrite:
                     _remove_partial_files(store)
-                    return cls(where, writable=True, lock=lock)
+                    return cls(where, writable=True)
                 if not overwrite:
                     state = "a complete" if found["complete"] else "an incomplete"
                     why = "; ".join(problems) if problems else "it is already complete"
@@ -241,11 +200,11 @@ class ActivationStore:
                 )
             if overwrite:
                 delete_keys(store, [k for k in list_keys(store) if k != LOCK_KEY])
-            _initialize(store, spec, fp, extra)
+            initialize(store, spec, fp, extra)
         except BaseException:
-            release_lock(store, lock)
+            release_lock(store)
             raise
-        return cls(where, writable=True, lock=lock)
+        return cls(where, writable=True)
 
     @classmethod
     def open(
@@ -297,7 +256,7 @@ class ActivationStore:
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers get a fresh read-only handle; the lock stays with its owner.
+        # DataLoader workers get a fresh read-only handle.
         return {"url": self.url}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -320,7 +279,7 @@ class ActivationStore:
     @property
     def attrs(self) -> dict[str, Any]:
         """Root attributes, read fresh from the store."""
-        meta = _read_root_metadata(self._store)
+        meta = read_root_metadata(self._store)
         if meta is None:
             raise CorruptStoreError(f"{self.url}: the root zarr.json disappeared")
         return meta["attributes"]
@@ -391,12 +350,12 @@ class ActivationStore:
                 f"{self.url} is complete and read-only by contract; {REBUILD_HINT}"
             )
         start, stop = self.shard_rows(shard)
-        rows, t = stop - start, self.spec.seq_len
+        rows, t, where = stop - start, self.spec.seq_len, f"{self.url} shard {shard}"
         data = {
-            "hidden": self._hidden_array(hidden, (rows, t, self.spec.hidden_size), shard),
-            "attention_mask": self._int_array("attention_mask", attention_mask, (rows, t), shard),
-            "labels": self._int_array("labels", labels, (rows, t), shard),
-            "row_index": self._int_array("row_index", row_index, (rows,), shard),
+            "hidden": hidden_to_numpy(hidden, self.spec, (rows, t, self.spec.hidden_size), where),
+            "attention_mask": ints_to_numpy("attention_mask", attention_mask, (rows, t), where),
+            "labels": ints_to_numpy("labels", labels, (rows, t), where),
+            "row_index": ints_to_numpy("row_index", row_index, (rows,), where),
         }
         try:
             with _file_size_limit_as_oserror():
@@ -411,61 +370,14 @@ class ActivationStore:
                 f"shard stays not-done; free space (or raise the file-size limit) and {RESUME_HINT}"
             ) from e
 
-    def _hidden_array(
-        self, x: torch.Tensor | np.ndarray, shape: tuple[int, ...], shard: int
-    ) -> np.ndarray:
-        spec = self.spec
-        if isinstance(x, torch.Tensor):
-            if x.dtype != spec.torch_dtype:
-                raise StoreWriteError(
-                    f"{self.url} shard {shard}: hidden has dtype {x.dtype}, the store holds "
-                    f"{spec.dtype}; convert explicitly (no silent casts)"
-                )
-            x = x.detach().cpu().contiguous()
-            arr = x.view(torch.uint16).numpy() if spec.dtype == "bfloat16" else x.numpy()
-        elif isinstance(x, np.ndarray):
-            if spec.dtype == "bfloat16" or x.dtype != np.dtype(spec.storage_dtype):
-                want = "a torch.bfloat16 tensor" if spec.dtype == "bfloat16" else spec.dtype
-                raise StoreWriteError(
-                    f"{self.url} shard {shard}: hidden has dtype {x.dtype}, expected {want}; "
-                    f"convert explicitly (no silent casts)"
-                )
-            arr = x
-        else:
-            raise StoreWriteError(
-                f"hidden must be a torch.Tensor or numpy array, got {type(x).__name__}"
-            )
-        if arr.shape != shape:
-            raise StoreWriteError(
-                f"{self.url} shard {shard}: hidden has shape {tuple(arr.shape)}, expected {shape}"
-            )
-        return arr
-
-    def _int_array(
-        self, name: str, x: torch.Tensor | np.ndarray, shape: tuple[int, ...], shard: int
-    ) -> np.ndarray:
-        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        if arr.dtype.kind not in "biu":
-            raise StoreWriteError(
-                f"{self.url} shard {shard}: {name} has dtype {arr.dtype}, expected an integer dtype"
-            )
-        if arr.shape != shape:
-            raise StoreWriteError(
-                f"{self.url} shard {shard}: {name} has shape {arr.shape}, expected {shape}"
-            )
-        lo, hi = INT_RANGES[name]
-        if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
-            raise StoreWriteError(
-                f"{self.url} shard {shard}: {name} has values in [{arr.min()}, {arr.max()}], "
-                f"expected within [{lo}, {hi}]"
-            )
-        # Lossless after the range check: the cast only narrows the container.
-        return arr.astype(INT_DTYPES[name], copy=False)
-
     def commit(self) -> None:
-        """Check every marker and shard file, then set `complete` and release the lock."""
+        """Check every marker and shard file, then set `complete` and release the lock
+        (if this process holds it: the build's rank 0 commits, through any handle)."""
         if not self.writable:
             raise StoreWriteError(f"{self.url} is open read-only; commit from the build's rank 0")
+        holder = read_lock(self._store)
+        if holder is not None and not holder.is_this_process() and not holder.is_stale():
+            raise locked_error(self.url, holder)
         pending = sorted(set(range(self.num_shards)) - set(self.shards_done()))
         if pending:
             raise IncompleteStoreError(
@@ -482,14 +394,12 @@ class ActivationStore:
                 f"{_summarize(missing)}. Their markers were cleared; {RESUME_HINT}"
             )
         group = zarr.open_group(self._store, mode="r+")
-        group.attrs.update({"complete": True, "completed_at": _now()})
+        group.attrs.update({"complete": True, "completed_at": now()})
         self.release_lock()
 
     def release_lock(self) -> None:
-        """Give up this handle's build lock (commit does this; call it to abandon a build)."""
-        if self._lock is not None:
-            release_lock(self._store, self._lock)
-            self._lock = None
+        """Give up this process's build lock (commit does it; call it to abandon a build)."""
+        release_lock(self._store)
 
     # ---------------------------------------------------------------- reading
 
@@ -564,60 +474,3 @@ def _remove_partial_files(store: Store) -> None:
     """Delete temporary files a killed writer left behind (Zarr's LocalStore writes
     `<key>.<uuid>.partial` then renames), so a resumed build ends byte-identical."""
     delete_keys(store, [k for k in list_keys(store) if k.endswith(PARTIAL_SUFFIX)])
-
-
-def _initialize(
-    store: Store, spec: StoreSpec, fingerprint: dict[str, str], extra: dict[str, Any]
-) -> None:
-    attrs = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "spec": spec.to_dict(),
-        "logical_dtype": spec.dtype,
-        "storage_dtype": spec.storage_dtype,
-        "num_shards": spec.num_shards,
-        "rows_per_shard": spec.rows_per_shard,
-        "fingerprint": fingerprint,
-        "package_version": _package_version(),
-        "created_at": _now(),
-        "completed_at": None,
-        "complete": False,
-        **extra,
-    }
-    zarr.create_group(store, attributes=attrs)
-    n, t, h, rpc, rps = (
-        spec.num_rows,
-        spec.seq_len,
-        spec.hidden_size,
-        spec.rows_per_chunk,
-        spec.rows_per_shard,
-    )
-    layouts = {
-        "hidden": ((n, t, h), spec.storage_dtype, spec.hidden_fill, ("row", "token", "hidden")),
-        "attention_mask": ((n, t), "uint8", INT_FILLS["attention_mask"], ("row", "token")),
-        "labels": ((n, t), "int32", INT_FILLS["labels"], ("row", "token")),
-        "row_index": ((n,), "int64", INT_FILLS["row_index"], ("row",)),
-    }
-    for name, (shape, dtype, fill, dims) in layouts.items():
-        zarr.create_array(
-            store,
-            name=name,
-            shape=shape,
-            dtype=dtype,
-            chunks=(rpc, *shape[1:]),
-            shards=(rps, *shape[1:]),
-            compressors=spec.compressors(),
-            fill_value=fill,
-            dimension_names=dims,
-        )
-    # One chunk per marker: markers written by different processes never share a file.
-    zarr.create_array(
-        store,
-        name=MARKERS,
-        shape=(spec.num_shards,),
-        dtype="uint8",
-        chunks=(1,),
-        compressors=[Crc32cCodec()],
-        fill_value=0,
-        dimension_names=("shard",),
-    )

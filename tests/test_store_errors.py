@@ -141,8 +141,21 @@ def test_create_resumes_an_identical_incomplete_store(tmp_path) -> None:
 
 def test_second_create_while_a_build_runs_is_locked(tmp_path) -> None:
     ActivationStore.create(tmp_path / "s", SPEC, fingerprint=FP)  # holds the lock, never commits
-    with pytest.raises(StoreLockedError, match=rf"pid {os.getpid()} on host .*delete .*build.lock"):
+    with pytest.raises(
+        StoreLockedError, match=rf"this process already holds its build lock \(pid {os.getpid()}"
+    ):
         ActivationStore.create(tmp_path / "s", SPEC, fingerprint=FP)
+
+
+def test_commit_through_a_worker_handle_releases_the_lock(tmp_path) -> None:
+    """The trainer's rank 0 creates, then writes and commits through its mode="r+" handle."""
+    ActivationStore.create(tmp_path / "s", SPEC, fingerprint=FP)
+    worker = ActivationStore.open(tmp_path / "s", mode="r+")
+    for shard in worker.pending_shards(0, 1):
+        worker.write_shard(shard, **synthetic_rows(SPEC, *worker.shard_rows(shard)))
+    worker.commit()
+    assert not (tmp_path / "s" / "build.lock").exists()
+    ActivationStore.create(tmp_path / "s", SPEC, fingerprint=FP, overwrite=True)  # not locked
 
 
 def test_lock_of_a_live_process_blocks_and_of_a_dead_one_is_taken_over(tmp_path) -> None:

@@ -1,0 +1,68 @@
+"""Checking and converting what `write_shard` is given: exact dtypes, exact shapes.
+
+Nothing is cast silently where a cast could change a value: hidden states must already
+be in the store's dtype; integer arrays may arrive in any integer dtype, and are
+narrowed only after a range check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from storage.errors import StoreWriteError
+from storage.spec import StoreSpec
+
+INT_DTYPES = {"attention_mask": np.uint8, "labels": np.int32, "row_index": np.int64}
+# Values each integer array may hold; the fill values (layout.INT_FILLS) lie outside.
+INT_RANGES = {
+    "attention_mask": (0, 1),
+    "labels": (int(np.iinfo(np.int32).min) + 1, int(np.iinfo(np.int32).max)),
+    "row_index": (0, int(np.iinfo(np.int64).max)),
+}
+
+
+def hidden_to_numpy(
+    x: torch.Tensor | np.ndarray, spec: StoreSpec, shape: tuple[int, ...], where: str
+) -> np.ndarray:
+    """The array to store for `hidden`: bfloat16 as its raw bits in uint16."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype != spec.torch_dtype:
+            raise StoreWriteError(
+                f"{where}: hidden has dtype {x.dtype}, the store holds {spec.dtype}; convert "
+                f"explicitly (no silent casts)"
+            )
+        x = x.detach().cpu().contiguous()
+        arr = x.view(torch.uint16).numpy() if spec.dtype == "bfloat16" else x.numpy()
+    elif isinstance(x, np.ndarray):
+        if spec.dtype == "bfloat16" or x.dtype != np.dtype(spec.storage_dtype):
+            want = "a torch.bfloat16 tensor" if spec.dtype == "bfloat16" else spec.dtype
+            raise StoreWriteError(
+                f"{where}: hidden has dtype {x.dtype}, expected {want}; convert explicitly "
+                f"(no silent casts)"
+            )
+        arr = x
+    else:
+        raise StoreWriteError(
+            f"{where}: hidden must be a torch.Tensor or numpy array, got {type(x).__name__}"
+        )
+    if arr.shape != shape:
+        raise StoreWriteError(f"{where}: hidden has shape {tuple(arr.shape)}, expected {shape}")
+    return arr
+
+
+def ints_to_numpy(
+    name: str, x: torch.Tensor | np.ndarray, shape: tuple[int, ...], where: str
+) -> np.ndarray:
+    """The array to store for an integer array, in its storage dtype."""
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.dtype.kind not in "biu":
+        raise StoreWriteError(f"{where}: {name} has dtype {arr.dtype}, expected an integer dtype")
+    if arr.shape != shape:
+        raise StoreWriteError(f"{where}: {name} has shape {arr.shape}, expected {shape}")
+    lo, hi = INT_RANGES[name]
+    if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+        raise StoreWriteError(
+            f"{where}: {name} has values in [{arr.min()}, {arr.max()}], expected within [{lo}, {hi}]"
+        )
+    return arr.astype(INT_DTYPES[name], copy=False)  # lossless after the range check

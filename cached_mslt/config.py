@@ -36,6 +36,9 @@ class ModelArgs:
     num_attention_heads: int | None = field(default=None, metadata={"help": "default: preset"})
     intermediate_size: int | None = field(default=None, metadata={"help": "default: preset"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager"})
+    dropout: float = field(
+        default=0.1, metadata={"help": "hidden and attention dropout (BERT: 0.1)"}
+    )
     max_position_embeddings: int = 512
 
     def __post_init__(self) -> None:

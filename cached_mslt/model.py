@@ -31,6 +31,8 @@ def bert_config(args: ModelArgs, vocab_size: int, num_layers: int) -> BertConfig
         num_attention_heads=args.num_attention_heads,
         intermediate_size=args.intermediate_size,
         max_position_embeddings=args.max_position_embeddings,
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
         tie_word_embeddings=True,
     )
     config._attn_implementation = args.attn_implementation

@@ -157,4 +157,7 @@ def make_block_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
+        # Its own generator: otherwise every new iterator draws its worker base seed from
+        # the global torch RNG, shifting the dropout stream of a run resumed mid-epoch.
+        generator=torch.Generator().manual_seed(seed),
     )

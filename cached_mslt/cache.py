@@ -1,0 +1,200 @@
+"""Building a stage's activation store: a forward-only pass of the frozen bottom, spread
+over every process (shard s belongs to process s % world_size), resumable.
+
+Incremental rebuild: when stage k's store exists, stage k+1's store is that store pushed
+through only the layers stage k trained, so each layer's forward runs once per example
+over the whole schedule. In float32 this gives the same bytes as a full rebuild from
+token ids (the layer math does not depend on batch composition here, NOTES.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import BertForMaskedLM
+
+from cached_mslt.blocks import PreparedBlocks
+from cached_mslt.model import bottom_forward, frozen_modules, run_layers
+from storage import (
+    ActivationStore,
+    IncompleteStoreError,
+    StoreNotFoundError,
+    StoreSpec,
+    fingerprint_module,
+)
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    url: str
+    frozen_layers: int
+    dtype: str
+    codec: str
+    rows_per_chunk: int
+    data_fingerprint: str
+    mask_seed: int
+    seq_len: int
+    num_rows: int
+    stage: int
+
+
+def store_fingerprint(model: BertForMaskedLM, req: CacheRequest) -> dict[str, str]:
+    """What a store's contents are a function of; any difference makes it stale."""
+    bottom = nn.ModuleList(frozen_modules(model, req.frozen_layers))
+    return {
+        "weights": fingerprint_module(bottom),
+        "frozen_layers": str(req.frozen_layers),
+        "data": req.data_fingerprint,
+        "mask_seed": str(req.mask_seed),
+        "dtype": req.dtype,
+        "seq_len": str(req.seq_len),
+        "num_rows": str(req.num_rows),
+    }
+
+
+def open_valid_store(url: str, fingerprint: dict[str, str]) -> ActivationStore | None:
+    """The store at `url` if it is complete and matches; None if there is none or it is
+    incomplete (a build resumes it); StaleStoreError if it holds something else."""
+    try:
+        return ActivationStore.open(url, expected_fingerprint=fingerprint)
+    except (StoreNotFoundError, IncompleteStoreError):  # the builder creates or resumes it
+        return None
+
+
+@torch.no_grad()
+def build_cache(
+    model: BertForMaskedLM,
+    req: CacheRequest,
+    prepared_train,
+    *,
+    source: ActivationStore | None = None,
+    overwrite: bool = False,
+    batch_rows: int = 64,
+) -> tuple[ActivationStore, dict]:
+    """Build (or resume, or reuse) the store for `req` on every process; returns the
+    complete store, opened read-only, and build statistics.
+
+    `source`: the previous stage's store (incremental rebuild); None builds from token ids.
+    """
+    # Under `accelerate launch` on CPUs only Accelerator() reads ACCELERATE_USE_CPU; a bare
+    # PartialState() created first would see one process. The state is a singleton, so an
+    # existing Accelerator's wins.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    device = state.device
+    fingerprint = store_fingerprint(model, req)
+    spec = StoreSpec(
+        num_rows=req.num_rows,
+        seq_len=req.seq_len,
+        hidden_size=model.config.hidden_size,
+        dtype=req.dtype,
+        codec=req.codec,
+        rows_per_chunk=req.rows_per_chunk,
+    )
+    existing = open_valid_store(req.url, fingerprint) if not overwrite else None
+    state.wait_for_everyone()
+    if existing is not None:
+        return existing, {"reused": True, "build_s": 0.0, "rows": 0}
+
+    start_layer = 0
+    if source is not None:
+        start_layer = int(source.fingerprint["frozen_layers"])
+        if source.spec.num_rows != req.num_rows or source.spec.seq_len != req.seq_len:
+            raise ValueError(
+                f"incremental rebuild needs the previous store to hold the same rows: it has "
+                f"{source.spec.num_rows}x{source.spec.seq_len}, this stage needs "
+                f"{req.num_rows}x{req.seq_len}; use --cache_rebuild full"
+            )
+    how = (
+        f"incremental from {source.url} (layers {start_layer}..{req.frozen_layers})"
+        if source
+        else "full"
+    )
+    attrs = {
+        "stage": req.stage,
+        "frozen_layers": req.frozen_layers,
+        "masking_seed": req.mask_seed,
+        "built": how,
+        "source_store": source.url if source else None,
+    }
+    # Process 0 creates the store and holds its build lock until commit; the others join.
+    if state.is_main_process:
+        store = ActivationStore.create(
+            req.url, spec, fingerprint=fingerprint, attrs=attrs, overwrite=overwrite
+        )
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        store = ActivationStore.open(req.url, mode="r+", require_complete=False)
+
+    frozen = [m.to(device).eval() for m in frozen_modules(model, req.frozen_layers)]
+    assert frozen, "a cache needs at least one frozen module"
+    prepared = PreparedBlocks(prepared_train, block_rows=batch_rows, num_rows=req.num_rows)
+    dtype = TORCH_DTYPES[req.dtype]
+    pending = store.pending_shards(state.process_index, state.num_processes)
+    rows_total = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending)
+    bar = tqdm(
+        total=rows_total,
+        desc=f"cache stage-{req.stage} ({how.split(' ')[0]})",
+        unit="row",
+        disable=not state.is_local_main_process,
+    )
+    began = time.perf_counter()
+    for shard in pending:
+        lo, hi = store.shard_rows(shard)
+        parts: dict[str, list[torch.Tensor]] = {
+            "hidden": [],
+            "attention_mask": [],
+            "labels": [],
+            "row_index": [],
+        }
+        for a in range(lo, hi, batch_rows):
+            b = min(a + batch_rows, hi)
+            rows = prepared.rows(a, b)
+            mask = rows["attention_mask"].to(device)
+            if source is None:
+                hidden = bottom_forward(
+                    model, rows["input_ids"].to(device), mask, req.frozen_layers
+                )
+            else:
+                previous = source.read_rows(a, b)["hidden"].to(device, torch.float32)
+                hidden = run_layers(model, previous, mask, start_layer, req.frozen_layers)
+            parts["hidden"].append(hidden.to(dtype).cpu())
+            parts["attention_mask"].append(rows["attention_mask"].to(torch.uint8))
+            parts["labels"].append(rows["labels"].to(torch.int32))
+            parts["row_index"].append(rows["row_index"])
+            bar.update(b - a)
+        store.write_shard(shard, **{k: torch.cat(v) for k, v in parts.items()})
+    bar.close()
+    elapsed = time.perf_counter() - began
+    state.wait_for_everyone()
+    if state.is_main_process:
+        store.commit()
+    state.wait_for_everyone()
+    built = ActivationStore.open(req.url, expected_fingerprint=fingerprint)
+    stats = {
+        "reused": False,
+        "build_s": elapsed,
+        "rows": rows_total,
+        "rows_per_s_per_process": rows_total / elapsed if elapsed > 0 else None,
+        "how": how,
+    }
+    if state.is_local_main_process:
+        logger.info(
+            "cache stage-%s: %d rows on this process in %.1fs (%.0f tokens/s), %s",
+            req.stage,
+            rows_total,
+            elapsed,
+            rows_total * req.seq_len / max(elapsed, 1e-9),
+            how,
+        )
+    return built, stats

@@ -1,0 +1,382 @@
+"""Running MSLT stages: grow, freeze, cache, train, save. One call per stage.
+
+Run directory (default runs/<preset>/):
+    config.json              the run's configuration; later stages must agree with it
+    metrics.jsonl            one line per log step, all stages
+    stage-K/model/           save_pretrained checkpoint (plus tokenizer) at stage end
+    stage-K/checkpoint/      accelerate save_state for resuming mid-stage (removed at end)
+    stage-K/manifest.json    written last: the stage is done when it exists
+    cache/stage-K/           the activation store the stage trained from
+    summary.md, val_loss.png the end-of-run report
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import BertForMaskedLM
+
+from cached_mslt import __version__
+from cached_mslt.blocks import PreparedBlocks
+from cached_mslt.cache import CacheRequest, build_cache
+from cached_mslt.config import RunArgs
+from cached_mslt.flops import layer_forward_flops, step_flops
+from cached_mslt.metrics import MetricsWriter, RunClock, markdown_table, plot_curves, read_metrics
+from cached_mslt.model import build_model, check_tied, frozen_modules, grow
+from cached_mslt.plan import Stage, StagePlan
+from cached_mslt.prepare import load_prepared
+from cached_mslt.tokenizer import check_vocab, load_tokenizer
+from cached_mslt.trainer import Phase, train_phase
+from storage import ActivationStore, BlockDataset, fingerprint_module
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+# Options that define what a run is; a later stage launched with different values would
+# silently mix two runs, so it is refused.
+RUN_IDENTITY = {
+    "model": ("preset", "num_layers", "hidden_size", "num_attention_heads", "intermediate_size"),
+    "data": ("prepared_dir", "seq_len", "mask_seed", "train_examples"),
+    "schedule": ("stage_layers", "growth_init"),
+}
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as asked (missing previous stage, mismatched config...)."""
+
+
+def stage_dir(args: RunArgs, index: int) -> Path:
+    return Path(args.train.run_dir) / f"stage-{index}"
+
+
+def cache_url(args: RunArgs, index: int) -> str:
+    return str(Path(args.train.run_dir) / "cache" / f"stage-{index}")
+
+
+def read_manifest(args: RunArgs, index: int) -> dict[str, Any] | None:
+    path = stage_dir(args, index) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_run_config(args: RunArgs, accelerator: Accelerator) -> None:
+    """Write config.json on first use; afterwards refuse options that change the run's identity."""
+    path = Path(args.train.run_dir) / "config.json"
+    current = args.to_dict()
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diffs = [
+            f"{group}.{key}: run has {saved.get(group, {}).get(key)!r}, now {current[group][key]!r}"
+            for group, keys in RUN_IDENTITY.items()
+            for key in keys
+            if saved.get(group, {}).get(key) != current[group][key]
+        ]
+        if diffs:
+            raise StageError(
+                f"this configuration does not match the run in {args.train.run_dir}:\n  "
+                + "\n  ".join(diffs)
+                + "\nuse the run's own config (--config "
+                f"{path}) or start a new run with another --run_dir"
+            )
+    elif accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+    accelerator.wait_for_everyone()
+
+
+def block_rows_for(batch_size: int) -> int:
+    """Rows per store chunk (and per loader block): the largest divisor of the batch size up
+    to 8, so a batch is whole blocks from several random places (the shuffle window)."""
+    return max(d for d in range(1, min(batch_size, 8) + 1) if batch_size % d == 0)
+
+
+def steps_for(stage: Stage, args: RunArgs, world_size: int) -> int:
+    if stage.steps is not None:
+        return stage.steps
+    t = args.train
+    tokens_per_step = t.batch_size * world_size * t.gradient_accumulation_steps * args.data.seq_len
+    return max(1, math.ceil(stage.tokens / tokens_per_step))
+
+
+def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMaskedLM:
+    """Stage 1 starts from a fresh model; stage K from stage K-1's checkpoint, grown."""
+    if stage.index == 1:
+        return build_model(args.model, vocab_size, stage.num_layers, seed=args.train.seed)
+    previous = stage_dir(args, stage.index - 1)
+    if read_manifest(args, stage.index - 1) is None:
+        raise StageError(
+            f"stage {stage.index} needs stage {stage.index - 1}, which is not finished "
+            f"({previous / MANIFEST} is missing); run `accelerate launch pipelines/stage.py "
+            f"--config {Path(args.train.run_dir) / 'config.json'} --stage {stage.index - 1}` first"
+        )
+    model = BertForMaskedLM.from_pretrained(
+        previous / "model", attn_implementation=args.model.attn_implementation
+    )
+    if model.config.num_hidden_layers != stage.frozen_layers and not stage.joint:
+        raise StageError(
+            f"stage {stage.index - 1} saved a {model.config.num_hidden_layers}-layer model but this "
+            f"plan expects {stage.frozen_layers}; the stage plan changed between stages"
+        )
+    if stage.num_layers > model.config.num_hidden_layers:
+        grow(model, stage.num_layers, init=args.schedule.growth_init)
+    return model
+
+
+def decide_cache(
+    stage: Stage, rows: int, steps: int, rows_per_step: int, incremental_from: int | None
+) -> tuple[bool, str]:
+    """`auto`: cache when building costs fewer layer forwards than running the frozen bottom
+    live on every row the stage reads (DESIGN.md cost model; I/O is ignored: the store
+    reads far faster than training consumes, docs/benchmarks.md)."""
+    if stage.cache == "never" or stage.frozen_layers == 0:
+        return False, "live (cache: never)" if stage.frozen_layers else "nothing frozen"
+    build = (stage.frozen_layers - (incremental_from or 0)) * rows
+    live = stage.frozen_layers * steps * rows_per_step
+    why = f"build {build:,} layer-rows vs live {live:,}"
+    if stage.cache == "always":
+        return True, f"cache: always ({why})"
+    return build < live, f"auto: {why}"
+
+
+def run_stage(args: RunArgs, index: int, accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """Run stage `index` of the plan: nothing if it is done, resume if it was interrupted."""
+    plan = StagePlan.from_args(args)
+    stage = plan[index]
+    accelerator = accelerator or make_accelerator(args)
+    check_run_config(args, accelerator)
+    done = read_manifest(args, index)
+    if done is not None:
+        accelerator.print(
+            f"{stage.name}: already done ({stage_dir(args, index) / MANIFEST}), skipping"
+        )
+        return done
+
+    data = load_prepared(args.data.prepared_dir)
+    tokenizer = load_tokenizer(args.data.tokenizer)
+    check_vocab(
+        tokenizer, data.manifest["vocab_size"], source=f"prepared data in {args.data.prepared_dir}"
+    )
+    previous = read_manifest(args, index - 1) if index > 1 else None
+    clock = RunClock(**previous["clock"]) if previous else RunClock()
+    set_seed(args.train.seed + index)  # a stage's randomness does not depend on how it was launched
+    model = load_stage_model(args, stage, data.manifest["vocab_size"])
+    bottom_before = fingerprint_module(
+        torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers))
+    )
+
+    rows = (
+        len(data.train)
+        if args.data.train_examples is None
+        else min(args.data.train_examples, len(data.train))
+    )
+    steps = steps_for(stage, args, accelerator.num_processes)
+    rows_per_step = (
+        args.train.batch_size * accelerator.num_processes * args.train.gradient_accumulation_steps
+    )
+    source = (
+        previous_store(args, stage, model) if args.schedule.cache_rebuild == "incremental" else None
+    )
+    cached, why = decide_cache(
+        stage,
+        rows,
+        steps,
+        rows_per_step,
+        int(source.fingerprint["frozen_layers"]) if source else None,
+    )
+    accelerator.print(
+        f"{stage.name}: {stage.num_layers} layers, {stage.frozen_layers} frozen, {steps} steps; {'cached' if cached else 'live'} ({why})"
+    )
+
+    block_rows = block_rows_for(args.train.batch_size)
+    build: dict[str, Any] = {"build_s": 0.0, "reused": False}
+    if cached:
+        started = time.perf_counter()
+        store, build = build_cache(
+            model,
+            CacheRequest(
+                url=cache_url(args, index),
+                frozen_layers=stage.frozen_layers,
+                dtype=args.schedule.cache_dtype,
+                codec=args.schedule.cache_codec,
+                rows_per_chunk=block_rows,
+                data_fingerprint=data.manifest["fingerprint"],
+                mask_seed=data.manifest["mask_seed"],
+                seq_len=args.data.seq_len,
+                num_rows=rows,
+                stage=index,
+            ),
+            data.train,
+            source=source,
+            overwrite=args.schedule.overwrite_cache,
+        )
+        # Every process waited for the slowest at the build's barriers: charge that wall time.
+        clock.wall_s += time.perf_counter() - started
+        clock.flops += build_flops(model.config, args.data.seq_len, build, stage, source)
+        blocks = BlockDataset(store, block_rows=block_rows)
+    else:
+        blocks = PreparedBlocks(data.train, block_rows=block_rows, num_rows=rows)
+
+    trained = stage.num_layers - stage.frozen_layers
+    frozen_live = 0 if cached else stage.frozen_layers
+    phase = Phase(
+        name=stage.name,
+        model=model,
+        frozen_layers=stage.frozen_layers,
+        steps=steps,
+        blocks=blocks,
+        cached=cached,
+        learning_rate=args.train.learning_rate,
+        warmup_steps=int(args.schedule.warmup_fraction * steps),
+        lr_schedule=args.schedule.lr_schedule,
+        checkpoint_dir=stage_dir(args, index) / "checkpoint",
+        flops_per_step=lambda c: step_flops(
+            model.config,
+            tokens=c["tokens"],
+            masked_tokens=c["masked"],
+            trained_layers=trained,
+            frozen_live_layers=frozen_live,
+            seq_len=args.data.seq_len,
+            decoder_weight_trains=stage.frozen_layers == 0,
+        ),
+    )
+    metrics = MetricsWriter(args.train.run_dir, accelerator)
+    stats = train_phase(accelerator, phase, args, clock, metrics, data.valid)
+
+    bottom_after = fingerprint_module(
+        torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers))
+    )
+    if bottom_after != bottom_before:
+        raise StageError(f"{stage.name}: the frozen bottom changed during training; this is a bug")
+    check_tied(model)
+    manifest = {
+        "stage": stage.to_dict(),
+        "plan": plan.to_list(),
+        "mode": "cached" if cached else "live",
+        "cache_decision": why,
+        "cache": {**build, "url": cache_url(args, index) if cached else None},
+        "fingerprints": {"frozen_bottom": bottom_after, "data": data.manifest["fingerprint"]},
+        "timings": {"build_s": build.get("build_s", 0.0), "train_s": stats["train_s"]},
+        "train": stats,
+        "clock": clock.to_dict(),
+        "num_processes": accelerator.num_processes,
+        "version": __version__,
+    }
+    save_stage(accelerator, model, tokenizer, stage_dir(args, index), manifest)
+    return manifest
+
+
+def previous_store(args: RunArgs, stage: Stage, model: BertForMaskedLM) -> ActivationStore | None:
+    """Stage K-1's store, if it exists, is complete and holds exactly what this model's
+    first layers compute (same weights): the start of an incremental rebuild."""
+    if stage.index <= 2 or stage.joint:
+        return None
+    prev = read_manifest(args, stage.index - 1)
+    if prev is None or prev["mode"] != "cached":
+        return None
+    try:
+        store = ActivationStore.open(prev["cache"]["url"])
+    except Exception as e:  # deleted, incomplete or corrupt: fall back to a full rebuild
+        logger.warning(
+            "previous store unusable (%s); building stage %d's store in full", e, stage.index
+        )
+        return None
+    depth = int(store.fingerprint["frozen_layers"])
+    if store.fingerprint["weights"] != fingerprint_module(
+        torch.nn.ModuleList(frozen_modules(model, depth))
+    ):
+        logger.warning("previous store was built from other weights; building in full")
+        return None
+    return store
+
+
+def build_flops(config, seq_len: int, build: dict, stage: Stage, source) -> float:
+    """Forward FLOPs the build spent (0 when an existing store was reused)."""
+    if build.get("reused"):
+        return 0.0
+    depth = stage.frozen_layers - (int(source.fingerprint["frozen_layers"]) if source else 0)
+    return float(build["rows"]) * seq_len * depth * layer_forward_flops(config, seq_len)
+
+
+def save_stage(accelerator: Accelerator, model, tokenizer, directory: Path, manifest: dict) -> None:
+    """save_pretrained (+ tokenizer) into a temp dir, rename, then the manifest last: a
+    crash never leaves a stage that looks done."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = directory / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        final = directory / "model"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        shutil.rmtree(directory / "checkpoint", ignore_errors=True)
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    accelerator.wait_for_everyone()
+
+
+def make_accelerator(args: RunArgs) -> Accelerator:
+    accelerator = Accelerator(
+        mixed_precision=args.train.mixed_precision,
+        gradient_accumulation_steps=args.train.gradient_accumulation_steps,
+        log_with=args.train.report_to,
+        project_dir=args.train.run_dir,
+    )
+    if args.train.report_to:
+        accelerator.init_trackers(
+            "cached-mslt", config=json.loads(json.dumps(args.to_dict(), default=str))
+        )
+    return accelerator
+
+
+def run_all(args: RunArgs) -> list[dict[str, Any]]:
+    """Every stage of the plan in order (done stages are skipped), then the summary."""
+    accelerator = make_accelerator(args)
+    plan = StagePlan.from_args(args)
+    manifests = [run_stage(args, st.index, accelerator) for st in plan.stages]
+    if accelerator.is_main_process:
+        final = stage_dir(args, plan.stages[-1].index) / "model"
+        write_summary(args, manifests, final)
+    accelerator.end_training()
+    return manifests
+
+
+def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: Path) -> str:
+    rows = [
+        {
+            "stage": m["stage"]["name"],
+            "layers": m["stage"]["num_layers"],
+            "frozen": m["stage"]["frozen_layers"],
+            "mode": m["mode"],
+            "cache build s": m["timings"]["build_s"],
+            "train s": m["timings"]["train_s"],
+            "tokens/s": m["train"]["tokens_per_s"],
+            "val loss": m["train"]["val_loss"],
+        }
+        for m in manifests
+    ]
+    table = markdown_table(rows, list(rows[0]))
+    run_dir = Path(args.train.run_dir)
+    plot_curves(
+        {"mslt": read_metrics(run_dir)},
+        "wall_s",
+        run_dir / "val_loss.png",
+        f"{args.model.preset}: validation loss",
+        "wall-clock seconds (cache builds included)",
+    )
+    total = manifests[-1]["clock"]
+    text = (
+        f"# Run summary: {run_dir}\n\n{table}\n\n"
+        f"Total: {total['step']} steps, {total['tokens']:,} tokens, {total['wall_s']:.0f} s wall-clock.\n"
+        f"Final model: `{final_model}` (BertForMaskedLM.from_pretrained). Plot: `val_loss.png`.\n"
+    )
+    (run_dir / "summary.md").write_text(text)
+    print("\n" + text)
+    return text

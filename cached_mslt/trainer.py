@@ -1,0 +1,295 @@
+"""The one training loop. Every stage and every method runs through `train_phase`.
+
+A phase is a stretch of training with a fixed set of trainable parameters: an MSLT stage,
+the full-model baseline, a level of a V-cycle. Hidden states come from the activation
+store (cached), from the frozen bottom run live under no_grad (`cache: never`), or the
+trainable part starts at the token ids (nothing frozen); the step after that is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import BertForMaskedLM, get_scheduler
+
+from cached_mslt.config import RunArgs
+from cached_mslt.metrics import MetricsWriter, RunClock, Stopwatch
+from cached_mslt.model import (
+    TopModel,
+    bottom_forward,
+    freeze_bottom,
+    frozen_modules,
+    mlm_head_loss,
+)
+from storage import make_block_loader
+
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class Phase:
+    name: str  # "stage-2", "full", ...: the `stage` field of every metrics line
+    model: nn.Module  # the whole model; the phase decides what of it trains
+    frozen_layers: int  # 0: everything trains, from token ids
+    steps: int  # optimizer steps
+    blocks: Any  # map-style dataset of row blocks: store BlockDataset or PreparedBlocks
+    cached: bool  # blocks hold hidden states (else token ids)
+    learning_rate: float
+    warmup_steps: int
+    lr_schedule: str = "linear"
+    checkpoint_dir: Path | None = None  # mid-phase save_state (resume)
+    # Methods hook in here: PLD sets its keep probability, counts what a step costs.
+    before_step: Callable[[int], None] | None = None
+    trainable: nn.Module | None = None  # default: TopModel(model, frozen_layers)
+    flops_per_step: Callable[[dict[str, int]], float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # written into every metrics line
+
+
+def param_groups(
+    params: list[nn.Parameter], named: dict[int, str], weight_decay: float
+) -> list[dict]:
+    """BERT's convention: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for p in params:
+        name = named.get(id(p), "")
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def set_modes(model: nn.Module, frozen_layers: int) -> None:
+    """Train mode for what trains; the frozen bottom stays in eval mode (dropout off)."""
+    model.train()
+    for m in frozen_modules(model, frozen_layers):
+        m.eval()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, accelerator: Accelerator, valid, batch_rows: int, max_batches=None
+) -> float:
+    """Validation MLM loss of the whole model, live, token-weighted over every masked
+    position of the split. Process r takes rows r, r + world, ...: exact, no padding."""
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    rows = range(accelerator.process_index, len(valid), accelerator.num_processes)
+    for i, start in enumerate(range(0, len(rows), batch_rows)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = valid[list(rows[start : start + batch_rows])]
+        ids = torch.as_tensor(batch["input_ids"], device=device)
+        mask = torch.as_tensor(batch["attention_mask"], device=device)
+        labels = torch.as_tensor(batch["labels"], device=device, dtype=torch.long)
+        if isinstance(model, BertForMaskedLM):
+            hidden = bottom_forward(model, ids, mask, model.config.num_hidden_layers)
+            loss, n = mlm_head_loss(model, hidden, labels)
+        else:  # other families (PLD's pre-LN model) compute the masked-only loss themselves
+            loss, n = (
+                model(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                int((labels != -100).sum()),
+            )
+        total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return float(total[0] / total[1]) if total[1] > 0 else math.nan
+
+
+def _save_checkpoint(accelerator: Accelerator, directory: Path, state: dict) -> None:
+    """save_state into a temporary dir, then swap it in: a crash mid-save leaves the
+    previous checkpoint intact."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank has written its RNG state before the swap
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(state))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    accelerator.wait_for_everyone()
+
+
+def train_phase(
+    accelerator: Accelerator,
+    phase: Phase,
+    args: RunArgs,
+    clock: RunClock,
+    metrics: MetricsWriter,
+    valid,
+) -> dict[str, Any]:
+    """Train one phase to its step budget, resuming from `phase.checkpoint_dir` if it holds
+    a checkpoint. Advances `clock`; returns the phase's own statistics."""
+    t = args.train
+    model = phase.model
+    params = freeze_bottom(model, phase.frozen_layers)
+    named = {id(p): n for n, p in model.named_parameters()}
+    trainable = phase.trainable or TopModel(model, phase.frozen_layers)
+    optimizer = torch.optim.AdamW(
+        param_groups(params, named, t.weight_decay),
+        lr=phase.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+    )
+    scheduler = get_scheduler(
+        phase.lr_schedule,
+        optimizer,
+        num_warmup_steps=phase.warmup_steps,
+        num_training_steps=phase.steps,
+    )
+    rows_per_batch = t.batch_size
+    loader = make_block_loader(
+        phase.blocks,
+        rows_per_batch=rows_per_batch,
+        shuffle=True,
+        seed=t.seed,
+        num_workers=t.num_workers,
+    )
+    trainable, optimizer, loader, scheduler = accelerator.prepare(
+        trainable, optimizer, loader, scheduler
+    )
+    model.to(accelerator.device)  # the frozen bottom lives outside the prepared module's DDP
+
+    step, epoch, batches_in_epoch = 0, 0, 0
+    start = clock.to_dict()
+    if phase.checkpoint_dir is not None and (phase.checkpoint_dir / TRAINER_STATE).exists():
+        accelerator.load_state(str(phase.checkpoint_dir))
+        saved = json.loads((phase.checkpoint_dir / TRAINER_STATE).read_text())
+        step, epoch, batches_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
+        start = saved["clock_at_start"]
+        for k, v in saved["clock"].items():
+            setattr(clock, k, v)
+        metrics.truncate_after(phase.name, clock.step)
+        accelerator.print(f"{phase.name}: resumed at step {step}/{phase.steps}")
+
+    watch = Stopwatch(clock)
+    set_modes(model, phase.frozen_layers)
+    bar = tqdm(
+        total=phase.steps,
+        initial=step,
+        desc=phase.name,
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
+    running_loss, running_n = 0.0, 0
+    last_val = None
+    while step < phase.steps:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        epoch_loader = (
+            accelerator.skip_first_batches(loader, batches_in_epoch) if batches_in_epoch else loader
+        )
+        for batch in epoch_loader:
+            batches_in_epoch += 1
+            if phase.before_step is not None:
+                phase.before_step(step)
+            with accelerator.accumulate(trainable):
+                inputs = _phase_inputs(model, phase, batch)
+                loss, n_masked = trainable(batch["labels"], batch["attention_mask"], **inputs)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            counts = accelerator.reduce(
+                torch.tensor(
+                    [int(batch["attention_mask"].sum()), n_masked, loss.item() * n_masked],
+                    dtype=torch.float64,
+                    device=accelerator.device,
+                ),
+                reduction="sum",
+            )
+            clock.tokens += int(counts[0])
+            running_loss += float(counts[2])
+            running_n += int(counts[1])
+            if phase.flops_per_step is not None:
+                clock.flops += phase.flops_per_step(
+                    {"tokens": int(counts[0]), "masked": int(counts[1])}
+                )
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            clock.step += 1
+            bar.update(1)
+            record: dict[str, Any] = {}
+            if step % t.eval_every == 0 or step == phase.steps:
+                last_val = evaluate(model, accelerator, valid, t.batch_size, t.eval_batches)
+                set_modes(model, phase.frozen_layers)
+                record["val_loss"] = last_val
+            if step % t.log_every == 0 or record or step == phase.steps:
+                watch.tick()
+                record.update(
+                    step=clock.step,
+                    tokens=clock.tokens,
+                    wall_s=round(clock.wall_s, 3),
+                    flops=clock.flops,
+                    train_loss=running_loss / max(running_n, 1),
+                    lr=scheduler.get_last_lr()[0],
+                    stage=phase.name,
+                    **phase.extra,
+                )
+                metrics.log(record)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+                running_loss, running_n = 0.0, 0
+            if (
+                phase.checkpoint_dir is not None
+                and step % t.checkpoint_every == 0
+                and step < phase.steps
+            ):
+                watch.tick()
+                _save_checkpoint(
+                    accelerator,
+                    phase.checkpoint_dir,
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "batches_in_epoch": batches_in_epoch,
+                        "clock": clock.to_dict(),
+                        "clock_at_start": start,
+                    },
+                )
+            if step >= phase.steps:
+                break
+        else:
+            epoch += 1
+            batches_in_epoch = 0
+    bar.close()
+    watch.tick()
+    accelerator.wait_for_everyone()
+    stats = {
+        "steps": phase.steps,
+        "epochs": epoch + batches_in_epoch / max(len(loader), 1),
+        "train_s": clock.wall_s - start["wall_s"],
+        "tokens": clock.tokens - start["tokens"],
+        "val_loss": last_val,
+    }
+    stats["tokens_per_s"] = stats["tokens"] / stats["train_s"] if stats["train_s"] > 0 else None
+    accelerator.free_memory()  # fresh model/optimizer/loader objects for the next phase
+    return stats
+
+
+def _phase_inputs(model: nn.Module, phase: Phase, batch: dict) -> dict[str, torch.Tensor]:
+    if phase.frozen_layers == 0:
+        return {"input_ids": batch["input_ids"]}
+    if phase.cached:
+        # 16-bit stores are widened here; the top always computes in float32 (or autocast).
+        return {"hidden_states": batch["hidden"].float()}
+    with torch.no_grad():
+        return {
+            "hidden_states": bottom_forward(
+                model, batch["input_ids"], batch["attention_mask"], phase.frozen_layers
+            )
+        }

@@ -1,0 +1,24 @@
+"""Run one MSLT stage: `accelerate launch pipelines/stage.py --config CFG --stage K`.
+
+Refuses if stage K-1 is not finished, resumes K if it was interrupted, does nothing if
+K is done. Every process builds its share of the cache, then all train the top.
+"""
+
+from dataclasses import dataclass, field
+
+from cached_mslt.config import parse_args
+from cached_mslt.stages import run_stage
+
+
+@dataclass
+class StageArgs:
+    stage: int = field(metadata={"help": "1-based stage index of the plan"})
+
+
+def main() -> None:
+    args, (stage_args,) = parse_args(extra=(StageArgs,), description=__doc__)
+    run_stage(args, stage_args.stage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Shared fixtures: a small prepared corpus and run arguments for a small staged model."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Tests share 2 cores with each other's subprocesses; one thread each keeps them honest.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+WORDS = (
+    "the a of to and in is was for on that with as by at from his her it an be this which "
+    "or are were had have not but they one all their been has more when who would will there "
+    "time new year city river music church school war state world game film team house"
+).split()
+
+
+def synthetic_corpus(path: Path, documents: int = 240, seed: int = 0) -> Path:
+    """A text file of blank-line-separated documents of pseudo-English."""
+    rng = random.Random(seed)
+    docs = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 160))) + "."
+        for _ in range(documents)
+    ]
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory) -> Path:
+    """A prepared dataset (seq_len 32) built once for the whole session."""
+    from cached_mslt.config import run_args
+    from cached_mslt.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("prepared")
+    corpus = synthetic_corpus(root / "corpus.txt")
+    args = run_args(
+        "tiny",
+        corpus=[str(corpus)],
+        prepared_dir=str(root / "data"),
+        seq_len=32,
+        num_proc=1,
+        valid_fraction=0.1,
+    )
+    return prepare_dataset(args)
+
+
+def small_run(prepared: Path, run_dir: Path, **overrides):
+    """RunArgs for a 2-stage (2 -> 4 layers) hidden-32 model that trains in seconds."""
+    from cached_mslt.config import run_args
+
+    options = dict(
+        num_layers=4,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        prepared_dir=str(prepared),
+        seq_len=32,
+        run_dir=str(run_dir),
+        stage_layers="2,4",
+        stage_steps="6",
+        batch_size=8,
+        eval_every=3,
+        log_every=1,
+        checkpoint_every=2,
+        cache="always",
+        cache_dtype="float32",
+        learning_rate=1e-3,
+        warmup_fraction=0.0,
+    )
+    options.update(overrides)
+    return run_args("tiny", **options)

@@ -138,6 +138,12 @@ class TrainArgs:
         default=200, metadata={"help": "save_state every N steps (resume)"}
     )
     num_workers: int = 0
+    max_wall_s: float | None = field(
+        default=None,
+        metadata={
+            "help": "wall-clock budget of the whole run (cache builds included); stops there"
+        },
+    )
     report_to: str | None = field(
         default=None, metadata={"help": "Accelerate tracker, e.g. tensorboard"}
     )
@@ -185,6 +191,34 @@ class ScheduleArgs:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+
+
+@dataclass
+class MethodArgs:
+    """The comparison methods' parameters, with the published defaults (PAPERS.md)."""
+
+    methods: list[str] = field(
+        default_factory=lambda: ["full", "mslt-cached"],
+        metadata={"help": "full stacking mslt-live mslt-cached pld share-unshare multilevel"},
+    )
+    budget_tokens: float = field(default=4.8e6, metadata={"help": "training tokens per method"})
+    compare_dir: str | None = field(
+        default=None, metadata={"help": "default runs/compare-<preset>"}
+    )
+    # progressive stacking: 3 -> 6 -> 12; shares of the budget before each doubling
+    # (published: 50k and 70k of ~400k... updates; the rest at full depth)
+    stacking_layers: str = "3,6,12"
+    stacking_fractions: str = "0.125,0.175"
+    # progressive layer dropping
+    pld_theta_bar: float = 0.5
+    pld_gamma: float = 0.001
+    # share-then-unshare: untie at this share of the budget
+    share_fraction: float = 1 / 3
+    # V-cycle: share of the budget for the first large phase and for the small (coalesced) one
+    vcycle_large_fraction: float = 0.05
+    vcycle_small_fraction: float = 0.45
+    vcycle_alpha: float = 0.5
+    vcycle_small_lr_multiplier: float = 4.0
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,13 @@ class Stopwatch:
 
     def __init__(self, clock: RunClock):
         self.clock = clock
+        self._last = time.perf_counter()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time inside is not added to the clock."""
+        self.tick()
+        yield
         self._last = time.perf_counter()
 
     def tick(self) -> float:

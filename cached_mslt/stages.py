@@ -146,8 +146,14 @@ def decide_cache(
     return build < live, f"auto: {why}"
 
 
-def run_stage(args: RunArgs, index: int, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Run stage `index` of the plan: nothing if it is done, resume if it was interrupted."""
+def run_stage(
+    args: RunArgs,
+    index: int,
+    accelerator: Accelerator | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run stage `index` of the plan: nothing if it is done, resume if it was interrupted.
+    `extra` is added to every metrics line (the comparison harness adds `method`)."""
     plan = StagePlan.from_args(args)
     stage = plan[index]
     accelerator = accelerator or make_accelerator(args)
@@ -246,6 +252,7 @@ def run_stage(args: RunArgs, index: int, accelerator: Accelerator | None = None)
             seq_len=args.data.seq_len,
             decoder_weight_trains=stage.frozen_layers == 0,
         ),
+        extra=dict(extra or {}),
     )
     metrics = MetricsWriter(args.train.run_dir, accelerator)
     stats = train_phase(accelerator, phase, args, clock, metrics, data.valid)
@@ -340,9 +347,21 @@ def run_all(args: RunArgs) -> list[dict[str, Any]]:
     """Every stage of the plan in order (done stages are skipped), then the summary."""
     accelerator = make_accelerator(args)
     plan = StagePlan.from_args(args)
-    manifests = [run_stage(args, st.index, accelerator) for st in plan.stages]
+    manifests = []
+    for st in plan.stages:
+        manifests.append(run_stage(args, st.index, accelerator))
+        budget = args.train.max_wall_s
+        if (
+            budget is not None
+            and manifests[-1]["clock"]["wall_s"] >= budget
+            and st != plan.stages[-1]
+        ):
+            accelerator.print(
+                f"wall-clock budget of {budget:.0f}s reached after {st.name}; stopping"
+            )
+            break
     if accelerator.is_main_process:
-        final = stage_dir(args, plan.stages[-1].index) / "model"
+        final = stage_dir(args, manifests[-1]["stage"]["index"]) / "model"
         write_summary(args, manifests, final)
     accelerator.end_training()
     return manifests

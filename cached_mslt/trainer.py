@@ -51,6 +51,9 @@ class Phase:
     # Methods hook in here: PLD sets its keep probability, counts what a step costs.
     before_step: Callable[[int], None] | None = None
     trainable: nn.Module | None = None  # default: TopModel(model, frozen_layers)
+    # Called on the fresh optimizer before `prepare` (share-unshare hands state over here).
+    init_optimizer: Callable[[torch.optim.Optimizer], None] | None = None
+    optimizer: torch.optim.Optimizer | None = None  # set by train_phase: the one it trained with
     flops_per_step: Callable[[dict[str, int]], float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # written into every metrics line
 
@@ -143,6 +146,9 @@ def train_phase(
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_epsilon,
     )
+    if phase.init_optimizer is not None:
+        phase.init_optimizer(optimizer)
+    phase.optimizer = optimizer
     scheduler = get_scheduler(
         phase.lr_schedule,
         optimizer,
@@ -185,7 +191,8 @@ def train_phase(
     )
     running_loss, running_n = 0.0, 0
     last_val = None
-    while step < phase.steps:
+    stopping = t.max_wall_s is not None and clock.wall_s >= t.max_wall_s
+    while step < phase.steps and not stopping:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         epoch_loader = (
@@ -224,12 +231,20 @@ def train_phase(
             step += 1
             clock.step += 1
             bar.update(1)
+            if t.max_wall_s is not None:
+                out_of_time = torch.tensor(
+                    float(watch.tick() >= t.max_wall_s), device=accelerator.device
+                )
+                # Every rank stops at the same step, or the next all-reduce would hang.
+                stopping = bool(accelerator.reduce(out_of_time, reduction="sum") > 0)
+            last = step == phase.steps or stopping
             record: dict[str, Any] = {}
-            if step % t.eval_every == 0 or step == phase.steps:
-                last_val = evaluate(model, accelerator, valid, t.batch_size, t.eval_batches)
+            if step % t.eval_every == 0 or last:
+                with watch.paused():  # evaluation is not training time, for any method
+                    last_val = evaluate(model, accelerator, valid, t.batch_size, t.eval_batches)
                 set_modes(model, phase.frozen_layers)
                 record["val_loss"] = last_val
-            if step % t.log_every == 0 or record or step == phase.steps:
+            if step % t.log_every == 0 or record or last:
                 watch.tick()
                 record.update(
                     step=clock.step,
@@ -261,7 +276,7 @@ def train_phase(
                         "clock_at_start": start,
                     },
                 )
-            if step >= phase.steps:
+            if last:
                 break
         else:
             epoch += 1
@@ -270,7 +285,8 @@ def train_phase(
     watch.tick()
     accelerator.wait_for_everyone()
     stats = {
-        "steps": phase.steps,
+        "steps": step,
+        "stopped_by_wall_budget": stopping,
         "epochs": epoch + batches_in_epoch / max(len(loader), 1),
         "train_s": clock.wall_s - start["wall_s"],
         "tokens": clock.tokens - start["tokens"],

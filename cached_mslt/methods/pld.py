@@ -223,5 +223,38 @@ class PreLNBertForMaskedLM(BertPreTrainedModel):
         return MaskedLMOutput(loss=F.cross_entropy(logits, labels[masked]), logits=logits)
 
 
+class _MaskedLMLoss(nn.Module):
+    """The pre-LN model behind the shared loop's interface: (labels, mask, input_ids) -> loss."""
+
+    def __init__(self, model: PreLNBertForMaskedLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, labels, attention_mask=None, hidden_states=None, input_ids=None):
+        loss = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        return loss, int((labels != -100).sum())
+
+
+def run(ctx) -> PreLNBertForMaskedLM:
+    """The whole pre-LN model on the whole budget; each step sets theta(step), and the FLOP
+    counter charges only the layers that ran."""
+    from cached_mslt.model import bert_config
+
+    base = bert_config(ctx.args.model, ctx.data.manifest["vocab_size"], ctx.args.model.num_layers)
+    config = PreLNBertConfig(**base.to_diff_dict(), layer_drop_seed=ctx.args.train.seed)
+    torch.manual_seed(ctx.args.train.seed)
+    model = PreLNBertForMaskedLM(config)
+    m = ctx.method
+    ctx.train(
+        "pld",
+        model,
+        ctx.budget_tokens,
+        before_step=lambda step: model.set_theta(keep_prob(step, m.pld_theta_bar, m.pld_gamma)),
+        trainable=_MaskedLMLoss(model),
+        trained_layers=lambda: model.last_layers_run,
+    )
+    return model
+
+
 AutoConfig.register(PreLNBertConfig.model_type, PreLNBertConfig, exist_ok=True)
 AutoModelForMaskedLM.register(PreLNBertConfig, PreLNBertForMaskedLM, exist_ok=True)

@@ -20,3 +20,27 @@ def stack_double(model: BertForMaskedLM) -> BertForMaskedLM:
     bottom = list(new.bert.encoder.layer)
     top = [copy_layer(layer, new.config) for layer in bottom]
     return set_encoder_layers(new, bottom + top)
+
+
+def run(ctx) -> BertForMaskedLM:
+    """3 -> 6 -> 12 by doubling, every layer training, optimizer state reset at each doubling
+    (as published); budget shares per depth from `stacking_fractions`, the rest at full depth."""
+    layers = [int(v) for v in ctx.method.stacking_layers.split(",")]
+    fractions = [float(v) for v in ctx.method.stacking_fractions.split(",")]
+    if (
+        any(b != 2 * a for a, b in zip(layers, layers[1:]))
+        or layers[-1] != ctx.args.model.num_layers
+    ):
+        raise ValueError(
+            f"stacking_layers {layers} must double at each step and end at num_layers="
+            f"{ctx.args.model.num_layers}"
+        )
+    if len(fractions) != len(layers) - 1:
+        raise ValueError(f"stacking_fractions needs {len(layers) - 1} values, got {fractions}")
+    model = ctx.new_model(layers[0])
+    for i, depth in enumerate(layers):
+        if i:
+            model = stack_double(model)
+        share = fractions[i] if i < len(fractions) else 1.0  # the last depth takes the rest
+        ctx.train(f"{depth}-layers", model, ctx.budget_tokens * share)
+    return model

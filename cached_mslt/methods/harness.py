@@ -1,0 +1,190 @@
+"""One harness for every method: same data, model family, optimizer settings, budget and
+metrics. A method is a `run(ctx)` function that changes the model between phases and says
+what trains in each; `ctx.train` is the shared loop (cached_mslt.trainer.train_phase).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch import nn
+
+from cached_mslt.blocks import PreparedBlocks
+from cached_mslt.config import MethodArgs, RunArgs
+from cached_mslt.flops import step_flops
+from cached_mslt.metrics import MetricsWriter, RunClock
+from cached_mslt.model import build_model
+from cached_mslt.prepare import PreparedData, load_prepared
+from cached_mslt.stages import block_rows_for
+from cached_mslt.tokenizer import load_tokenizer
+from cached_mslt.trainer import Phase, train_phase
+
+RESULT = "result.json"
+
+
+@dataclass
+class MethodContext:
+    """What a method's schedule needs: the run's settings, data, clock and the shared loop."""
+
+    name: str
+    args: RunArgs
+    method: MethodArgs
+    accelerator: Accelerator
+    data: PreparedData
+    run_dir: Path
+    clock: RunClock = field(default_factory=RunClock)
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    last_optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def budget_tokens(self) -> int:
+        return int(self.method.budget_tokens)
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.args.train
+        return (
+            t.batch_size
+            * self.accelerator.num_processes
+            * t.gradient_accumulation_steps
+            * self.args.data.seq_len
+        )
+
+    @property
+    def out_of_budget(self) -> bool:
+        wall = self.args.train.max_wall_s
+        return self.clock.tokens >= self.budget_tokens or (
+            wall is not None and self.clock.wall_s >= wall
+        )
+
+    def new_model(self, num_layers: int) -> nn.Module:
+        return build_model(
+            self.args.model, self.data.manifest["vocab_size"], num_layers, seed=self.args.train.seed
+        )
+
+    def train(
+        self,
+        phase_name: str,
+        model: nn.Module,
+        tokens: float,
+        *,
+        lr_multiplier: float = 1.0,
+        before_step: Callable[[int], None] | None = None,
+        trainable: nn.Module | None = None,
+        trained_layers: Callable[[], int] | None = None,
+        init_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
+    ) -> dict[str, Any]:
+        """Train every parameter of `model` on `tokens` tokens (capped by what is left of the
+        budget), with its own warmup and decay, counting FLOPs of the layers that ran."""
+        tokens = min(tokens, self.budget_tokens - self.clock.tokens)
+        if tokens <= 0 or self.out_of_budget:
+            return {"skipped": True}
+        steps = max(1, math.ceil(tokens / self.tokens_per_step))
+        config, seq_len = model.config, self.args.data.seq_len
+        layers = trained_layers or (lambda: config.num_hidden_layers)
+        rows = self.args.data.train_examples or len(self.data.train)
+        phase = Phase(
+            name=phase_name,
+            model=model,
+            frozen_layers=0,
+            steps=steps,
+            blocks=PreparedBlocks(
+                self.data.train, block_rows_for(self.args.train.batch_size), rows
+            ),
+            cached=False,
+            learning_rate=self.args.train.learning_rate * lr_multiplier,
+            warmup_steps=int(self.args.schedule.warmup_fraction * steps),
+            lr_schedule=self.args.schedule.lr_schedule,
+            before_step=before_step,
+            trainable=trainable,
+            init_optimizer=init_optimizer,
+            flops_per_step=lambda c: step_flops(
+                config,
+                tokens=c["tokens"],
+                masked_tokens=c["masked"],
+                trained_layers=layers(),
+                frozen_live_layers=0,
+                seq_len=seq_len,
+            ),
+            extra={"method": self.name},
+        )
+        metrics = MetricsWriter(self.run_dir, self.accelerator)
+        stats = train_phase(
+            self.accelerator, phase, self.args, self.clock, metrics, self.data.valid
+        )
+        self.phases.append({"phase": phase_name, "layers": config.num_hidden_layers, **stats})
+        self.last_optimizer = phase.optimizer
+        return stats
+
+
+def _method(name: str):
+    """The module that implements `name` (imported lazily: PLD registers Auto classes)."""
+    from cached_mslt.methods import full, mslt, multilevel, pld, share_unshare, stacking
+
+    registry = {
+        "full": full.run,
+        "stacking": stacking.run,
+        "mslt-live": mslt.run_live,
+        "mslt-cached": mslt.run_cached,
+        "pld": pld.run,
+        "share-unshare": share_unshare.run,
+        "multilevel": multilevel.run,
+    }
+    if name not in registry:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(registry)}")
+    return registry[name]
+
+
+METHODS = ("full", "stacking", "mslt-live", "mslt-cached", "pld", "share-unshare", "multilevel")
+
+
+def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> dict[str, Any]:
+    """Run one method into `run_dir` (metrics.jsonl, final/ checkpoint, result.json).
+    A failure is recorded in result.json and returned, not raised: a comparison goes on."""
+    run = _method(name)
+    run_dir = Path(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a comparison run starts clean: resuming would mix budgets
+    run_dir.mkdir(parents=True)
+    args = replace(args, train=replace(args.train, run_dir=str(run_dir)))
+    # PLD skips layers, so some parameters get no gradient in a step: DDP must allow that.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=name == "pld")]
+    accelerator = Accelerator(
+        mixed_precision=args.train.mixed_precision,
+        gradient_accumulation_steps=args.train.gradient_accumulation_steps,
+        kwargs_handlers=handlers,
+    )
+    set_seed(args.train.seed)
+    data = load_prepared(args.data.prepared_dir)
+    ctx = MethodContext(name, args, method, accelerator, data, run_dir)
+    started = time.time()
+    result: dict[str, Any] = {"method": name}
+    try:
+        model = run(ctx)
+        final = run_dir / "final"
+        if accelerator.is_main_process:
+            model.save_pretrained(final)
+            load_tokenizer(args.data.tokenizer).save_pretrained(final)
+        result.update(status="ok", final_model=str(final))
+    except Exception as e:  # reported in the comparison table; the other methods still run
+        result.update(
+            status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()
+        )
+        accelerator.print(f"{name} failed: {e}")
+    accelerator.wait_for_everyone()
+    result.update(clock=ctx.clock.to_dict(), phases=ctx.phases, elapsed_s=time.time() - started)
+    if accelerator.is_main_process:
+        (run_dir / RESULT).write_text(json.dumps(result, indent=2, default=str))
+    accelerator.free_memory()
+    return result

@@ -1,0 +1,51 @@
+"""Every method runs end to end through the one loop and writes the common metrics fields
+and a loadable final checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM
+
+import cached_mslt.methods.pld  # noqa: F401  (registers the pre-LN model with Auto classes)
+from cached_mslt.config import MethodArgs
+from cached_mslt.methods.harness import METHODS, run_method
+from cached_mslt.metrics import read_metrics
+from tests.conftest import small_run
+
+COMMON_FIELDS = ("step", "tokens", "wall_s", "flops", "train_loss", "stage", "method")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_runs_and_writes_common_metrics(prepared_dir, tmp_path, name):
+    # 4 layers so stacking can go 1 -> 2 -> 4 and the V-cycle can halve the depth.
+    args = small_run(prepared_dir, tmp_path / "unused", eval_every=4)
+    method = MethodArgs(budget_tokens=8 * 32 * 8, stacking_layers="1,2,4")
+    result = run_method(name, args, method, tmp_path / name)
+    assert result["status"] == "ok", result.get("traceback")
+    records = read_metrics(tmp_path / name)
+    assert records, "no metrics written"
+    for field in COMMON_FIELDS:
+        assert all(field in r for r in records), field
+    assert all(r["method"] == name for r in records)
+    assert any(r.get("val_loss") is not None for r in records)
+    assert records[-1]["tokens"] >= method.budget_tokens * 0.9
+    assert records[-1]["flops"] > 0
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps)
+    saved = json.loads((tmp_path / name / "result.json").read_text())
+    assert saved["status"] == "ok"
+    model = AutoModelForMaskedLM.from_pretrained(saved["final_model"]).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(5, 500, (2, 32))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_failed_method_is_reported_not_raised(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "unused")
+    method = MethodArgs(budget_tokens=2048, stacking_layers="1,3,4")  # not a doubling
+    result = run_method("stacking", args, method, tmp_path / "stacking")
+    assert result["status"] == "failed" and "double" in result["error"]
+    assert json.loads((tmp_path / "stacking" / "result.json").read_text())["status"] == "failed"

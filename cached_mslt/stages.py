@@ -98,6 +98,11 @@ def block_rows_for(batch_size: int) -> int:
     return max(d for d in range(1, min(batch_size, 8) + 1) if batch_size % d == 0)
 
 
+def train_rows(args: RunArgs, available: int) -> int:
+    """How many prepared training examples a run uses (0 or None: all of them)."""
+    return min(args.data.train_examples or available, available)
+
+
 def steps_for(stage: Stage, args: RunArgs, world_size: int) -> int:
     if stage.steps is not None:
         return stage.steps
@@ -178,11 +183,7 @@ def run_stage(
         torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers))
     )
 
-    rows = (
-        len(data.train)
-        if args.data.train_examples is None
-        else min(args.data.train_examples, len(data.train))
-    )
+    rows = train_rows(args, len(data.train))
     steps = steps_for(stage, args, accelerator.num_processes)
     rows_per_step = (
         args.train.batch_size * accelerator.num_processes * args.train.gradient_accumulation_steps

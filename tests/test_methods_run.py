@@ -49,3 +49,21 @@ def test_failed_method_is_reported_not_raised(prepared_dir, tmp_path):
     result = run_method("stacking", args, method, tmp_path / "stacking")
     assert result["status"] == "failed" and "double" in result["error"]
     assert json.loads((tmp_path / "stacking" / "result.json").read_text())["status"] == "failed"
+
+
+def test_compare_writes_report_and_plots(prepared_dir, tmp_path):
+    from cached_mslt.compare import run_comparison
+
+    args = small_run(prepared_dir, tmp_path / "unused", eval_every=2)
+    method = MethodArgs(
+        methods=["full", "mslt-cached"], budget_tokens=8 * 32 * 8, compare_dir=str(tmp_path / "cmp")
+    )
+    text = run_comparison(args, method)
+    root = tmp_path / "cmp"
+    assert (root / "report.md").read_text() == text
+    for png in ("val_loss_vs_wall.png", "val_loss_vs_flops.png"):
+        assert (root / png).stat().st_size > 1000
+    rows = {r["method"]: r for r in json.loads((root / "report.json").read_text())}
+    assert rows["full"]["status"] == rows["mslt-cached"]["status"] == "ok"
+    assert rows["full"]["s to baseline loss"] is not None  # the baseline reaches its own loss
+    assert "| mslt-cached |" in text

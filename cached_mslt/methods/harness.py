@@ -26,7 +26,7 @@ from cached_mslt.flops import step_flops
 from cached_mslt.metrics import MetricsWriter, RunClock
 from cached_mslt.model import build_model
 from cached_mslt.prepare import PreparedData, load_prepared
-from cached_mslt.stages import block_rows_for
+from cached_mslt.stages import block_rows_for, train_rows
 from cached_mslt.tokenizer import load_tokenizer
 from cached_mslt.trainer import Phase, train_phase
 
@@ -93,7 +93,7 @@ class MethodContext:
         steps = max(1, math.ceil(tokens / self.tokens_per_step))
         config, seq_len = model.config, self.args.data.seq_len
         layers = trained_layers or (lambda: config.num_hidden_layers)
-        rows = self.args.data.train_examples or len(self.data.train)
+        rows = train_rows(self.args, len(self.data.train))
         phase = Phase(
             name=phase_name,
             model=model,

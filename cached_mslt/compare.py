@@ -1,0 +1,119 @@
+"""Run several methods on the same data and budget, then report: a table (wall-clock,
+FLOPs, final validation loss, time to reach the baseline's final loss) and plots of
+validation loss against wall-clock and against FLOPs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from cached_mslt.config import MethodArgs, RunArgs
+from cached_mslt.methods.harness import run_method
+from cached_mslt.metrics import markdown_table, plot_curves, read_metrics
+
+BASELINE = "full"
+
+
+def compare_dir(args: RunArgs, method: MethodArgs) -> Path:
+    return Path(method.compare_dir or f"runs/compare-{args.model.preset}")
+
+
+def run_comparison(args: RunArgs, method: MethodArgs) -> str:
+    """Every method in `method.methods`, sequentially with the same seed and data; a
+    failed method is reported in the table and the others still run."""
+    root = compare_dir(args, method)
+    for name in method.methods:
+        run_method(name, args, method, root / name)
+    if not PartialState().is_main_process:
+        return ""
+    return write_report(root, method.methods, args, method)
+
+
+def _first_reaching(records: list[dict[str, Any]], target: float | None) -> dict[str, Any] | None:
+    if target is None:
+        return None
+    return next(
+        (r for r in records if r.get("val_loss") is not None and r["val_loss"] <= target), None
+    )
+
+
+def summarize(root: Path, methods: list[str]) -> list[dict[str, Any]]:
+    """One row per method from its result.json and metrics.jsonl."""
+    rows, curves = [], {}
+    for name in methods:
+        result_path = root / name / "result.json"
+        result = (
+            json.loads(result_path.read_text()) if result_path.exists() else {"status": "missing"}
+        )
+        records = read_metrics(root / name)
+        curves[name] = records
+        evals = [r for r in records if r.get("val_loss") is not None]
+        rows.append(
+            {
+                "method": name,
+                "status": result.get("status"),
+                "wall s": records[-1]["wall_s"] if records else None,
+                "PFLOPs": records[-1]["flops"] / 1e15 if records else None,
+                "tokens": records[-1]["tokens"] if records else None,
+                "final val loss": evals[-1]["val_loss"] if evals else None,
+                "error": result.get("error"),
+            }
+        )
+    base = next((r for r in rows if r["method"] == BASELINE), None)
+    target = base["final val loss"] if base else None
+    for row in rows:
+        hit = _first_reaching(curves[row["method"]], target)
+        row["s to baseline loss"] = hit["wall_s"] if hit else None
+        if hit and base and base["wall s"]:
+            row["x baseline wall"] = hit["wall_s"] / base["wall s"]
+    return rows
+
+
+def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodArgs) -> str:
+    rows = summarize(root, methods)
+    curves = {name: read_metrics(root / name) for name in methods}
+    plot_curves(
+        curves,
+        "wall_s",
+        root / "val_loss_vs_wall.png",
+        "validation loss vs wall-clock",
+        "wall-clock seconds (cache builds included, evaluation excluded)",
+    )
+    plot_curves(
+        curves,
+        "flops",
+        root / "val_loss_vs_flops.png",
+        "validation loss vs FLOPs",
+        "training FLOPs (model count)",
+    )
+    columns = [
+        "method",
+        "status",
+        "wall s",
+        "PFLOPs",
+        "tokens",
+        "final val loss",
+        "s to baseline loss",
+        "x baseline wall",
+    ]
+    failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
+    text = "\n".join(
+        [
+            f"# Method comparison: preset `{args.model.preset}`, {int(method.budget_tokens):,} tokens each",
+            "",
+            markdown_table(rows, columns),
+            "",
+            f"`s to baseline loss`: wall-clock when the method's validation loss first reached `{BASELINE}`'s "
+            "final validation loss (`-`: never, within the budget). Plots: `val_loss_vs_wall.png`, "
+            "`val_loss_vs_flops.png`.",
+            *([""] + failures if failures else []),
+            "",
+        ]
+    )
+    (root / "report.md").write_text(text)
+    (root / "report.json").write_text(json.dumps(rows, indent=2))
+    print(text)
+    return text

@@ -219,3 +219,32 @@ def build_benchmark(
         {"name": "build_vs_nograd_forward", "value": plain_s / build_s, "unit": "x", **tag},
         {"name": "store_loader_rows_per_s", "value": loader_rows_s, "unit": "rows/s", **tag},
     ]
+
+
+def all_benchmarks(quick: bool) -> list[dict]:
+    """Every figure `pipelines/bench.py` prints: storage, the step ratios per preset, the
+    build ratio, and how much faster the store feeds rows than the top step eats them."""
+    from storage.bench import storage_benchmarks
+
+    figures = storage_benchmarks(quick=quick)
+    presets = ["tiny"] if quick else ["tiny", "mini"]
+    for preset in presets:
+        steps = step_benchmarks(preset, repeats=3 if quick else 5)
+        build = build_benchmark(preset, rows=256 if quick else 1024)
+        figures += steps + build
+        if preset == "tiny":
+            consumed = (
+                next(f for f in steps if f["name"] == "cached_step_tokens_per_s")["value"] / 128
+            )
+            supplied = next(f for f in build if f["name"] == "store_loader_rows_per_s")["value"]
+            figures.append(
+                {
+                    "name": "loader_vs_train_consumption",
+                    "value": supplied / consumed,
+                    "unit": "x",
+                    "preset": preset,
+                    "loader_rows_per_s": supplied,
+                    "train_rows_per_s": consumed,
+                }
+            )
+    return figures

@@ -5,12 +5,15 @@ validation loss against wall-clock and against FLOPs."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
+from transformers import BertForSequenceClassification
 
 from cached_mslt.config import MethodArgs, RunArgs
+from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
 from cached_mslt.methods.harness import run_method
 from cached_mslt.metrics import markdown_table, plot_curves, read_metrics
 
@@ -21,15 +24,48 @@ def compare_dir(args: RunArgs, method: MethodArgs) -> Path:
     return Path(method.compare_dir or f"runs/compare-{args.model.preset}")
 
 
-def run_comparison(args: RunArgs, method: MethodArgs) -> str:
+def run_comparison(
+    args: RunArgs, method: MethodArgs, finetune_args: FinetuneArgs | None = None
+) -> str:
     """Every method in `method.methods`, sequentially with the same seed and data; a
-    failed method is reported in the table and the others still run."""
+    failed method is reported in the table and the others still run. With
+    `method.finetune`, each final checkpoint is then fine-tuned on `finetune_args.task`."""
     root = compare_dir(args, method)
     for name in method.methods:
-        run_method(name, args, method, root / name)
+        result = run_method(name, args, method, root / name)
+        if method.finetune and result["status"] == "ok":
+            finetune_method(root / name, finetune_args or FinetuneArgs())
     if not PartialState().is_main_process:
         return ""
     return write_report(root, method.methods, args, method)
+
+
+def finetune_method(run_dir: Path, fargs: FinetuneArgs) -> None:
+    """Fine-tune a method's final checkpoint on every task; results land in run_dir/finetune."""
+    fargs = replace(fargs, output_dir=str(run_dir / "finetune"))
+    checkpoint = run_dir / "final"
+    for task in fargs.task:
+        finetune(checkpoint, task, fargs, model_class=classifier_class(checkpoint))
+
+
+def classifier_class(checkpoint: Path) -> type:
+    """The sequence-classification class for a checkpoint's architecture."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("model_type") == "preln-bert":
+        from cached_mslt.methods.pld import PreLNBertForSequenceClassification
+
+        return PreLNBertForSequenceClassification
+    return BertForSequenceClassification
+
+
+def finetune_columns(run_dir: Path) -> dict[str, str]:
+    """`<task> acc %` -> "mean ± std", from the results `finetune` wrote."""
+    columns = {}
+    for path in sorted((run_dir / "finetune").glob(f"*/{RESULTS_FILE}")):
+        r = json.loads(path.read_text())
+        mean, std = 100 * r["accuracy_mean"], 100 * r["accuracy_std"]
+        columns[f"{r['task']} acc %"] = f"{mean:.1f} ± {std:.1f}"
+    return columns
 
 
 def _first_reaching(records: list[dict[str, Any]], target: float | None) -> dict[str, Any] | None:
@@ -53,6 +89,7 @@ def summarize(root: Path, methods: list[str]) -> list[dict[str, Any]]:
         evals = [r for r in records if r.get("val_loss") is not None]
         rows.append(
             {
+                **finetune_columns(root / name),
                 "method": name,
                 "status": result.get("status"),
                 "wall s": records[-1]["wall_s"] if records else None,
@@ -99,6 +136,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "s to baseline loss",
         "x baseline wall",
     ]
+    columns += sorted({k for r in rows for k in r if k.endswith(" acc %")})
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
     text = "\n".join(
         [

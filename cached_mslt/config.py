@@ -216,6 +216,10 @@ class MethodArgs:
     compare_dir: str | None = field(
         default=None, metadata={"help": "default runs/compare-<preset>"}
     )
+    finetune: bool = field(
+        default=False,
+        metadata={"help": "fine-tune every final checkpoint (pipelines/finetune.py options)"},
+    )
     # progressive stacking: 3 -> 6 -> 12; shares of the budget before each doubling
     # (published: 50k and 70k of ~400k... updates; the rest at full depth)
     stacking_layers: str = "3,6,12"

@@ -2,6 +2,7 @@
 
     python pipelines/compare.py --preset tiny --methods full mslt-cached stacking
     python pipelines/compare.py --preset tiny --methods full mslt-cached pld --budget_tokens 1e6
+    python pipelines/compare.py --preset tiny --finetune --task sentiment bbc --seeds 0 1 2
 
 Writes runs/compare-<preset>/<method>/ (metrics.jsonl, final/ checkpoint, result.json) and
 report.md with the table and the loss plots.
@@ -9,11 +10,14 @@ report.md with the table and the loss plots.
 
 from cached_mslt.compare import run_comparison
 from cached_mslt.config import MethodArgs, parse_args
+from cached_mslt.finetune import FinetuneArgs
 
 
 def main() -> None:
-    args, (method,) = parse_args(extra=(MethodArgs,), description=__doc__)
-    run_comparison(args, method)
+    args, (method, finetune_args) = parse_args(
+        extra=(MethodArgs, FinetuneArgs), description=__doc__
+    )
+    run_comparison(args, method, finetune_args)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
 from transformers.models.bert.modeling_bert import (
     BertEmbeddings,
     BertIntermediate,
     BertOnlyMLMHead,
+    BertPooler,
     BertPreTrainedModel,
     BertSelfAttention,
 )
@@ -221,6 +226,37 @@ class PreLNBertForMaskedLM(BertPreTrainedModel):
         masked = labels != -100
         logits = self.cls(hidden[masked])  # gather first: the head costs masked tokens only
         return MaskedLMOutput(loss=F.cross_entropy(logits, labels[masked]), logits=logits)
+
+
+class PreLNBertForSequenceClassification(BertPreTrainedModel):
+    """The pre-LN encoder under BERT's classification head (pooled [CLS] -> dropout ->
+    linear), so PLD's checkpoints fine-tune like the others. The pooler has no pretrained
+    weights here (nor in this project's BertForMaskedLM checkpoints): it starts random."""
+
+    config_class = PreLNBertConfig
+
+    def __init__(self, config: PreLNBertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = PreLNBertModel(config)
+        self.classifier = nn.Sequential(
+            BertPooler(config),
+            nn.Dropout(config.hidden_dropout_prob),
+            nn.Linear(config.hidden_size, config.num_labels),
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state
+        logits = self.classifier(hidden)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 class _MaskedLMLoss(nn.Module):

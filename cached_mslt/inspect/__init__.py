@@ -6,7 +6,8 @@ Notebook API (docs/inspect.md):
   read-only access as torch or numpy blocks, one dict per row, or named dims;
 - `hidden_stats`: streaming per-dimension mean/std, token norms, dead and outlier
   dimensions, norms by position;
-- `similarity`: linear CKA and per-token cosine between stores of the same rows.
+- `similarity`: linear CKA and per-token cosine between stores of the same rows;
+- `row_text`, `nearest_rows`: the tokens behind a row, and the rows nearest to it.
 """
 
 from cached_mslt.inspect.api import (
@@ -21,10 +22,12 @@ from cached_mslt.inspect.api import (
 )
 from cached_mslt.inspect.similarity import Similarity, linear_cka, similarity
 from cached_mslt.inspect.stats import HiddenStats, StatsAccumulator, hidden_stats
+from cached_mslt.inspect.text import RowText, nearest_rows, row_text
 
 __all__ = [
     "HiddenStats",
     "LabelledArray",
+    "RowText",
     "Similarity",
     "StatsAccumulator",
     "block_ranges",
@@ -33,8 +36,10 @@ __all__ = [
     "iter_rows",
     "labelled",
     "linear_cka",
+    "nearest_rows",
     "open_store",
     "read_block",
+    "row_text",
     "similarity",
     "to_numpy",
 ]

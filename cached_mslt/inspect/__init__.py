@@ -7,7 +7,8 @@ Notebook API (docs/inspect.md):
 - `hidden_stats`: streaming per-dimension mean/std, token norms, dead and outlier
   dimensions, norms by position;
 - `similarity`: linear CKA and per-token cosine between stores of the same rows;
-- `row_text`, `nearest_rows`: the tokens behind a row, and the rows nearest to it.
+- `row_text`, `nearest_rows`: the tokens behind a row, and the rows nearest to it;
+- `summarize_store`, `summarize_run`: shapes, size, completeness, fingerprints, validity.
 """
 
 from cached_mslt.inspect.api import (
@@ -22,6 +23,7 @@ from cached_mslt.inspect.api import (
 )
 from cached_mslt.inspect.similarity import Similarity, linear_cka, similarity
 from cached_mslt.inspect.stats import HiddenStats, StatsAccumulator, hidden_stats
+from cached_mslt.inspect.summary import StoreSummary, summarize_run, summarize_store
 from cached_mslt.inspect.text import RowText, nearest_rows, row_text
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "RowText",
     "Similarity",
     "StatsAccumulator",
+    "StoreSummary",
     "block_ranges",
     "hidden_stats",
     "iter_blocks",
@@ -41,5 +44,7 @@ __all__ = [
     "read_block",
     "row_text",
     "similarity",
+    "summarize_run",
+    "summarize_store",
     "to_numpy",
 ]

@@ -1,0 +1,266 @@
+"""What a store is and whether it can be trusted: shapes, dtype, codec, size on disk,
+completeness, fingerprints, provenance, and validity for the run it belongs to.
+
+A store is valid for a run when its fingerprint says it was built from what the run
+holds now: the weights of stage K's frozen bottom (recomputed from the stage's saved
+checkpoint, not taken on trust from a manifest), the prepared data and masking seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+import zarr
+
+from cached_mslt.model import frozen_modules
+from storage import (
+    ActivationStore,
+    CorruptStoreError,
+    StoreError,
+    StoreNotFoundError,
+    fingerprint_module,
+)
+
+# Exit status of `pipelines/inspect.py`: the worst store decides. Argparse errors use 2.
+EXIT_CODES = {"ok": 0, "unknown": 0, "incomplete": 3, "stale": 4, "corrupt": 5, "missing": 6}
+PROVENANCE_KEYS = ("stage", "frozen_layers", "masking_seed", "built", "source_store")
+PROVENANCE_KEYS += ("created_at", "completed_at", "package_version")
+
+
+@dataclass
+class Validity:
+    """Whether a store matches a run. `valid` is None when it cannot be told (the stage
+    has no checkpoint yet, or the prepared data is gone)."""
+
+    run_dir: str
+    stage: int | None
+    valid: bool | None
+    checks: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StoreSummary:
+    url: str
+    status: str  # ok | incomplete | stale | corrupt | missing
+    problem: str | None = None
+    spec: dict[str, Any] = field(default_factory=dict)
+    shards_done: int | None = None
+    num_shards: int | None = None
+    disk_bytes: int | None = None
+    logical_bytes: int | None = None
+    fingerprint: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    validity: Validity | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    @property
+    def compression_ratio(self) -> float | None:
+        if self.disk_bytes and self.logical_bytes:
+            return self.logical_bytes / self.disk_bytes
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "compression_ratio": self.compression_ratio}
+
+
+def is_store(path: str | os.PathLike[str]) -> bool:
+    meta = Path(path) / "zarr.json"
+    try:
+        return json.loads(meta.read_text()).get("attributes", {}).get("format") is not None
+    except (OSError, ValueError):
+        return False
+
+
+def disk_bytes(url: str) -> int | None:
+    """Bytes on disk (or in the object store) under the store's root."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return int(fs.du(path, total=True))
+    except (OSError, ValueError):
+        return None
+
+
+def logical_bytes(spec: dict[str, Any]) -> int:
+    """Uncompressed bytes of the four row arrays (as storage/bench.py counts them)."""
+    n, t, h = spec["num_rows"], spec["seq_len"], spec["hidden_size"]
+    itemsize = 4 if spec["dtype"] == "float32" else 2
+    return n * t * h * itemsize + n * t * (1 + 4) + n * 8
+
+
+def _raw_attrs(url: str) -> dict[str, Any]:
+    """Root attributes read with plain Zarr: still readable when the store is damaged."""
+    try:
+        return dict(zarr.open_group(url, mode="r").attrs)
+    except Exception:  # whatever Zarr raises for a broken hierarchy: show what we have
+        return {}
+
+
+def summarize_store(url: str, run_dir: str | os.PathLike[str] | None = None) -> StoreSummary:
+    """Summary of the store at `url`, checked against `run_dir` (default: the run the
+    store sits in, if it is at `<run>/cache/stage-K`). Never raises for a bad store:
+    the problem is in `status` and `problem`."""
+    url = os.fspath(url)
+    try:
+        store = ActivationStore.open(url, require_complete=False)
+    except StoreNotFoundError as e:
+        return StoreSummary(url, "missing", str(e))
+    except (CorruptStoreError, StoreError) as e:
+        attrs = _raw_attrs(url)
+        return StoreSummary(
+            url,
+            "corrupt",
+            str(e),
+            spec=attrs.get("spec", {}),
+            fingerprint=attrs.get("fingerprint", {}),
+            provenance={k: attrs.get(k) for k in PROVENANCE_KEYS if k in attrs},
+        )
+    attrs = store.attrs
+    spec = store.spec.to_dict()
+    summary = StoreSummary(
+        url,
+        "ok",
+        spec=spec,
+        shards_done=len(store.shards_done()),
+        num_shards=store.num_shards,
+        disk_bytes=disk_bytes(url),
+        logical_bytes=logical_bytes(spec),
+        fingerprint=store.fingerprint,
+        provenance={k: attrs.get(k) for k in PROVENANCE_KEYS if k in attrs},
+    )
+    if not store.is_complete:
+        summary.status = "incomplete"
+        summary.problem = (
+            f"{summary.shards_done}/{summary.num_shards} shards written and the build never "
+            "committed; rerun the stage's cache build to resume it"
+        )
+    run = Path(run_dir) if run_dir is not None else run_of_store(url)
+    if run is not None:
+        summary.validity = check_validity(store.fingerprint, attrs.get("stage"), run)
+        if summary.validity.valid is False and summary.status == "ok":
+            summary.status = "stale"
+            bad = [f"{k}: {v}" for k, v in summary.validity.checks.items() if "differs" in v]
+            summary.problem = (
+                f"not valid for run {run}: {'; '.join(bad)}. Rebuild it (rerun the stage "
+                "with --overwrite_cache)"
+            )
+    return summary
+
+
+def run_of_store(url: str) -> Path | None:
+    """`<run>/cache/stage-K` -> `<run>`, if that directory is a run."""
+    path = Path(url)
+    if "://" in url or path.parent.name != "cache":
+        return None
+    run = path.parent.parent
+    return run if (run / "config.json").is_file() else None
+
+
+def prepared_dir_of(run_dir: Path) -> Path | None:
+    """The run's prepared data directory. config.json records it as given (usually relative
+    to the repository the run was started from): try there, then beside the run."""
+    config = json.loads((run_dir / "config.json").read_text())
+    given = Path(config["data"]["prepared_dir"])
+    candidates = [given] if given.is_absolute() else [given, run_dir.parent.parent / given]
+    return next((p for p in candidates if (p / "manifest.json").is_file()), None)
+
+
+def bottom_fingerprint(checkpoint: Path, frozen_layers: int) -> str:
+    """Fingerprint of the first `frozen_layers` layers (and embeddings) of a checkpoint,
+    computed as the cache build computes it (cached_mslt.cache.store_fingerprint)."""
+    from transformers import BertForMaskedLM
+
+    model = BertForMaskedLM.from_pretrained(checkpoint)
+    return fingerprint_module(torch.nn.ModuleList(frozen_modules(model, frozen_layers)))
+
+
+def check_validity(fingerprint: dict[str, str], stage: int | None, run_dir: Path) -> Validity:
+    """Compare what the store was built from with what `run_dir` holds now."""
+    out = Validity(str(run_dir), stage, None)
+    checkpoint = run_dir / f"stage-{stage}" / "model"
+    frozen = int(fingerprint.get("frozen_layers", 0))
+    if stage is None or not (checkpoint / "config.json").is_file():
+        out.checks["weights"] = f"unchecked: {checkpoint} does not exist (stage not finished)"
+    else:
+        found = bottom_fingerprint(checkpoint, frozen)
+        out.checks["weights"] = _compare(
+            fingerprint.get("weights"), found, f"stage-{stage}/model, {frozen} frozen layers"
+        )
+    prepared = prepared_dir_of(run_dir)
+    if prepared is None:
+        out.checks["data"] = "unchecked: the run's prepared data directory is gone"
+    else:
+        manifest = json.loads((prepared / "manifest.json").read_text())
+        out.checks["data"] = _compare(
+            fingerprint.get("data"), manifest["fingerprint"], str(prepared)
+        )
+        out.checks["mask_seed"] = _compare(
+            fingerprint.get("mask_seed"), str(manifest["mask_seed"]), "prepared data"
+        )
+    verdicts = [v.split(":")[0] for v in out.checks.values()]
+    if "differs" in verdicts:
+        out.valid = False
+    elif all(v == "matches" for v in verdicts):
+        out.valid = True
+    return out
+
+
+def _compare(stored: str | None, found: str, where: str) -> str:
+    if stored == found:
+        return f"matches: {where}"
+    return f"differs: store has {str(stored)[:12]}, {where} has {found[:12]}"
+
+
+@dataclass
+class StageEntry:
+    stage: int
+    mode: str  # cached | live | unfinished
+    num_layers: int | None
+    frozen_layers: int | None
+    store: StoreSummary | None
+
+
+def summarize_run(run_dir: str | os.PathLike[str]) -> list[StageEntry]:
+    """Every stage of a run: finished stages from their manifests, plus any store under
+    `cache/` whose stage has not finished (a build in progress or a crashed one)."""
+    run = Path(run_dir)
+    stages: dict[int, StageEntry] = {}
+    for manifest_path in sorted(run.glob("stage-*/manifest.json")):
+        m = json.loads(manifest_path.read_text())
+        index = m["stage"]["index"]
+        url = m["cache"].get("url") if m["mode"] == "cached" else None
+        stages[index] = StageEntry(
+            index,
+            m["mode"],
+            m["stage"]["num_layers"],
+            m["stage"]["frozen_layers"],
+            summarize_store(_resolve(url, run), run) if url else None,
+        )
+    for store_dir in sorted((run / "cache").glob("stage-*")):
+        index = int(store_dir.name.removeprefix("stage-"))
+        if index not in stages:
+            stages[index] = StageEntry(
+                index, "unfinished", None, None, summarize_store(str(store_dir), run)
+            )
+    if not stages:
+        raise FileNotFoundError(
+            f"{run} holds no finished stage and no store under cache/; is it a run directory "
+            "(runs/<preset>) or a store (runs/<preset>/cache/stage-K)?"
+        )
+    return [stages[i] for i in sorted(stages)]
+
+
+def _resolve(url: str, run: Path) -> str:
+    """Where stage K's store is now: `<run>/cache/stage-K` if there (the run's own layout,
+    which survives moving the run), else the URL the manifest recorded, which may be
+    relative to wherever the run was started."""
+    beside = run / "cache" / Path(url).name
+    return str(beside) if is_store(beside) else url

@@ -1,0 +1,71 @@
+"""Look inside activation stores: summary, statistics, similarity, text, probe, plots.
+
+    python pipelines/inspect.py runs/tiny                      # every stage's store
+    python pipelines/inspect.py runs/tiny --stats --similarity --plots runs/tiny/inspect
+    python pipelines/inspect.py runs/tiny/cache/stage-2 --show-row 5 --nearest 5
+    python pipelines/inspect.py runs/tiny --probe
+
+Exit code: 0 all stores fine, 3 incomplete, 4 stale, 5 corrupt, 6 missing (the worst
+store decides), 2 a request that cannot be served. docs/inspect.md has the details.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Python puts this script's directory first on sys.path, where this file would shadow
+# the standard library's `inspect` (which numpy, torch and dataclasses import).
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse  # noqa: E402  (after the sys.path fix above)
+
+from cached_mslt.inspect.render import format_report  # noqa: E402
+from cached_mslt.inspect.report import InspectError, InspectOptions, gather, to_json  # noqa: E402
+
+
+def rows_arg(text: str) -> int | None:
+    return None if text == "all" else int(text)
+
+
+def parse(argv: list[str] | None) -> InspectOptions:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("path", help="a store (runs/<run>/cache/stage-K) or a run directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--stats", action="store_true", help="streaming statistics of hidden states")
+    p.add_argument("--rows", type=rows_arg, default=None, help="N rows (whole chunks) or 'all'")
+    p.add_argument("--compare", metavar="STORE", help="CKA and cosine against another store")
+    p.add_argument("--similarity", action="store_true", help="CKA and cosine between stages")
+    p.add_argument("--show-row", type=int, metavar="I", help="tokens and vectors of store row I")
+    p.add_argument("--nearest", type=int, metavar="I", help="rows nearest to row I")
+    p.add_argument("-k", type=int, default=5, help="neighbours to list (default 5)")
+    p.add_argument("--probe", action="store_true", help="BBC topic probe per stage")
+    p.add_argument("--probe-examples", type=int, help="cap examples per BBC split")
+    p.add_argument("--plots", metavar="DIR", help="write PNG figures here")
+    p.add_argument("--run", metavar="RUN_DIR", help="check the store's validity for this run")
+    p.add_argument("--stage", type=int, help="in a run: the stage for --show-row/--nearest")
+    p.add_argument("--verify", action="store_true", help="read every chunk (checksums)")
+    p.add_argument("--prepared", metavar="DIR", help="prepared data for text (default: run's)")
+    p.add_argument("--task-dir", default="data/tasks", help="where prepared tasks live")
+    args = vars(p.parse_args(argv))
+    as_json = args.pop("json")
+    return InspectOptions(**args), as_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # checkpoint loads would print one bar per stage
+    opts, as_json = parse(argv)
+    try:
+        report = gather(opts)
+    except (InspectError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(to_json(report) if as_json else format_report(report))
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import BertForMaskedLM
 
+from cached_mslt.inspect.probe import probe_run
 from cached_mslt.stages import run_all
 from pipelines.inspect import main
 from storage import StoreSpec
@@ -144,3 +145,39 @@ def test_script_runs_as_a_program_and_reports_without_traceback(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     assert json.loads(proc.stdout)["stores"]["s"]["status"] == "incomplete"
+
+
+@pytest.fixture(scope="module")
+def bbc_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tasks")
+
+
+def test_probe_reports_every_stage_bottom_from_one_forward(run_dir, bbc_dir):
+    results = probe_run(run_dir, task_dir=bbc_dir, max_examples=30)
+    assert [(r.name, r.layers) for r in results] == [
+        ("embeddings", 0),
+        ("stage-2 bottom", 1),
+        ("stage-3 bottom", 2),
+        ("final model", 3),
+    ]
+    # frozen layers never change in MSLT: the final checkpoint serves every stage
+    assert {r.source for r in results} == {str(run_dir / "stage-3/model")}
+    assert all(0.0 <= r.valid_accuracy <= 1.0 and 0.0 <= r.test_accuracy <= 1.0 for r in results)
+
+
+def test_stage_whose_bottom_differs_is_probed_from_its_own_checkpoint(run_dir, bbc_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    manifest = run / "stage-2/manifest.json"
+    m = json.loads(manifest.read_text())
+    m["fingerprints"]["frozen_bottom"] = "0" * 64  # as if stage 2 had frozen other weights
+    manifest.write_text(json.dumps(m))
+    results = {r.name: r for r in probe_run(run, task_dir=bbc_dir, max_examples=30)}
+    assert results["stage-2 bottom"].source == str(run / "stage-2/model")
+    assert results["stage-3 bottom"].source == str(run / "stage-3/model")
+
+
+def test_probe_flag_prints_accuracy_per_stage(run_dir, bbc_dir, capsys):
+    code, out = inspect(capsys, run_dir, "--probe", "--probe-examples", 20, "--task-dir", bbc_dir)
+    assert code == 0
+    assert "BBC topic probe" in out and "stage-3 bottom" in out and "majority-class" in out

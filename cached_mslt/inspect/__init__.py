@@ -8,7 +8,8 @@ Notebook API (docs/inspect.md):
   dimensions, norms by position;
 - `similarity`: linear CKA and per-token cosine between stores of the same rows;
 - `row_text`, `nearest_rows`: the tokens behind a row, and the rows nearest to it;
-- `summarize_store`, `summarize_run`: shapes, size, completeness, fingerprints, validity.
+- `summarize_store`, `summarize_run`: shapes, size, completeness, fingerprints, validity;
+- `probe_run`: BBC topic probe on every stage's frozen bottom.
 """
 
 from cached_mslt.inspect.api import (
@@ -21,6 +22,7 @@ from cached_mslt.inspect.api import (
     read_block,
     to_numpy,
 )
+from cached_mslt.inspect.probe import ProbeResult, probe_run
 from cached_mslt.inspect.similarity import Similarity, linear_cka, similarity
 from cached_mslt.inspect.stats import HiddenStats, StatsAccumulator, hidden_stats
 from cached_mslt.inspect.summary import StoreSummary, summarize_run, summarize_store
@@ -29,6 +31,7 @@ from cached_mslt.inspect.text import RowText, nearest_rows, row_text
 __all__ = [
     "HiddenStats",
     "LabelledArray",
+    "ProbeResult",
     "RowText",
     "Similarity",
     "StatsAccumulator",
@@ -41,6 +44,7 @@ __all__ = [
     "linear_cka",
     "nearest_rows",
     "open_store",
+    "probe_run",
     "read_block",
     "row_text",
     "similarity",

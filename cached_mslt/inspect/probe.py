@@ -1,0 +1,212 @@
+"""Linear probe: what each stage's frozen bottom encodes about BBC news topics.
+
+Each BBC article (DATA.md; read, deduplicated and split by `cached_mslt.tasks`) is
+tokenized to 128 tokens and run through the frozen bottom of every stage; a multinomial
+logistic regression on the mean-pooled hidden states predicts its topic. Probe accuracy
+per stage is a quick read of how much topic information the frozen layers already carry.
+
+In MSLT the frozen layers never change, so stage K's bottom is the first F_K layers of
+the final checkpoint. One forward through that checkpoint serves every stage, but only
+where those layers hash to the fingerprint stage K recorded; otherwise stage K's own
+checkpoint is run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from transformers import BertForMaskedLM
+
+from cached_mslt.inspect.text import mean_pool
+from cached_mslt.model import frozen_modules, layer_mask
+from cached_mslt.tasks import DEFAULT_TASK_DIR, prepare_task
+from cached_mslt.tokenizer import load_tokenizer
+from storage import fingerprint_module
+
+SEQ_LEN = 128
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # chosen on the validation split
+BATCH_ROWS = 64
+
+
+@dataclass
+class ProbeResult:
+    name: str  # "embeddings", "stage-K bottom" or "final model"
+    layers: int  # encoder layers below the probe
+    valid_accuracy: float
+    test_accuracy: float
+    l2: float
+    source: str  # which checkpoint produced the features
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def encode_split(texts: list[str], labels: list[int], tokenizer, seq_len: int) -> Encoded:
+    enc = tokenizer(
+        texts, truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt"
+    )
+    return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(labels))
+
+
+@torch.no_grad()
+def pooled_features(
+    model: BertForMaskedLM, data: Encoded, depths: list[int]
+) -> dict[int, torch.Tensor]:
+    """Mean-pooled hidden states after each of `depths` encoder layers (0 = embeddings),
+    from one forward pass per batch."""
+    model.eval()
+    out: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
+    for a in range(0, len(data.labels), BATCH_ROWS):
+        ids, mask = data.input_ids[a : a + BATCH_ROWS], data.attention_mask[a : a + BATCH_ROWS]
+        hidden = model.bert.embeddings(input_ids=ids)
+        layer_in = layer_mask(model, hidden, mask)
+        for depth in range(max(depths) + 1):
+            if depth:
+                hidden = model.bert.encoder.layer[depth - 1](hidden, layer_in)
+            if depth in out:
+                out[depth].append(mean_pool(hidden, mask))
+    return {d: torch.cat(v) for d, v in out.items()}
+
+
+def train_logistic(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, full-batch L-BFGS from zero: deterministic."""
+    w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def fit_probe(
+    x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], num_classes: int
+) -> tuple[float, float, float]:
+    """Probe on train, L2 chosen on validation; returns (valid acc, test acc, l2).
+    Features are standardised with training statistics, in float64."""
+    mean, std = x["train"].mean(0), x["train"].std(0).clamp_min(1e-6)
+    z = {k: ((v - mean) / std).double() for k, v in x.items()}
+
+    def accuracy(w: torch.Tensor, b: torch.Tensor, split: str) -> float:
+        return float(((z[split] @ w + b).argmax(-1) == y[split]).double().mean())
+
+    best = (-1.0, 0.0, 0.0)
+    for l2 in L2_GRID:
+        w, b = train_logistic(z["train"], y["train"], num_classes, l2)
+        valid = accuracy(w, b, "validation")
+        if valid > best[0]:
+            best = (valid, accuracy(w, b, "test"), l2)
+    return best
+
+
+def _subsample(ds, max_examples: int | None) -> tuple[list[str], list[int]]:
+    """Texts and labels of a split, or a seeded random subset: splits are stored in
+    source order, i.e. grouped by topic, so their head would hold one or two topics."""
+    index = np.arange(len(ds))
+    if max_examples is not None and max_examples < len(ds):
+        index = np.sort(np.random.default_rng(0).permutation(len(ds))[:max_examples])
+    rows = ds.select(index)
+    return list(rows["text"]), list(rows["label"])
+
+
+def _stage_bottoms(run: Path) -> list[tuple[int, int, str, Path]]:
+    """(stage, frozen layers, recorded bottom fingerprint, checkpoint) of finished stages."""
+    out = []
+    for path in sorted(run.glob("stage-*/manifest.json")):
+        m = json.loads(path.read_text())
+        out.append(
+            (
+                m["stage"]["index"],
+                m["stage"]["frozen_layers"],
+                m["fingerprints"]["frozen_bottom"],
+                path.parent / "model",
+            )
+        )
+    return sorted(out)
+
+
+def probe_run(
+    run_dir: str | Path,
+    *,
+    task_dir: str | Path = DEFAULT_TASK_DIR,
+    seq_len: int = SEQ_LEN,
+    max_examples: int | None = None,
+) -> list[ProbeResult]:
+    """Probe accuracy for the embeddings, every stage's frozen bottom and the final model."""
+    run = Path(run_dir)
+    stages = _stage_bottoms(run)
+    if not stages:
+        raise FileNotFoundError(f"{run} has no finished stage (no stage-K/manifest.json)")
+    final_ckpt = stages[-1][3]
+    task = prepare_task("bbc", task_dir, verbose=False)
+    tokenizer = load_tokenizer(str(final_ckpt))
+    data = {
+        split: encode_split(*_subsample(ds, max_examples), tokenizer, seq_len)
+        for split, ds in task.splits.items()
+    }
+    labels = {k: v.labels for k, v in data.items()}
+
+    def features(model: BertForMaskedLM, depths: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        per_split = {k: pooled_features(model, v, depths) for k, v in data.items()}
+        return {d: {k: per_split[k][d] for k in data} for d in depths}
+
+    final = BertForMaskedLM.from_pretrained(final_ckpt)
+    depth = final.config.num_hidden_layers
+    shared, own = [], []
+    for stage, frozen, fp, ckpt in stages:
+        if frozen == 0:
+            continue
+        bottom = fingerprint_module(torch.nn.ModuleList(frozen_modules(final, frozen)))
+        (shared if bottom == fp else own).append((stage, frozen, ckpt))
+    feats = features(final, sorted({0, depth, *(f for _, f, _ in shared)}))
+
+    def result(name: str, layers: int, x: dict[str, torch.Tensor], source: Path) -> ProbeResult:
+        valid, test, l2 = fit_probe(x, labels, task.num_labels)
+        return ProbeResult(name, layers, valid, test, l2, str(source))
+
+    results = [result("embeddings", 0, feats[0], final_ckpt)]
+    for stage, frozen, _ in shared:
+        results.append(result(f"stage-{stage} bottom", frozen, feats[frozen], final_ckpt))
+    for stage, frozen, ckpt in own:
+        x = features(BertForMaskedLM.from_pretrained(ckpt), [frozen])[frozen]
+        results.append(result(f"stage-{stage} bottom", frozen, x, ckpt))
+    results.append(result("final model", depth, feats[depth], final_ckpt))
+    return sorted(results, key=lambda r: (r.layers, r.name))
+
+
+def majority_accuracy(task_dir: str | Path = DEFAULT_TASK_DIR) -> float:
+    """Test accuracy of always predicting the most frequent training topic."""
+    task = prepare_task("bbc", task_dir, verbose=False)
+    train = torch.tensor(list(task.splits["train"]["label"]))
+    test = torch.tensor(list(task.splits["test"]["label"]))
+    return float((test == torch.bincount(train).argmax()).double().mean())
+
+
+def format_probe(results: list[ProbeResult]) -> str:
+    lines = [f"{'features':<20}{'layers':>7}{'valid acc':>11}{'test acc':>10}{'l2':>8}"]
+    for r in results:
+        lines.append(
+            f"{r.name:<20}{r.layers:>7}{r.valid_accuracy:>11.3f}{r.test_accuracy:>10.3f}{r.l2:>8g}"
+        )
+    return "\n".join(lines)
+
+
+def probe_dicts(results: list[ProbeResult]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in results]

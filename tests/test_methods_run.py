@@ -67,3 +67,23 @@ def test_compare_writes_report_and_plots(prepared_dir, tmp_path):
     assert rows["full"]["status"] == rows["mslt-cached"]["status"] == "ok"
     assert rows["full"]["s to baseline loss"] is not None  # the baseline reaches its own loss
     assert "| mslt-cached |" in text
+
+
+def test_report_adds_finetune_accuracy_columns(tmp_path):
+    from cached_mslt.compare import classifier_class, finetune_columns
+    from cached_mslt.finetune import RESULTS_FILE
+
+    out = tmp_path / "full" / "finetune" / "bbc"
+    out.mkdir(parents=True)
+    (out / RESULTS_FILE).write_text(
+        json.dumps({"task": "bbc", "accuracy_mean": 0.8125, "accuracy_std": 0.0125})
+    )
+    assert finetune_columns(tmp_path / "full") == {"bbc acc %": "81.2 ± 1.2"}
+    for model_type, name in (
+        ("bert", "BertForSequenceClassification"),
+        ("preln-bert", "PreLNBertForSequenceClassification"),
+    ):
+        ckpt = tmp_path / model_type
+        ckpt.mkdir()
+        (ckpt / "config.json").write_text(json.dumps({"model_type": model_type}))
+        assert classifier_class(ckpt).__name__ == name

@@ -93,6 +93,7 @@ def summarize(root: Path, methods: list[str]) -> list[dict[str, Any]]:
                 "method": name,
                 "status": result.get("status"),
                 "wall s": records[-1]["wall_s"] if records else None,
+                "cpu s": records[-1]["cpu_s"] if records else None,
                 "PFLOPs": records[-1]["flops"] / 1e15 if records else None,
                 "tokens": records[-1]["tokens"] if records else None,
                 "final val loss": evals[-1]["val_loss"] if evals else None,
@@ -106,6 +107,7 @@ def summarize(root: Path, methods: list[str]) -> list[dict[str, Any]]:
         row["s to baseline loss"] = hit["wall_s"] if hit else None
         if hit and base and base["wall s"]:
             row["x baseline wall"] = hit["wall_s"] / base["wall s"]
+            row["x baseline cpu"] = hit["cpu_s"] / base["cpu s"]
     return rows
 
 
@@ -130,11 +132,13 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "method",
         "status",
         "wall s",
+        "cpu s",
         "PFLOPs",
         "tokens",
         "final val loss",
         "s to baseline loss",
         "x baseline wall",
+        "x baseline cpu",
     ]
     columns += sorted({k for r in rows for k in r if k.endswith(" acc %")})
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]

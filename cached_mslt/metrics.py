@@ -22,6 +22,9 @@ class RunClock:
     step: int = 0
     tokens: int = 0
     wall_s: float = 0.0
+    # CPU seconds of this process (all its threads): on a shared machine wall time also
+    # measures the neighbours; CPU time of a 1-thread run measures only our work.
+    cpu_s: float = 0.0
     flops: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -29,23 +32,28 @@ class RunClock:
 
 
 class Stopwatch:
-    """Adds elapsed wall time to a RunClock on `tick`, so resumed runs continue the count."""
+    """Adds elapsed wall and CPU time to a RunClock on `tick`, so resumed runs continue the
+    count."""
 
     def __init__(self, clock: RunClock):
         self.clock = clock
-        self._last = time.perf_counter()
+        self._restart()
+
+    def _restart(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Time inside is not added to the clock."""
         self.tick()
         yield
-        self._last = time.perf_counter()
+        self._restart()
 
     def tick(self) -> float:
-        now = time.perf_counter()
-        self.clock.wall_s += now - self._last
-        self._last = now
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.clock.wall_s += wall - self._wall
+        self.clock.cpu_s += cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
         return self.clock.wall_s
 
 

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,14 @@ from cached_mslt.blocks import PreparedBlocks
 from cached_mslt.cache import CacheRequest, build_cache
 from cached_mslt.config import RunArgs
 from cached_mslt.flops import layer_forward_flops, step_flops
-from cached_mslt.metrics import MetricsWriter, RunClock, markdown_table, plot_curves, read_metrics
+from cached_mslt.metrics import (
+    MetricsWriter,
+    RunClock,
+    Stopwatch,
+    markdown_table,
+    plot_curves,
+    read_metrics,
+)
 from cached_mslt.model import build_model, check_tied, frozen_modules, grow
 from cached_mslt.plan import Stage, StagePlan
 from cached_mslt.prepare import load_prepared
@@ -205,7 +211,7 @@ def run_stage(
     block_rows = block_rows_for(args.train.batch_size)
     build: dict[str, Any] = {"build_s": 0.0, "reused": False}
     if cached:
-        started = time.perf_counter()
+        watch = Stopwatch(clock)
         store, build = build_cache(
             model,
             CacheRequest(
@@ -225,7 +231,7 @@ def run_stage(
             overwrite=args.schedule.overwrite_cache,
         )
         # Every process waited for the slowest at the build's barriers: charge that wall time.
-        clock.wall_s += time.perf_counter() - started
+        watch.tick()
         clock.flops += build_flops(model.config, args.data.seq_len, build, stage, source)
         blocks = BlockDataset(store, block_rows=block_rows)
     else:

@@ -254,6 +254,7 @@ def train_phase(
                     step=clock.step,
                     tokens=clock.tokens,
                     wall_s=round(clock.wall_s, 3),
+                    cpu_s=round(clock.cpu_s, 3),
                     flops=clock.flops,
                     train_loss=running_loss / max(running_n, 1),
                     lr=scheduler.get_last_lr()[0],

@@ -23,6 +23,7 @@ import argparse  # noqa: E402  (after the sys.path fix above)
 
 from cached_mslt.inspect.render import format_report  # noqa: E402
 from cached_mslt.inspect.report import InspectError, InspectOptions, gather, to_json  # noqa: E402
+from cached_mslt.inspect.summary import EXIT_CODES  # noqa: E402
 
 
 def rows_arg(text: str) -> int | None:
@@ -60,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     opts, as_json = parse(argv)
     try:
         report = gather(opts)
-    except (InspectError, FileNotFoundError) as e:
+    except InspectError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FileNotFoundError as e:  # a directory that is neither a store nor a run
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CODES["missing"]
     print(to_json(report) if as_json else format_report(report))
     return report.exit_code
 

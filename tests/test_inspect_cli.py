@@ -181,3 +181,12 @@ def test_probe_flag_prints_accuracy_per_stage(run_dir, bbc_dir, capsys):
     code, out = inspect(capsys, run_dir, "--probe", "--probe-examples", 20, "--task-dir", bbc_dir)
     assert code == 0
     assert "BBC topic probe" in out and "stage-3 bottom" in out and "majority-class" in out
+
+
+def test_compare_pairs_the_store_with_another(run_dir, capsys):
+    code, out = inspect(
+        capsys, run_dir / "cache/stage-2", "--compare", run_dir / "cache/stage-3", "--json"
+    )
+    sim = json.loads(out)["similarity"]
+    assert code == 0 and sim["labels"] == ["stage-2", "compare:stage-3"]
+    assert sim["cka"][0][0] == 1.0 and 0 < sim["cka"][0][1] < 1

@@ -32,7 +32,7 @@ from storage import ActivationStore, CorruptStoreError, IncompleteStoreError, St
 if TYPE_CHECKING:
     from cached_mslt.inspect.probe import ProbeResult
 
-ANALYSABLE = ("ok", "stale", "unknown")
+ANALYSABLE = ("ok", "stale")
 
 
 class InspectError(ValueError):
@@ -165,11 +165,11 @@ def _guarded(report: Report, label: str, work) -> Any:
 def _similarity(report: Report, opts: InspectOptions) -> None:
     labels = [lab for lab in report.stores if report.stores[lab].status in ANALYSABLE]
     if opts.compare:
-        other = summarize_store(opts.compare)
+        mine, other = _selected(report, opts), summarize_store(opts.compare)
         report.stores[f"compare:{_label(other)}"] = other
-        labels = [_selected(report, opts), f"compare:{_label(other)}"]
+        labels = [lab for lab in (mine, f"compare:{_label(other)}") if lab]
     stores = [_guarded(report, lab, lambda s: s) for lab in labels]
-    if len(labels) < 2 or any(s is None for s in stores):
+    if len(stores) < 2 or any(s is None for s in stores):
         report.notes.append("similarity needs two readable stores; skipped")
         return
     try:
@@ -182,8 +182,9 @@ def _similarity(report: Report, opts: InspectOptions) -> None:
                 _mark(report, label, "corrupt", e)
 
 
-def _selected(report: Report, opts: InspectOptions) -> str:
-    """The one store that per-store actions (a row, neighbours, --compare) apply to."""
+def _selected(report: Report, opts: InspectOptions) -> str | None:
+    """The one store that per-store actions (a row, neighbours, --compare) apply to:
+    `--stage`, else the deepest analysable one; None (and a note) if there is none."""
     if opts.stage is not None:
         label = f"stage-{opts.stage}"
         if label not in report.stores:
@@ -191,8 +192,8 @@ def _selected(report: Report, opts: InspectOptions) -> str:
         return label
     usable = [lab for lab, s in report.stores.items() if s.status in ANALYSABLE]
     if not usable:
-        raise InspectError("no readable store to look at")
-    return usable[-1]
+        report.notes.append("no readable store to look at")
+    return usable[-1] if usable else None
 
 
 def _text(report: Report, opts: InspectOptions) -> None:
@@ -200,6 +201,8 @@ def _text(report: Report, opts: InspectOptions) -> None:
     from cached_mslt.tokenizer import load_tokenizer
 
     label = _selected(report, opts)
+    if label is None:
+        return
     prepared_dir = Path(opts.prepared) if opts.prepared else None
     if prepared_dir is None and report.run_dir:
         prepared_dir = prepared_dir_of(Path(report.run_dir))

@@ -28,7 +28,7 @@ from storage import (
 )
 
 # Exit status of `pipelines/inspect.py`: the worst store decides. Argparse errors use 2.
-EXIT_CODES = {"ok": 0, "unknown": 0, "incomplete": 3, "stale": 4, "corrupt": 5, "missing": 6}
+EXIT_CODES = {"ok": 0, "incomplete": 3, "stale": 4, "corrupt": 5, "missing": 6}
 PROVENANCE_KEYS = ("stage", "frozen_layers", "masking_seed", "built", "source_store")
 PROVENANCE_KEYS += ("created_at", "completed_at", "package_version")
 

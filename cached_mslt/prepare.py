@@ -106,6 +106,18 @@ def split_documents(
     return {"train": [t for _, t in ranked[n_valid:]], "valid": [t for _, t in ranked[:n_valid]]}
 
 
+def _example_settings(data: DataArgs) -> dict[str, Any]:
+    """The options the prepared examples depend on: fingerprinted, and kept in the manifest."""
+    return {
+        "seq_len": data.seq_len,
+        "mask_prob": data.mask_prob,
+        "mask_seed": data.mask_seed,
+        "views": data.views,
+        "split_seed": data.split_seed,
+        "valid_fraction": data.valid_fraction,
+    }
+
+
 def data_fingerprint(
     splits: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, data: DataArgs
 ) -> str:
@@ -113,12 +125,7 @@ def data_fingerprint(
     h = hashlib.sha256()
     settings = {
         "format_version": FORMAT_VERSION,
-        "seq_len": data.seq_len,
-        "mask_prob": data.mask_prob,
-        "mask_seed": data.mask_seed,
-        "views": data.views,
-        "split_seed": data.split_seed,
-        "valid_fraction": data.valid_fraction,
+        **_example_settings(data),
         "tokenizer_class": type(tokenizer).__name__,
         "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
     }
@@ -273,12 +280,7 @@ def _manifest(
             "kept": sum(c["documents"] for c in split_counts.values()),
         },
         "splits": split_counts,
-        "seq_len": data.seq_len,
-        "mask_prob": data.mask_prob,
-        "mask_seed": data.mask_seed,
-        "views": data.views,
-        "split_seed": data.split_seed,
-        "valid_fraction": data.valid_fraction,
+        **_example_settings(data),
         "tokenizer": data.tokenizer,
         "vocab_size": len(tokenizer),
         "special_token_ids": {

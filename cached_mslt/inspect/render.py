@@ -109,7 +109,7 @@ def format_report(report: Report, max_tokens: int = 24) -> str:
         )
     if report.neighbours:
         lines = [
-            f"rows nearest to row {report.row.row if report.row else '?'} (mean-pooled cosine):"
+            f"rows nearest to row {report.row.row if report.row else '?'} (cosine of mean-pooled vectors, centred):"
         ]
         for n, text in report.neighbours:
             lines.append(

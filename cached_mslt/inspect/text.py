@@ -133,27 +133,50 @@ class Neighbour:
 
 
 def nearest_rows(
-    store: ActivationStore, row: int, k: int = 5, rows: int | None = None
+    store: ActivationStore, row: int, k: int = 5, rows: int | None = None, *, centre: bool = True
 ) -> list[Neighbour]:
     """The `k` rows (other than `row`) whose mean-pooled hidden states have the highest
-    cosine with `row`'s, searched over the whole store or a sample; memory O(k)."""
-    mine = store.read_rows(row, row + 1)
-    query = mean_pool(mine["hidden"], mine["attention_mask"])[0]
-    query = query / query.norm().clamp_min(1e-12)
+    cosine with `row`'s, over the whole store or a sample; memory O(k).
+
+    `centre` subtracts the mean pooled vector first (one more streaming pass): hidden
+    states share a large common direction (anisotropy), which puts every raw cosine near
+    1 and lets that direction, not the content, decide the ranking.
+    """
     ranges = block_ranges(store, rows)
     with single_threaded_compute():
-        return _top_k(store, ranges, query, row, k)
+        offset = _mean_pooled(store, ranges) if centre else None
+        mine = store.read_rows(row, row + 1)
+        query = _unit(mean_pool(mine["hidden"], mine["attention_mask"]), offset)[0]
+        return _top_k(store, ranges, query, offset, row, k)
+
+
+def _unit(pooled: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    if offset is not None:
+        pooled = pooled - offset
+    return pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _mean_pooled(store: ActivationStore, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    total, count = torch.zeros(store.spec.hidden_size, dtype=torch.float64), 0
+    for block in iter_blocks(store, ranges):
+        total += mean_pool(block["hidden"], block["attention_mask"]).double().sum(0)
+        count += len(block["row_index"])
+    return (total / count).float()
 
 
 def _top_k(
-    store: ActivationStore, ranges: list[tuple[int, int]], query: torch.Tensor, row: int, k: int
+    store: ActivationStore,
+    ranges: list[tuple[int, int]],
+    query: torch.Tensor,
+    offset: torch.Tensor | None,
+    row: int,
+    k: int,
 ) -> list[Neighbour]:
     best_cos = torch.empty(0)
     best_row = torch.empty(0, dtype=torch.long)
     best_index = torch.empty(0, dtype=torch.long)
     for (start, _), block in zip(ranges, iter_blocks(store, ranges)):
-        pooled = mean_pool(block["hidden"], block["attention_mask"])
-        cos = pooled @ query / pooled.norm(dim=-1).clamp_min(1e-12)
+        cos = _unit(mean_pool(block["hidden"], block["attention_mask"]), offset) @ query
         ids = torch.arange(start, start + len(cos))
         cos[ids == row] = -float("inf")  # the row itself is not its own neighbour
         best_cos = torch.cat([best_cos, cos])

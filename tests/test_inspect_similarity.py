@@ -71,9 +71,7 @@ def test_cka_and_cosine_match_numpy_on_partly_related_stores(tmp_path):
     assert sim.cka[0, 1] == pytest.approx(numpy_cka(x, y), rel=1e-6)
     cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
     assert sim.cosine_mean[0, 1] == pytest.approx(cos.mean(), rel=1e-5)
-    np.testing.assert_allclose(
-        sim.cosine_by_position[0, 1], cos.reshape(64, 32).mean(0), rtol=1e-5
-    )
+    np.testing.assert_allclose(sim.cosine_by_position[0, 1], cos.reshape(64, 32).mean(0), rtol=1e-5)
     assert sim.tokens == 64 * 32 and sim.labels == ["a", "b"]
 
 

@@ -23,16 +23,11 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def norm_histograms(stats: dict[str, HiddenStats], path: Path) -> Path:
-    """Token-norm distribution per store, on the stats' log-spaced bins (trimmed to the
-    occupied range)."""
+    """Token-norm distribution per store (from each one's uniform sample of tokens)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, s in stats.items():
-        used = np.flatnonzero(s.norm_counts)
-        lo, hi = used[0], used[-1] + 1
-        density = s.norm_counts[lo:hi] / s.tokens
-        ax.stairs(density, s.norm_edges[lo : hi + 1], label=label)
-    ax.set_xscale("log")
-    ax.set(xlabel="token norm ||h||", ylabel="share of tokens", title="Token-norm distribution")
+        ax.hist(s.norm_sample, bins=100, histtype="step", density=True, label=label)
+    ax.set(xlabel="token norm ||h||", ylabel="density", title="Token-norm distribution")
     ax.legend()
     return _save(fig, path)
 

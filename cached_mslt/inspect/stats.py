@@ -18,12 +18,10 @@ import torch
 from cached_mslt.inspect.api import block_ranges, iter_blocks, single_threaded_compute
 from storage import ActivationStore
 
-# Token norms are histogrammed on fixed log-spaced bins so blocks merge exactly and the
-# result does not depend on block order; the range covers any plausible hidden state
-# (LayerNorm outputs sit near sqrt(H)), and bins 0.35% wide bound the quantiles' error.
-# Values outside are counted, not dropped.
-NORM_RANGE = (1e-2, 1e4)
-NORM_BINS = 4000
+# The token-norm distribution is kept as a uniform random sample of this many tokens
+# (exact below it): fixed histogram bins cannot resolve both a barely trained model's
+# norms, which all sit within 0.1% of sqrt(H), and a trained one's spread over decades.
+NORM_SAMPLE = 1 << 16
 PIECE_BYTES = 1 << 20  # float32 work per piece: stays in cache across the passes
 DEAD_REL_STD = 1e-3  # dead: std below this fraction of the median dimension's std
 OUTLIER_SIGMAS = 3.0  # outlier: RMS beyond mean + 3 sigma over dims (Kovaleva et al. 2021)
@@ -47,9 +45,7 @@ class HiddenStats:
     mean: np.ndarray  # [H] per-dimension mean over tokens
     std: np.ndarray  # [H] population std
     rms: np.ndarray  # [H] sqrt(mean of squares): the dimension's magnitude
-    norm_edges: np.ndarray  # [bins + 1] log-spaced
-    norm_counts: np.ndarray  # [bins]; plus under/overflow below
-    norm_outside: tuple[int, int]
+    norm_sample: np.ndarray  # a uniform sample of token norms (all of them if few)
     norm_min: float
     norm_max: float
     norm_mean: float
@@ -67,21 +63,9 @@ class HiddenStats:
         return len(self.outlier_dims) / len(self.mean)
 
     def norm_quantiles(self, qs: tuple[float, ...] = (0.01, 0.5, 0.99)) -> dict[str, float]:
-        """Quantiles of the token norm, interpolated in log space inside a histogram bin."""
-        cum = np.concatenate(
-            [[self.norm_outside[0]], self.norm_outside[0] + np.cumsum(self.norm_counts)]
-        )
-        out = {}
-        for q in qs:
-            target = q * self.tokens
-            i = int(
-                np.clip(np.searchsorted(cum, target, side="left") - 1, 0, len(self.norm_counts) - 1)
-            )
-            inside = (target - cum[i]) / max(self.norm_counts[i], 1)
-            lo, hi = np.log(self.norm_edges[i]), np.log(self.norm_edges[i + 1])
-            value = float(np.exp(lo + np.clip(inside, 0, 1) * (hi - lo)))
-            out[f"p{round(q * 100):02d}"] = float(np.clip(value, self.norm_min, self.norm_max))
-        return out
+        """Quantiles of the token norm (exact when the store has <= NORM_SAMPLE tokens)."""
+        values = np.quantile(self.norm_sample, qs)
+        return {f"p{round(q * 100):02d}": float(v) for q, v in zip(qs, values)}
 
     def to_dict(self, arrays: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -104,12 +88,7 @@ class HiddenStats:
                 "mean": self.mean.tolist(),
                 "std": self.std.tolist(),
                 "rms": self.rms.tolist(),
-                "norm_histogram": {
-                    "edges": self.norm_edges.tolist(),
-                    "counts": self.norm_counts.tolist(),
-                    "below": self.norm_outside[0],
-                    "above": self.norm_outside[1],
-                },
+                "norm_percentiles": np.quantile(self.norm_sample, np.linspace(0, 1, 101)).tolist(),
                 "position_norm": [None if np.isnan(v) else float(v) for v in self.position_norm],
             }
         return d
@@ -132,9 +111,10 @@ class StatsAccumulator:
         self.shift: torch.Tensor | None = None
         self.sum = np.zeros(hidden_size)  # of (x - shift)
         self.sum_sq = np.zeros(hidden_size)  # of (x - shift)^2
-        self.log_lo, self.log_hi = np.log10(NORM_RANGE[0]), np.log10(NORM_RANGE[1])
-        self.norm_counts = np.zeros(NORM_BINS, dtype=np.int64)
-        self.below = self.above = 0
+        # Sample = the NORM_SAMPLE tokens with the smallest random keys seen so far: uniform
+        # without replacement, merged block by block, reproducible through the seed.
+        self.generator = torch.Generator().manual_seed(0)
+        self.sample_keys, self.sample = torch.empty(0), torch.empty(0)
         self.norm_sum = 0.0
         self.norm_min, self.norm_max = np.inf, -np.inf
         self.position_sum = np.zeros(seq_len)
@@ -171,13 +151,12 @@ class StatsAccumulator:
         self.norm_sum += float(norms.double().sum())
         self.norm_min = min(self.norm_min, float(norms.min()))
         self.norm_max = max(self.norm_max, float(norms.max()))
-        logs = torch.log10(norms.clamp_min(1e-30))
-        # histc ignores values outside [lo, hi] (hi itself goes in the last bin): count those.
-        self.below += int((logs < self.log_lo).sum())
-        self.above += int((logs > self.log_hi).sum())
-        self.norm_counts += (
-            torch.histc(logs, bins=NORM_BINS, min=self.log_lo, max=self.log_hi).long().numpy()
-        )
+        keys = torch.cat([self.sample_keys, torch.rand(len(norms), generator=self.generator)])
+        values = torch.cat([self.sample, norms])
+        if len(keys) > NORM_SAMPLE:
+            keep = torch.topk(keys, NORM_SAMPLE, largest=False).indices
+            keys, values = keys[keep], values[keep]
+        self.sample_keys, self.sample = keys, values
         if len(norms) == mask.numel():  # no padding: a view, no scatter
             per_position = norms.double().view(mask.shape)
         else:
@@ -204,9 +183,7 @@ class StatsAccumulator:
             mean=mean,
             std=std,
             rms=rms,
-            norm_edges=np.logspace(self.log_lo, self.log_hi, NORM_BINS + 1),
-            norm_counts=self.norm_counts.copy(),
-            norm_outside=(self.below, self.above),
+            norm_sample=self.sample.double().numpy(),
             norm_min=self.norm_min,
             norm_max=self.norm_max,
             norm_mean=self.norm_sum / self.n,

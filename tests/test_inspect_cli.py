@@ -1,4 +1,4 @@
-"""`pipelines/inspect.py` on a real small run and on damaged stores: bad stores are
+"""`pipelines/inspect_cache.py` on a real small run and on damaged stores: bad stores are
 reported as such, with their own non-zero exit code, never as a traceback."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import BertForMaskedLM
 
 from cached_mslt.inspect.probe import probe_run
 from cached_mslt.stages import run_all
-from pipelines.inspect import main
+from pipelines.inspect_cache import main
 from storage import StoreSpec
 from tests.conftest import small_run
 from tests.inspect_support import write_store
@@ -133,10 +133,10 @@ def test_missing_store_exits_6(tmp_path, capsys):
 
 
 def test_script_runs_as_a_program_and_reports_without_traceback(tmp_path):
-    """The file name shadows the stdlib `inspect` module if run naively; run it for real."""
+    """Run as a program, as users do: statuses, not tracebacks, and JSON on stdout."""
     write_store(tmp_path / "s", SPEC, shards=[1], commit=False)
     proc = subprocess.run(
-        [sys.executable, "pipelines/inspect.py", str(tmp_path / "s"), "--json"],
+        [sys.executable, "pipelines/inspect_cache.py", str(tmp_path / "s"), "--json"],
         cwd=REPO,
         capture_output=True,
         text=True,

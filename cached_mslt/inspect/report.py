@@ -1,4 +1,4 @@
-"""What `pipelines/inspect.py` does: resolve a store or a run, summarise, then run the
+"""What `pipelines/inspect_cache.py` does: resolve a store or a run, summarise, then run the
 analyses asked for, turning store errors into statuses rather than tracebacks.
 
 A store whose status is incomplete or corrupt is summarised but not analysed; a stale

@@ -27,7 +27,7 @@ from storage import (
     fingerprint_module,
 )
 
-# Exit status of `pipelines/inspect.py`: the worst store decides. Argparse errors use 2.
+# Exit status of `pipelines/inspect_cache.py`: the worst store decides. Argparse errors use 2.
 EXIT_CODES = {"ok": 0, "incomplete": 3, "stale": 4, "corrupt": 5, "missing": 6}
 PROVENANCE_KEYS = ("stage", "frozen_layers", "masking_seed", "built", "source_store")
 PROVENANCE_KEYS += ("created_at", "completed_at", "package_version")

@@ -1,9 +1,9 @@
 """Look inside activation stores: summary, statistics, similarity, text, probe, plots.
 
-    python pipelines/inspect.py runs/tiny                      # every stage's store
-    python pipelines/inspect.py runs/tiny --stats --similarity --plots runs/tiny/inspect
-    python pipelines/inspect.py runs/tiny/cache/stage-2 --show-row 5 --nearest 5
-    python pipelines/inspect.py runs/tiny --probe
+    python pipelines/inspect_cache.py runs/tiny                      # every stage's store
+    python pipelines/inspect_cache.py runs/tiny --stats --similarity --plots runs/tiny/inspect
+    python pipelines/inspect_cache.py runs/tiny/cache/stage-2 --show-row 5 --nearest 5
+    python pipelines/inspect_cache.py runs/tiny --probe
 
 Exit code: 0 all stores fine, 3 incomplete, 4 stale, 5 corrupt, 6 missing (the worst
 store decides), 2 a request that cannot be served. docs/inspect.md has the details.
@@ -11,19 +11,12 @@ store decides), 2 a request that cannot be served. docs/inspect.md has the detai
 
 from __future__ import annotations
 
+import argparse
 import sys
-from pathlib import Path
 
-# Python puts this script's directory first on sys.path, where this file would shadow
-# the standard library's `inspect` (which numpy, torch and dataclasses import).
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import argparse  # noqa: E402  (after the sys.path fix above)
-
-from cached_mslt.inspect.render import format_report  # noqa: E402
-from cached_mslt.inspect.report import InspectError, InspectOptions, gather, to_json  # noqa: E402
-from cached_mslt.inspect.summary import EXIT_CODES  # noqa: E402
+from cached_mslt.inspect.render import format_report
+from cached_mslt.inspect.report import InspectError, InspectOptions, gather, to_json
+from cached_mslt.inspect.summary import EXIT_CODES
 
 
 def rows_arg(text: str) -> int | None:

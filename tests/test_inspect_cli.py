@@ -79,7 +79,7 @@ def test_incomplete_store_is_reported_with_exit_code_3(tmp_path, capsys):
     code, out = inspect(capsys, tmp_path / "s", "--stats")
     assert code == 3
     assert "[INCOMPLETE]" in out and "2/5 shards written" in out
-    assert "not analysed (incomplete)" in out
+    assert "not analysed (incomplete)" in out and "compression ratio ?" in out
 
 
 def test_store_missing_a_shard_file_is_reported_corrupt_with_exit_code_5(tmp_path, capsys):

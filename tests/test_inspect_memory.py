@@ -44,7 +44,9 @@ def run_limited(url: Path, what: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # RLIMIT_AS caps address space, not memory: glibc reserves 64 MB of it per thread
+        # arena (zarr's I/O threads get one each), which no real memory limit counts.
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"},
     )
 
 

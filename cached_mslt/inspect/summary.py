@@ -64,7 +64,9 @@ class StoreSummary:
 
     @property
     def compression_ratio(self) -> float | None:
-        if self.disk_bytes and self.logical_bytes:
+        """Logical / on-disk bytes; None until every shard is written (a half-built store
+        would look compressed)."""
+        if self.disk_bytes and self.logical_bytes and self.shards_done == self.num_shards:
             return self.logical_bytes / self.disk_bytes
         return None
 

@@ -14,9 +14,8 @@ checkpoint is run.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -206,7 +205,3 @@ def format_probe(results: list[ProbeResult]) -> str:
             f"{r.name:<20}{r.layers:>7}{r.valid_accuracy:>11.3f}{r.test_accuracy:>10.3f}{r.l2:>8g}"
         )
     return "\n".join(lines)
-
-
-def probe_dicts(results: list[ProbeResult]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in results]

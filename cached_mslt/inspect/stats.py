@@ -98,7 +98,7 @@ class StatsAccumulator:
     """Feed blocks with `update(hidden, attention_mask)`, read the result with `result()`.
 
     Moments use the shifted-data algorithm: every token is shifted by a fixed vector (the
-    first block's mean), and float32 sums of the shifted values and their squares over a
+    mean of the first ~1 MiB of tokens), and float32 sums of the shifted values and their squares over a
     piece of ~1 MiB are added into float64 totals. With the shift close to the mean the
     final `E[y^2] - E[y]^2` does not cancel (BERT's outlier dimensions have means far
     above their spread), and pieces that fit in the CPU cache make the several passes

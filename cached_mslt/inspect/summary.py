@@ -17,11 +17,11 @@ from typing import Any
 import fsspec
 import torch
 import zarr
+from transformers import BertForMaskedLM
 
 from cached_mslt.model import frozen_modules
 from storage import (
     ActivationStore,
-    CorruptStoreError,
     StoreError,
     StoreNotFoundError,
     fingerprint_module,
@@ -115,7 +115,7 @@ def summarize_store(url: str, run_dir: str | os.PathLike[str] | None = None) -> 
         store = ActivationStore.open(url, require_complete=False)
     except StoreNotFoundError as e:
         return StoreSummary(url, "missing", str(e))
-    except (CorruptStoreError, StoreError) as e:
+    except StoreError as e:  # missing shard files, or unreadable (say a newer format)
         attrs = _raw_attrs(url)
         return StoreSummary(
             url,
@@ -149,7 +149,8 @@ def summarize_store(url: str, run_dir: str | os.PathLike[str] | None = None) -> 
         summary.validity = check_validity(store.fingerprint, attrs.get("stage"), run)
         if summary.validity.valid is False and summary.status == "ok":
             summary.status = "stale"
-            bad = [f"{k}: {v}" for k, v in summary.validity.checks.items() if "differs" in v]
+            checks = summary.validity.checks.items()
+            bad = [f"{k}: {v}" for k, v in checks if v.startswith("differs")]
             summary.problem = (
                 f"not valid for run {run}: {'; '.join(bad)}. Rebuild it (rerun the stage "
                 "with --overwrite_cache)"
@@ -178,8 +179,6 @@ def prepared_dir_of(run_dir: Path) -> Path | None:
 def bottom_fingerprint(checkpoint: Path, frozen_layers: int) -> str:
     """Fingerprint of the first `frozen_layers` layers (and embeddings) of a checkpoint,
     computed as the cache build computes it (cached_mslt.cache.store_fingerprint)."""
-    from transformers import BertForMaskedLM
-
     model = BertForMaskedLM.from_pretrained(checkpoint)
     return fingerprint_module(torch.nn.ModuleList(frozen_modules(model, frozen_layers)))
 

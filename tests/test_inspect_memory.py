@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,7 +53,7 @@ def run_limited(url: Path, what: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def big_store(tmp_path_factory) -> Path:
+def big_store(tmp_path_factory) -> Iterator[Path]:
     spec = StoreSpec(num_rows=ROWS, seq_len=128, hidden_size=128, dtype="float16")
     assert logical_bytes(spec.to_dict()) > 1.5 * LIMIT  # well beyond what the process may map
     url = tmp_path_factory.mktemp("big") / "store"
@@ -67,7 +69,8 @@ def big_store(tmp_path_factory) -> Path:
             row_index=torch.arange(a, b),
         )
     store.commit()
-    return url
+    yield url
+    shutil.rmtree(url)  # 2.7 GB: not left for pytest's kept temp directories
 
 
 def test_stats_stream_through_a_store_larger_than_the_memory_limit(big_store):

@@ -224,9 +224,10 @@ def build_benchmark(
 def all_benchmarks(quick: bool) -> list[dict]:
     """Every figure `pipelines/bench.py` prints: storage, the step ratios per preset, the
     build ratio, and how much faster the store feeds rows than the top step eats them."""
+    from cached_mslt.inspect.bench import inspect_benchmarks
     from storage.bench import storage_benchmarks
 
-    figures = storage_benchmarks(quick=quick)
+    figures = storage_benchmarks(quick=quick) + inspect_benchmarks(quick)
     presets = ["tiny"] if quick else ["tiny", "mini"]
     for preset in presets:
         steps = step_benchmarks(preset, repeats=3 if quick else 5)

@@ -202,3 +202,11 @@ def test_bad_stage_plan_is_refused():
         StagePlan.from_args(run_args("tiny", stage_layers="3,3,12"))
     with pytest.raises(ConfigError, match="num_layers"):
         StagePlan.from_args(run_args("tiny", stage_layers="3,6"))
+
+
+def test_mixed_precision_bf16_stage_runs(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="2", mixed_precision="bf16")
+    manifests = run_all(args)
+    assert all(m["train"]["val_loss"] < 20 for m in manifests)
+    model = BertForMaskedLM.from_pretrained(stage_dir(args, 2) / "model")
+    assert model.dtype == torch.float32  # autocast computes in bf16; weights stay float32

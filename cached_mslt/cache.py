@@ -9,7 +9,6 @@ token ids (the layer math does not depend on batch composition here, NOTES.md).
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -29,8 +28,6 @@ from storage import (
     StoreSpec,
     fingerprint_module,
 )
-
-logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -188,13 +185,8 @@ def build_cache(
         "rows_per_s_per_process": rows_total / elapsed if elapsed > 0 else None,
         "how": how,
     }
-    if state.is_local_main_process:
-        logger.info(
-            "cache stage-%s: %d rows on this process in %.1fs (%.0f tokens/s), %s",
-            req.stage,
-            rows_total,
-            elapsed,
-            rows_total * req.seq_len / max(elapsed, 1e-9),
-            how,
-        )
+    state.print(
+        f"cache stage-{req.stage}: {rows_total} rows on process 0 in {elapsed:.1f}s "
+        f"({rows_total * req.seq_len / max(elapsed, 1e-9):,.0f} tokens/s per process), {how}"
+    )
     return built, stats

@@ -400,7 +400,8 @@ def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: P
     total = manifests[-1]["clock"]
     text = (
         f"# Run summary: {run_dir}\n\n{table}\n\n"
-        f"Total: {total['step']} steps, {total['tokens']:,} tokens, {total['wall_s']:.0f} s wall-clock.\n"
+        f"Total: {total['step']} steps, {total['tokens']:,} tokens, {total['wall_s']:.0f} s wall-clock "
+        f"({total.get('cpu_s', 0):.0f} s CPU), cache builds included, validation excluded.\n"
         f"Final model: `{final_model}` (BertForMaskedLM.from_pretrained). Plot: `val_loss.png`.\n"
     )
     (run_dir / "summary.md").write_text(text)

@@ -118,6 +118,7 @@ def classification_metrics(
 def evaluate(
     model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator, num_labels: int
 ) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean loss over every example of `dataloader`, all processes."""
     model.eval()
     preds, labels, losses = [], [], []
     for batch in dataloader:
@@ -127,8 +128,9 @@ def evaluate(
         gathered = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
         for out, t in zip((preds, labels, losses), gathered):
             out.append(t.cpu())
-    labels_np = torch.cat(labels).numpy()
-    metrics = classification_metrics(torch.cat(preds).numpy(), labels_np, num_labels)
+    metrics = classification_metrics(
+        torch.cat(preds).numpy(), torch.cat(labels).numpy(), num_labels
+    )
     return {**metrics, "loss": float(torch.cat(losses).mean())}
 
 
@@ -188,7 +190,7 @@ def load_classifier(
 
 
 def _tokenizer_for(checkpoint_dir: Path) -> PreTrainedTokenizerBase:
-    # A checkpoint saved with its tokenizer brings its own; this project's use the bundled one.
+    # Stage checkpoints are saved with their tokenizer; a bare model dir gets the bundled one.
     has_own = any((checkpoint_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt"))
     return load_tokenizer(str(checkpoint_dir) if has_own else "bundled")
 

@@ -39,6 +39,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from cached_mslt.config import ConfigError
 from cached_mslt.corpora import DataError, load_corpus
 from cached_mslt.metrics import MetricsWriter
 from cached_mslt.tasks import DEFAULT_TASK_DIR, Task, check_overlap, corpus_hashes, prepare_task
@@ -94,6 +95,13 @@ class FinetuneArgs:
             "default: the corpus in the config.json of the run that wrote the checkpoint; 'none'"
         },
     )
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("--seeds needs at least one seed")
+        for name in ("finetune_epochs", "finetune_batch_size", "early_stopping_patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 # --- metrics -----------------------------------------------------------------------------

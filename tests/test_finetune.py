@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForMaskedLM, DataCollatorWithPadding
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from cached_mslt.config import ConfigError
 from cached_mslt.finetune import (
     FinetuneArgs,
     FinetuneError,
@@ -187,6 +188,13 @@ def test_majority_class_model_scores_the_majority_share(tmp_path):
     assert metrics["accuracy"] == counts.max() / n  # 51 sports articles of 213
     # F1 is 2*51/(213+51) for the majority class and 0 for the four others.
     assert metrics["macro_f1"] == pytest.approx(2 * counts.max() / (n + counts.max()) / 5)
+
+
+def test_bad_finetune_args_are_refused():
+    with pytest.raises(ConfigError, match="finetune_epochs must be at least 1"):
+        FinetuneArgs(finetune_epochs=0)
+    with pytest.raises(ConfigError, match="at least one seed"):
+        FinetuneArgs(seeds=[])
 
 
 def test_macro_f1_by_hand():

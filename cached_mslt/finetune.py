@@ -393,10 +393,9 @@ def finetune(
     collate = DataCollatorWithPadding(tokenizer)
 
     out_dir = Path(args.output_dir or checkpoint_dir / "finetune") / task.name
-    writer = MetricsWriter(out_dir, accelerator, base={"task": task.name})
     # The one metrics writer, under its own file name: a fine-tuning log must not mix with
     # the pretraining metrics.jsonl of the run it evaluates.
-    writer.path = out_dir / METRICS_FILE
+    writer = MetricsWriter(out_dir, accelerator, base={"task": task.name}, filename=METRICS_FILE)
     if accelerator.is_main_process:
         writer.path.unlink(missing_ok=True)
     runs = []

@@ -61,8 +61,14 @@ class MetricsWriter:
     """Appends one JSON object per line to `metrics.jsonl` (main process only) and forwards
     the same values to Accelerate's trackers when the run configured any."""
 
-    def __init__(self, run_dir: str | Path, accelerator=None, base: dict[str, Any] | None = None):
-        self.path = Path(run_dir) / METRICS_FILE
+    def __init__(
+        self,
+        run_dir: str | Path,
+        accelerator=None,
+        base: dict[str, Any] | None = None,
+        filename: str = METRICS_FILE,
+    ):
+        self.path = Path(run_dir) / filename
         self.accelerator = accelerator
         self.base = dict(base or {})
         self.enabled = accelerator is None or accelerator.is_main_process

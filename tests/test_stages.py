@@ -205,8 +205,16 @@ def test_bad_stage_plan_is_refused():
 
 
 def test_mixed_precision_bf16_stage_runs(prepared_dir, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    # The accelerator state is a process-wide singleton that earlier tests created without
+    # mixed precision; a real run starts with a fresh process.
+    AcceleratorState._reset_state(reset_partial_state=True)
     args = small_run(prepared_dir, tmp_path / "run", stage_steps="2", mixed_precision="bf16")
-    manifests = run_all(args)
+    try:
+        manifests = run_all(args)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert all(m["train"]["val_loss"] < 20 for m in manifests)
     model = BertForMaskedLM.from_pretrained(stage_dir(args, 2) / "model")
     assert model.dtype == torch.float32  # autocast computes in bf16; weights stay float32

@@ -7,7 +7,9 @@ medians over interleaved repeats, so a noisy neighbour slows both sides of a rat
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -174,7 +176,8 @@ def build_benchmark(
     torch.set_flush_denormal(True)
     model = build_model(ModelArgs(preset=preset), VOCAB, 12).eval()
     data = _FakePrepared(_batch(rows, seq_len))
-    with tempfile.TemporaryDirectory() as tmp:
+    # build_cache reports progress on stdout; bench's stdout is JSON lines only.
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         common = dict(
             dtype="float16",
             codec="none",

@@ -29,7 +29,7 @@ test-slow: install
 	$(PY) -m pytest -m slow -q
 
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check cached_mslt storage pipelines tests
 
 bench: install
 	$(PY) pipelines/bench.py --quick

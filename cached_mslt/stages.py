@@ -109,12 +109,15 @@ def train_rows(args: RunArgs, available: int) -> int:
     return min(args.data.train_examples or available, available)
 
 
+def rows_per_step(args: RunArgs, world_size: int) -> int:
+    """Sequences one optimizer step consumes across all processes (the global batch)."""
+    return args.train.batch_size * world_size * args.train.gradient_accumulation_steps
+
+
 def steps_for(stage: Stage, args: RunArgs, world_size: int) -> int:
     if stage.steps is not None:
         return stage.steps
-    t = args.train
-    tokens_per_step = t.batch_size * world_size * t.gradient_accumulation_steps * args.data.seq_len
-    return max(1, math.ceil(stage.tokens / tokens_per_step))
+    return max(1, math.ceil(stage.tokens / (rows_per_step(args, world_size) * args.data.seq_len)))
 
 
 def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMaskedLM:
@@ -142,15 +145,16 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
 
 
 def decide_cache(
-    stage: Stage, rows: int, steps: int, rows_per_step: int, incremental_from: int | None
+    stage: Stage, rows: int, steps: int, global_batch: int, incremental_from: int | None
 ) -> tuple[bool, str]:
     """`auto`: cache when building costs fewer layer forwards than running the frozen bottom
-    live on every row the stage reads (DESIGN.md cost model; I/O is ignored: the store
-    reads far faster than training consumes, docs/benchmarks.md)."""
+    live on every row the stage reads (DESIGN.md cost model). Store I/O and setup are not
+    counted, so the rule is optimistic near break-even: at one read per example the
+    measured gain was nil (docs/methods.md)."""
     if stage.cache == "never" or stage.frozen_layers == 0:
         return False, "live (cache: never)" if stage.frozen_layers else "nothing frozen"
     build = (stage.frozen_layers - (incremental_from or 0)) * rows
-    live = stage.frozen_layers * steps * rows_per_step
+    live = stage.frozen_layers * steps * global_batch
     why = f"build {build:,} layer-rows vs live {live:,}"
     if stage.cache == "always":
         return True, f"cache: always ({why})"
@@ -191,9 +195,6 @@ def run_stage(
 
     rows = train_rows(args, len(data.train))
     steps = steps_for(stage, args, accelerator.num_processes)
-    rows_per_step = (
-        args.train.batch_size * accelerator.num_processes * args.train.gradient_accumulation_steps
-    )
     source = (
         previous_store(args, stage, model) if args.schedule.cache_rebuild == "incremental" else None
     )
@@ -201,7 +202,7 @@ def run_stage(
         stage,
         rows,
         steps,
-        rows_per_step,
+        rows_per_step(args, accelerator.num_processes),
         int(source.fingerprint["frozen_layers"]) if source else None,
     )
     accelerator.print(

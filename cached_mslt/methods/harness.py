@@ -26,7 +26,7 @@ from cached_mslt.flops import step_flops
 from cached_mslt.metrics import MetricsWriter, RunClock
 from cached_mslt.model import build_model
 from cached_mslt.prepare import PreparedData, load_prepared
-from cached_mslt.stages import block_rows_for, train_rows
+from cached_mslt.stages import block_rows_for, rows_per_step, train_rows
 from cached_mslt.tokenizer import load_tokenizer
 from cached_mslt.trainer import Phase, train_phase
 
@@ -53,13 +53,7 @@ class MethodContext:
 
     @property
     def tokens_per_step(self) -> int:
-        t = self.args.train
-        return (
-            t.batch_size
-            * self.accelerator.num_processes
-            * t.gradient_accumulation_steps
-            * self.args.data.seq_len
-        )
+        return rows_per_step(self.args, self.accelerator.num_processes) * self.args.data.seq_len
 
     @property
     def out_of_budget(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import BertForMaskedLM, get_scheduler
+from transformers import get_scheduler
 
 from cached_mslt.config import RunArgs
 from cached_mslt.metrics import MetricsWriter, RunClock, Stopwatch
@@ -29,7 +29,6 @@ from cached_mslt.model import (
     bottom_forward,
     freeze_bottom,
     frozen_modules,
-    mlm_head_loss,
 )
 from storage import make_block_loader
 
@@ -81,12 +80,14 @@ def set_modes(model: nn.Module, frozen_layers: int) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, accelerator: Accelerator, valid, batch_rows: int, max_batches=None
+    whole_model_loss: nn.Module, accelerator: Accelerator, valid, batch_rows: int, max_batches=None
 ) -> float:
     """Validation MLM loss of the whole model, live, token-weighted over every masked
-    position of the split. Process r takes rows r, r + world, ...: exact, no padding."""
-    was_training = model.training
-    model.eval()
+    position of the split. `whole_model_loss` maps (labels, attention_mask, input_ids) to
+    (mean loss, masked count), as the trainable module of a phase with nothing frozen
+    does. Process r takes rows r, r + world, ...: exact, no padding."""
+    was_training = whole_model_loss.training
+    whole_model_loss.eval()
     device = accelerator.device
     total = torch.zeros(2, dtype=torch.float64, device=device)
     rows = range(accelerator.process_index, len(valid), accelerator.num_processes)
@@ -94,20 +95,14 @@ def evaluate(
         if max_batches is not None and i >= max_batches:
             break
         batch = valid[list(rows[start : start + batch_rows])]
-        ids = torch.as_tensor(batch["input_ids"], device=device)
-        mask = torch.as_tensor(batch["attention_mask"], device=device)
-        labels = torch.as_tensor(batch["labels"], device=device, dtype=torch.long)
-        if isinstance(model, BertForMaskedLM):
-            hidden = bottom_forward(model, ids, mask, model.config.num_hidden_layers)
-            loss, n = mlm_head_loss(model, hidden, labels)
-        else:  # other families (PLD's pre-LN model) compute the masked-only loss themselves
-            loss, n = (
-                model(input_ids=ids, attention_mask=mask, labels=labels).loss,
-                int((labels != -100).sum()),
-            )
+        loss, n = whole_model_loss(
+            torch.as_tensor(batch["labels"], device=device, dtype=torch.long),
+            torch.as_tensor(batch["attention_mask"], device=device),
+            input_ids=torch.as_tensor(batch["input_ids"], device=device),
+        )
         total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
     total = accelerator.reduce(total, reduction="sum")
-    model.train(was_training)
+    whole_model_loss.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else math.nan
 
 
@@ -144,6 +139,9 @@ def train_phase(
     params = freeze_bottom(model, phase.frozen_layers)
     named = {id(p): n for n, p in model.named_parameters()}
     trainable = phase.trainable or TopModel(model, phase.frozen_layers)
+    # Validation always runs the whole model: the trainable module itself when nothing is
+    # frozen (it starts at token ids), else the same model seen from the embeddings.
+    whole_model_loss = trainable if phase.frozen_layers == 0 else TopModel(model, 0)
     optimizer = torch.optim.AdamW(
         param_groups(params, named, t.weight_decay),
         lr=phase.learning_rate,
@@ -245,7 +243,9 @@ def train_phase(
             record: dict[str, Any] = {}
             if step % t.eval_every == 0 or last:
                 with watch.paused():  # evaluation is not training time, for any method
-                    last_val = evaluate(model, accelerator, valid, t.batch_size, t.eval_batches)
+                    last_val = evaluate(
+                        whole_model_loss, accelerator, valid, t.batch_size, t.eval_batches
+                    )
                 set_modes(model, phase.frozen_layers)
                 record["val_loss"] = last_val
             if step % t.log_every == 0 or record or last:

@@ -12,9 +12,9 @@ from typing import Any
 from accelerate import PartialState
 from transformers import BertForSequenceClassification
 
-from cached_mslt.config import MethodArgs, RunArgs
+from cached_mslt.config import ConfigError, MethodArgs, RunArgs
 from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
-from cached_mslt.methods.harness import run_method
+from cached_mslt.methods.harness import RESULT, run_method, run_settings
 from cached_mslt.metrics import markdown_table, plot_curves, read_metrics
 
 BASELINE = "full"
@@ -32,12 +32,45 @@ def run_comparison(
     `method.finetune`, each final checkpoint is then fine-tuned on `finetune_args.task`."""
     root = compare_dir(args, method)
     for name in method.methods:
-        result = run_method(name, args, method, root / name)
+        result = finished_run(root / name, args, method) if method.reuse else None
+        if result is None:
+            result = run_method(name, args, method, root / name)
+        else:
+            PartialState().print(f"{name}: reusing the finished run in {root / name}")
         if method.finetune and result["status"] == "ok":
             finetune_method(root / name, finetune_args or FinetuneArgs())
     if not PartialState().is_main_process:
         return ""
     return write_report(root, method.methods, args, method)
+
+
+def finished_run(run_dir: Path, args: RunArgs, method: MethodArgs) -> dict[str, Any] | None:
+    """The result of a finished run of the same settings, None if there is none to reuse
+    (missing or failed); a run with other settings is an error, never silently replaced."""
+    path = run_dir / RESULT
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("status") != "ok":
+        return None
+    recorded, wanted = result.get("settings"), run_settings(args, method)
+    if recorded is None:
+        raise ConfigError(
+            f"{path} does not record its settings (written before they were kept), so --reuse "
+            "cannot check it matches this run; train it again without --reuse"
+        )
+    if recorded != wanted:
+        diffs = [
+            f"{group}.{key}: {recorded[group].get(key)!r} there, {value!r} here"
+            for group, values in wanted.items()
+            for key, value in values.items()
+            if recorded.get(group, {}).get(key) != value
+        ]
+        raise ConfigError(
+            f"{run_dir} was trained with other settings ({'; '.join(diffs)}); drop --reuse to "
+            "train it again, or pick another --compare_dir"
+        )
+    return result
 
 
 def finetune_method(run_dir: Path, fargs: FinetuneArgs) -> None:
@@ -103,6 +136,9 @@ def summarize(root: Path, methods: list[str]) -> list[dict[str, Any]]:
     base = next((r for r in rows if r["method"] == BASELINE), None)
     target = base["final val loss"] if base else None
     for row in rows:
+        if base and base["wall s"] and row["wall s"] is not None:
+            row["wall / full"] = row["wall s"] / base["wall s"]
+            row["cpu / full"] = row["cpu s"] / base["cpu s"]
         hit = _first_reaching(curves[row["method"]], target)
         row["s to baseline loss"] = hit["wall_s"] if hit else None
         if hit and base and base["wall s"]:
@@ -133,6 +169,8 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "status",
         "wall s",
         "cpu s",
+        "wall / full",
+        "cpu / full",
         "PFLOPs",
         "tokens",
         "final val loss",
@@ -148,6 +186,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
             "",
             markdown_table(rows, columns),
             "",
+            f"`wall / full`, `cpu / full`: the method's whole pretraining time over `{BASELINE}`'s. "
             f"`s to baseline loss`: wall-clock when the method's validation loss first reached `{BASELINE}`'s "
             "final validation loss (`-`: never, within the budget). Plots: `val_loss_vs_wall.png`, "
             "`val_loss_vs_flops.png`.",

@@ -220,6 +220,14 @@ class MethodArgs:
         default=False,
         metadata={"help": "fine-tune every final checkpoint (pipelines/finetune.py options)"},
     )
+    reuse: bool = field(
+        default=False,
+        metadata={
+            "help": "keep a method's finished run in compare_dir (same settings) instead of "
+            "training it again: methods can run as separate, parallel calls and be fine-tuned "
+            "or reported later"
+        },
+    )
     # progressive stacking: 3 -> 6 -> 12; shares of the budget before each doubling
     # (published: 50k and 70k of ~400k... updates; the rest at full depth)
     stacking_layers: str = "3,6,12"

@@ -4,6 +4,7 @@ and a loadable final checkpoint."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -87,3 +88,22 @@ def test_report_adds_finetune_accuracy_columns(tmp_path):
         ckpt.mkdir()
         (ckpt / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert classifier_class(ckpt).__name__ == name
+
+
+def test_compare_reuse_keeps_finished_runs_and_refuses_other_settings(prepared_dir, tmp_path):
+    from cached_mslt.compare import run_comparison
+    from cached_mslt.config import ConfigError
+
+    args = small_run(prepared_dir, tmp_path / "unused", eval_every=2)
+    root = tmp_path / "cmp"
+    method = MethodArgs(methods=["full"], budget_tokens=4 * 32 * 8, compare_dir=str(root))
+    run_comparison(args, method)  # a first, separate call trains `full`
+    before = (root / "full" / "result.json").read_text()
+    method = replace(method, methods=["full", "mslt-live"], reuse=True)
+    text = run_comparison(args, method)
+    assert (root / "full" / "result.json").read_text() == before  # not trained again
+    rows = {r["method"]: r for r in json.loads((root / "report.json").read_text())}
+    assert rows["mslt-live"]["status"] == "ok" and rows["full"]["wall / full"] == 1.0
+    assert "| mslt-live |" in text and "wall / full" in text
+    with pytest.raises(ConfigError, match="budget_tokens"):
+        run_comparison(args, replace(method, budget_tokens=8 * 32 * 8))

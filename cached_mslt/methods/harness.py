@@ -11,7 +11,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,19 @@ def _method(name: str):
 METHODS = ("full", "stacking", "mslt-live", "mslt-cached", "pld", "share-unshare", "multilevel")
 
 
+# Method options that say how a comparison is run, not what a method trains.
+_NOT_SETTINGS = ("methods", "compare_dir", "finetune", "reuse")
+
+
+def run_settings(args: RunArgs, method: MethodArgs) -> dict[str, Any]:
+    """What determines a method's run (everything but where it is written), kept in
+    result.json so a finished run is reused only for the same settings."""
+    settings = json.loads(json.dumps(args.to_dict(), default=str))
+    settings["train"].pop("run_dir")
+    method_dict = {k: v for k, v in asdict(method).items() if k not in _NOT_SETTINGS}
+    return {**settings, "method": method_dict}
+
+
 def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> dict[str, Any]:
     """Run one method into `run_dir` (metrics.jsonl, final/ checkpoint, result.json).
     A failure is recorded in result.json and returned, not raised: a comparison goes on."""
@@ -163,7 +176,7 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
     data = load_prepared(args.data.prepared_dir)
     ctx = MethodContext(name, args, method, accelerator, data, run_dir)
     started = time.time()
-    result: dict[str, Any] = {"method": name}
+    result: dict[str, Any] = {"method": name, "settings": run_settings(args, method)}
     try:
         model = run(ctx)
         final = run_dir / "final"

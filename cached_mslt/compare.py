@@ -16,6 +16,7 @@ from cached_mslt.config import ConfigError, MethodArgs, RunArgs
 from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
 from cached_mslt.methods.harness import RESULT, run_method, run_settings
 from cached_mslt.metrics import markdown_table, plot_curves, read_metrics
+from cached_mslt.prepare import load_prepared
 
 BASELINE = "full"
 
@@ -53,7 +54,8 @@ def finished_run(run_dir: Path, args: RunArgs, method: MethodArgs) -> dict[str, 
     result = json.loads(path.read_text())
     if result.get("status") != "ok":
         return None
-    recorded, wanted = result.get("settings"), run_settings(args, method)
+    fingerprint = load_prepared(args.data.prepared_dir).manifest["fingerprint"]
+    recorded, wanted = result.get("settings"), run_settings(args, method, fingerprint)
     if recorded is None:
         raise ConfigError(
             f"{path} does not record its settings (written before they were kept), so --reuse "

@@ -147,11 +147,13 @@ METHODS = ("full", "stacking", "mslt-live", "mslt-cached", "pld", "share-unshare
 _NOT_SETTINGS = ("methods", "compare_dir", "finetune", "reuse")
 
 
-def run_settings(args: RunArgs, method: MethodArgs) -> dict[str, Any]:
-    """What determines a method's run (everything but where it is written), kept in
-    result.json so a finished run is reused only for the same settings."""
+def run_settings(args: RunArgs, method: MethodArgs, data_fingerprint: str) -> dict[str, Any]:
+    """What determines a method's run (everything but where it is written, plus what the
+    prepared data holds), kept in result.json so a finished run is reused only for the
+    same settings."""
     settings = json.loads(json.dumps(args.to_dict(), default=str))
     settings["train"].pop("run_dir")
+    settings["data"]["fingerprint"] = data_fingerprint
     method_dict = {k: v for k, v in asdict(method).items() if k not in _NOT_SETTINGS}
     return {**settings, "method": method_dict}
 
@@ -176,7 +178,8 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
     data = load_prepared(args.data.prepared_dir)
     ctx = MethodContext(name, args, method, accelerator, data, run_dir)
     started = time.time()
-    result: dict[str, Any] = {"method": name, "settings": run_settings(args, method)}
+    settings = run_settings(args, method, data.manifest["fingerprint"])
+    result: dict[str, Any] = {"method": name, "settings": settings}
     try:
         model = run(ctx)
         final = run_dir / "final"

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from transformers import BertForSequenceClassification
 
 from cached_mslt.config import ConfigError, MethodArgs, RunArgs
 from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
+from cached_mslt.linear_probe import PROBE_FILE, linear_probe
 from cached_mslt.methods.harness import RESULT, run_method, run_settings
 from cached_mslt.metrics import markdown_table, plot_curves, read_metrics
 from cached_mslt.prepare import load_prepared
@@ -80,26 +80,22 @@ def finetune_method(run_dir: Path, fargs: FinetuneArgs) -> None:
     fargs = replace(fargs, output_dir=str(run_dir / "finetune"))
     checkpoint = run_dir / "final"
     for task in fargs.task:
-        finetune(checkpoint, task, fargs, model_class=classifier_class(checkpoint))
-
-
-def classifier_class(checkpoint: Path) -> type:
-    """The sequence-classification class for a checkpoint's architecture."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    if config.get("model_type") == "preln-bert":
-        from cached_mslt.methods.pld import PreLNBertForSequenceClassification
-
-        return PreLNBertForSequenceClassification
-    return BertForSequenceClassification
+        if "finetune" in fargs.evaluation:
+            finetune(checkpoint, task, fargs)
+        if "probe" in fargs.evaluation and PartialState().is_main_process:
+            linear_probe(checkpoint, task, fargs)
 
 
 def finetune_columns(run_dir: Path) -> dict[str, str]:
-    """`<task> acc %` -> "mean ± std", from the results `finetune` wrote."""
+    """`<task> acc %` -> "mean ± std" from what `finetune` wrote, `<task> probe %` from `linear_probe`."""
     columns = {}
     for path in sorted((run_dir / "finetune").glob(f"*/{RESULTS_FILE}")):
         r = json.loads(path.read_text())
         mean, std = 100 * r["accuracy_mean"], 100 * r["accuracy_std"]
         columns[f"{r['task']} acc %"] = f"{mean:.1f} ± {std:.1f}"
+    for path in sorted((run_dir / "finetune").glob(f"*/{PROBE_FILE}")):
+        r = json.loads(path.read_text())
+        columns[f"{r['task']} probe %"] = f"{100 * r['test_accuracy']:.1f}"
     return columns
 
 
@@ -180,7 +176,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "x baseline wall",
         "x baseline cpu",
     ]
-    columns += sorted({k for r in rows for k in r if k.endswith(" acc %")})
+    columns += sorted({k for r in rows for k in r if k.endswith((" acc %", " probe %"))})
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
     text = "\n".join(
         [

@@ -88,6 +88,14 @@ class FinetuneArgs:
         default=1, metadata={"help": "stop after this many epochs without a better validation"}
     )
     finetune_log_every: int = 20
+    evaluation: list[str] = field(
+        default_factory=lambda: ["finetune"],
+        metadata={
+            "help": "finetune and/or probe: a linear probe on the frozen encoder's mean-pooled "
+            "features (deterministic, no seeds; writes probe_results.json beside the "
+            "fine-tuning results)"
+        },
+    )
     overlap_corpus: list[str] | None = field(
         default=None,
         metadata={
@@ -97,6 +105,9 @@ class FinetuneArgs:
     )
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.evaluation) - {"finetune", "probe"})
+        if unknown or not self.evaluation:
+            raise ConfigError(f"--evaluation takes finetune and/or probe, got {self.evaluation}")
         if not self.seeds:
             raise ConfigError("--seeds needs at least one seed")
         for name in ("finetune_epochs", "finetune_batch_size", "early_stopping_patience"):
@@ -197,10 +208,33 @@ def load_classifier(
     return model
 
 
-def _tokenizer_for(checkpoint_dir: Path) -> PreTrainedTokenizerBase:
+def tokenizer_for(checkpoint_dir: Path) -> PreTrainedTokenizerBase:
     # Stage checkpoints are saved with their tokenizer; a bare model dir gets the bundled one.
     has_own = any((checkpoint_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt"))
     return load_tokenizer(str(checkpoint_dir) if has_own else "bundled")
+
+
+def load_task(name: str, args: FinetuneArgs, verbose: bool = True) -> Task:
+    """A task by name or file, split as `args` says (prepared once, then read back)."""
+    return prepare_task(
+        name,
+        args.task_dir,
+        seed=args.task_split_seed,
+        valid_fraction=args.task_valid_fraction,
+        test_fraction=args.task_test_fraction,
+        label_names=args.label_names,
+        verbose=verbose,
+    )
+
+
+def classifier_class(checkpoint: Path) -> type[PreTrainedModel]:
+    """The sequence-classification class for a checkpoint's architecture."""
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    if config.get("model_type") == "preln-bert":
+        from cached_mslt.methods.pld import PreLNBertForSequenceClassification
+
+        return PreLNBertForSequenceClassification
+    return BertForSequenceClassification
 
 
 def tokenize_task(
@@ -357,12 +391,13 @@ def finetune(
     args: FinetuneArgs,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    model_class: type[PreTrainedModel] = BertForSequenceClassification,
+    model_class: type[PreTrainedModel] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `checkpoint_dir` on `task` once per seed in `args.seeds` and test each run.
 
     `task` is a prepared `Task` or a name for `prepare_task`. `model_class` is any
-    `...ForSequenceClassification` whose `from_pretrained` reads the checkpoint.
+    `...ForSequenceClassification` whose `from_pretrained` reads the checkpoint (default:
+    the one for the checkpoint's architecture, `classifier_class`).
     Returns (and writes to `finetune_results.json`) the per-seed runs and their summary.
     """
     checkpoint_dir = Path(checkpoint_dir)
@@ -374,19 +409,12 @@ def finetune(
     accelerator = Accelerator()
     if not isinstance(task, Task):
         with accelerator.main_process_first():  # rank 0 prepares, the others read its files
-            task = prepare_task(
-                task,
-                args.task_dir,
-                seed=args.task_split_seed,
-                valid_fraction=args.task_valid_fraction,
-                test_fraction=args.task_test_fraction,
-                label_names=args.label_names,
-                verbose=accelerator.is_main_process,
-            )
+            task = load_task(task, args, verbose=accelerator.is_main_process)
+    model_class = model_class or classifier_class(checkpoint_dir)
     overlap = None
     if accelerator.is_main_process:
         overlap = pretraining_overlap(task, checkpoint_dir, args.overlap_corpus)
-    tokenizer = tokenizer or _tokenizer_for(checkpoint_dir)
+    tokenizer = tokenizer or tokenizer_for(checkpoint_dir)
     vocab_size = json.loads((checkpoint_dir / "config.json").read_text())["vocab_size"]
     check_vocab(tokenizer, vocab_size, source=f"checkpoint {checkpoint_dir}")
     data = tokenize_task(task, tokenizer, args.max_seq_len, args.max_train_examples)

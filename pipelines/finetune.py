@@ -1,6 +1,7 @@
 """Fine-tune a pretrained checkpoint on downstream tasks and print accuracy over seeds.
 
-    python pipelines/finetune.py --checkpoint runs/tiny/stage-4 --task sentiment bbc --seeds 0 1 2
+    python pipelines/finetune.py --checkpoint runs/tiny/stage-4/model --task sentiment bbc --seeds 0 1 2
+    python pipelines/finetune.py --checkpoint runs/tiny/stage-4/model --task bbc --evaluation probe
 
 Tasks are 'sentiment', 'bbc' or .csv/.jsonl files with text,label columns (docs/evaluation.md).
 Multi-process: `accelerate launch pipelines/finetune.py ...`.
@@ -14,6 +15,7 @@ from accelerate import PartialState
 
 from cached_mslt.config import ConfigError, parse_args
 from cached_mslt.finetune import FinetuneArgs, finetune, format_results
+from cached_mslt.linear_probe import format_probes, linear_probe
 from cached_mslt.tokenizer import BUNDLED, load_tokenizer
 
 
@@ -26,9 +28,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     # Default: the checkpoint's own tokenizer if it saved one, else the bundled one.
     tokenizer = None if run.data.tokenizer == BUNDLED else load_tokenizer(run.data.tokenizer)
-    results = [finetune(args.checkpoint, task, args, tokenizer=tokenizer) for task in args.task]
-    if PartialState().is_main_process:
-        print(format_results(results))
+    results = []
+    if "finetune" in args.evaluation:
+        results = [finetune(args.checkpoint, t, args, tokenizer=tokenizer) for t in args.task]
+        if PartialState().is_main_process:
+            print(format_results(results))
+    if "probe" in args.evaluation and PartialState().is_main_process:  # one forward pass
+        probes = [linear_probe(args.checkpoint, t, args, tokenizer=tokenizer) for t in args.task]
+        print(format_probes(probes))
+        results += probes
     return results
 
 

@@ -27,6 +27,7 @@ from cached_mslt.finetune import (
     load_classifier,
     tokenize_task,
 )
+from cached_mslt.linear_probe import PROBE_FILE, linear_probe
 from cached_mslt.tasks import TaskOverlapWarning, prepare_task
 from cached_mslt.tokenizer import load_tokenizer
 
@@ -130,6 +131,19 @@ def test_finetune_learns_a_task_the_words_decide(checkpoint, task_file, tmp_path
     assert result["accuracy_mean"] >= 0.9 > result["majority_accuracy"]
 
 
+def test_linear_probe_reads_the_frozen_encoder_and_is_deterministic(
+    checkpoint, task_file, tmp_path
+):
+    # Mean-pooled features of even a random encoder keep which words a text has, and here
+    # the words decide the label: a linear reader must find it, the same way every time.
+    args = quick_args(tmp_path)
+    first = linear_probe(checkpoint, str(task_file), args)
+    assert linear_probe(checkpoint, str(task_file), args) == first
+    assert first["test_accuracy"] >= 0.9 > first["majority_accuracy"]
+    assert first["sizes"] == {"train": 96, "validation": 12, "test": 12}
+    assert json.loads((tmp_path / "out" / "toy" / PROBE_FILE).read_text()) == first
+
+
 def test_task_text_in_the_runs_pretraining_corpus_is_warned_about(checkpoint, task_file, tmp_path):
     # The trainer's layout: runs/<preset>/config.json holds --corpus, the model sits in
     # runs/<preset>/stage-K/model; the check finds the corpus without being told.
@@ -153,12 +167,15 @@ def test_pipeline_prints_a_results_table(checkpoint, task_file, tmp_path, capsys
     spec.loader.exec_module(pipeline)
     argv = ["--checkpoint", str(checkpoint), "--task", str(task_file), "--seeds", "3"]
     argv += ["--task_dir", str(tmp_path / "tasks"), "--finetune_epochs", "1"]
+    argv += ["--evaluation", "finetune", "probe"]
     pipeline.main(argv)
     table = capsys.readouterr().out
     assert (
         "| task | test examples | seeds | accuracy (%) |" in table and "| toy | 12 | 1 |" in table
     )
-    assert (checkpoint / "finetune" / "toy" / "finetune_results.json").is_file()  # default output
+    assert "| task | linear probe accuracy (%) |" in table
+    for name in ("finetune_results.json", PROBE_FILE):  # the default output dir
+        assert (checkpoint / "finetune" / "toy" / name).is_file()
 
 
 class MajorityClassModel(nn.Module):
@@ -195,6 +212,8 @@ def test_bad_finetune_args_are_refused():
         FinetuneArgs(finetune_epochs=0)
     with pytest.raises(ConfigError, match="at least one seed"):
         FinetuneArgs(seeds=[])
+    with pytest.raises(ConfigError, match="finetune and/or probe"):
+        FinetuneArgs(evaluation=["probing"])
 
 
 def test_macro_f1_by_hand():

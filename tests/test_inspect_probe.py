@@ -19,7 +19,7 @@ def clusters(n: int, num_classes: int, spread: float, seed: int):
 
 def test_probe_separates_linearly_separable_topics():
     data = {s: clusters(150, 5, 0.5, seed=0) for s in SPLITS}
-    valid, test, l2 = fit_probe(
+    valid, test, l2, _ = fit_probe(
         {s: d[0] for s, d in data.items()}, {s: d[1] for s, d in data.items()}, 5
     )
     assert valid == test == 1.0 and l2 > 0
@@ -29,5 +29,5 @@ def test_probe_is_at_chance_on_random_labels():
     g = torch.Generator().manual_seed(1)
     x = {s: torch.randn(400, 16, generator=g) for s in SPLITS}
     y = {s: torch.randint(0, 2, (400,), generator=g) for s in SPLITS}
-    _, test, _ = fit_probe(x, y, 2)
+    _, test, _, _ = fit_probe(x, y, 2)
     assert 0.38 < test < 0.62

@@ -71,15 +71,17 @@ def test_compare_writes_report_and_plots(prepared_dir, tmp_path):
 
 
 def test_report_adds_finetune_accuracy_columns(tmp_path):
-    from cached_mslt.compare import classifier_class, finetune_columns
-    from cached_mslt.finetune import RESULTS_FILE
+    from cached_mslt.compare import finetune_columns
+    from cached_mslt.finetune import RESULTS_FILE, classifier_class
+    from cached_mslt.linear_probe import PROBE_FILE
 
     out = tmp_path / "full" / "finetune" / "bbc"
     out.mkdir(parents=True)
     (out / RESULTS_FILE).write_text(
         json.dumps({"task": "bbc", "accuracy_mean": 0.8125, "accuracy_std": 0.0125})
     )
-    assert finetune_columns(tmp_path / "full") == {"bbc acc %": "81.2 ± 1.2"}
+    (out / PROBE_FILE).write_text(json.dumps({"task": "bbc", "test_accuracy": 0.7512}))
+    assert finetune_columns(tmp_path / "full") == {"bbc acc %": "81.2 ± 1.2", "bbc probe %": "75.1"}
     for model_type, name in (
         ("bert", "BertForSequenceClassification"),
         ("preln-bert", "PreLNBertForSequenceClassification"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -95,23 +96,27 @@ def train_logistic(
     return w.detach(), b.detach()
 
 
-def fit_probe(
-    x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], num_classes: int
-) -> tuple[float, float, float]:
-    """Probe on train, L2 chosen on validation; returns (valid acc, test acc, l2).
+class ProbeFit(NamedTuple):
+    valid_accuracy: float
+    test_accuracy: float
+    l2: float
+    test_predictions: torch.Tensor
+
+
+def fit_probe(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], num_classes: int) -> ProbeFit:
+    """Probe on train, L2 chosen on validation (the first best on ties), scored on test.
     Features are standardised with training statistics, in float64."""
     mean, std = x["train"].mean(0), x["train"].std(0).clamp_min(1e-6)
     z = {k: ((v - mean) / std).double() for k, v in x.items()}
 
-    def accuracy(w: torch.Tensor, b: torch.Tensor, split: str) -> float:
-        return float(((z[split] @ w + b).argmax(-1) == y[split]).double().mean())
-
-    best = (-1.0, 0.0, 0.0)
+    best = None
     for l2 in L2_GRID:
         w, b = train_logistic(z["train"], y["train"], num_classes, l2)
-        valid = accuracy(w, b, "validation")
-        if valid > best[0]:
-            best = (valid, accuracy(w, b, "test"), l2)
+        pred = {split: (z[split] @ w + b).argmax(-1) for split in ("validation", "test")}
+        valid = float((pred["validation"] == y["validation"]).double().mean())
+        if best is None or valid > best.valid_accuracy:
+            test = float((pred["test"] == y["test"]).double().mean())
+            best = ProbeFit(valid, test, l2, pred["test"])
     return best
 
 
@@ -177,8 +182,8 @@ def probe_run(
     feats = features(final, sorted({0, depth, *(f for _, f, _ in shared)}))
 
     def result(name: str, layers: int, x: dict[str, torch.Tensor], source: Path) -> ProbeResult:
-        valid, test, l2 = fit_probe(x, labels, task.num_labels)
-        return ProbeResult(name, layers, valid, test, l2, str(source))
+        fit = fit_probe(x, labels, task.num_labels)
+        return ProbeResult(name, layers, fit.valid_accuracy, fit.test_accuracy, fit.l2, str(source))
 
     results = [result("embeddings", 0, feats[0], final_ckpt)]
     for stage, frozen, _ in shared:

@@ -1,0 +1,111 @@
+"""Linear probe of a checkpoint's frozen encoder on a classification task.
+
+Fine-tuning moves every weight, so on a small model its accuracy depends on the seed and
+on how far the optimizer got as much as on what pretraining put into the encoder. A probe
+does not train the encoder: it mean-pools the last hidden states of the frozen checkpoint
+once and fits a multinomial logistic regression on them (L2 strength chosen on the
+validation split), which is deterministic, needs no seeds and takes a forward pass. It
+answers a narrower question (what a linear reader finds in the features), beside the
+fine-tuning numbers rather than instead of them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
+
+from cached_mslt.finetune import (
+    FinetuneArgs,
+    classification_metrics,
+    classifier_class,
+    load_classifier,
+    load_task,
+    tokenize_task,
+    tokenizer_for,
+)
+from cached_mslt.inspect.probe import fit_probe
+from cached_mslt.inspect.text import mean_pool
+from cached_mslt.tasks import Task
+
+PROBE_FILE = "probe_results.json"
+BATCH = 64
+
+
+@torch.no_grad()
+def encoder_features(
+    model: PreTrainedModel, split: Dataset, collate: DataCollatorWithPadding
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled last hidden states of the encoder (not the pooler: an MLM checkpoint's
+    pooler is new and random) and the labels, in the split's order."""
+    model.eval()
+    features, labels = [], []
+    for batch in DataLoader(split, batch_size=BATCH, collate_fn=collate):
+        hidden = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        features.append(mean_pool(hidden, batch["attention_mask"]))
+        labels.append(batch["labels"])
+    return torch.cat(features), torch.cat(labels)
+
+
+def linear_probe(
+    checkpoint_dir: str | Path,
+    task: str | Task,
+    args: FinetuneArgs,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    model_class: type[PreTrainedModel] | None = None,
+) -> dict[str, Any]:
+    """Probe `checkpoint_dir` on `task`; returns and writes `<output_dir>/<task>/probe_results.json`.
+    Uses the fine-tuning options for the task split, sequence length and train subset, so
+    its numbers sit beside the fine-tuning ones on the same examples. One process."""
+    checkpoint_dir = Path(checkpoint_dir)
+    task = task if isinstance(task, Task) else load_task(task, args)
+    tokenizer = tokenizer or tokenizer_for(checkpoint_dir)
+    data = tokenize_task(task, tokenizer, args.max_seq_len, args.max_train_examples)
+    model_class = model_class or classifier_class(checkpoint_dir)
+    model = load_classifier(checkpoint_dir, task.num_labels, model_class)
+    collate = DataCollatorWithPadding(tokenizer)
+    x, y = {}, {}
+    for name, split in data.items():
+        x[name], y[name] = encoder_features(model, split, collate)
+    fit = fit_probe(x, y, task.num_labels)
+    test = classification_metrics(fit.test_predictions.numpy(), y["test"].numpy(), task.num_labels)
+    test_labels = y["test"].numpy()
+    result = {
+        "task": task.name,
+        "checkpoint": str(checkpoint_dir),
+        "task_fingerprint": task.fingerprint,
+        "features": "mean-pooled last hidden states, frozen encoder",
+        "sizes": {name: len(split) for name, split in data.items()},
+        "majority_accuracy": float(np.bincount(test_labels).max() / len(test_labels)),
+        "valid_accuracy": fit.valid_accuracy,
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "l2": fit.l2,
+    }
+    out_dir = Path(args.output_dir or checkpoint_dir / "finetune") / task.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / PROBE_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_probes(results: list[dict[str, Any]]) -> str:
+    """A Markdown table of `linear_probe` results, in %."""
+    lines = [
+        "| task | linear probe accuracy (%) | macro-F1 (%) | majority class (%) | L2 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['task']} | {100 * r['test_accuracy']:.1f} | {100 * r['test_macro_f1']:.1f} "
+            f"| {100 * r['majority_accuracy']:.1f} | {r['l2']:g} |"
+        )
+    return "\n".join(lines)

@@ -420,7 +420,7 @@ def finetune(
     data = tokenize_task(task, tokenizer, args.max_seq_len, args.max_train_examples)
     collate = DataCollatorWithPadding(tokenizer)
 
-    out_dir = Path(args.output_dir or checkpoint_dir / "finetune") / task.name
+    out_dir = task_output_dir(checkpoint_dir, args, task)
     # The one metrics writer, under its own file name: a fine-tuning log must not mix with
     # the pretraining metrics.jsonl of the run it evaluates.
     writer = MetricsWriter(out_dir, accelerator, base={"task": task.name}, filename=METRICS_FILE)
@@ -439,14 +439,8 @@ def finetune(
 
     acc_mean, acc_std = _mean_std([r["test_accuracy"] for r in runs])
     f1_mean, f1_std = _mean_std([r["test_macro_f1"] for r in runs])
-    test_labels = np.asarray(task.splits["test"]["label"])
     result = {
-        "task": task.name,
-        "checkpoint": str(checkpoint_dir),
-        "task_fingerprint": task.fingerprint,
-        "num_labels": task.num_labels,
-        "sizes": {s: len(data[s]) for s in data},
-        "majority_accuracy": float(np.bincount(test_labels).max() / len(test_labels)),
+        **result_header(task, checkpoint_dir, data),
         "accuracy_mean": acc_mean,
         "accuracy_std": acc_std,
         "macro_f1_mean": f1_mean,
@@ -458,6 +452,24 @@ def finetune(
     if accelerator.is_main_process:
         (out_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
     return result
+
+
+def task_output_dir(checkpoint_dir: Path, args: FinetuneArgs, task: Task) -> Path:
+    """Where a task's evaluation files go: <output_dir or checkpoint/finetune>/<task>."""
+    return Path(args.output_dir or checkpoint_dir / "finetune") / task.name
+
+
+def result_header(task: Task, checkpoint_dir: Path, data: DatasetDict) -> dict[str, Any]:
+    """What every evaluation result starts with: which task, checkpoint and examples."""
+    test_labels = np.asarray(task.splits["test"]["label"])
+    return {
+        "task": task.name,
+        "checkpoint": str(checkpoint_dir),
+        "task_fingerprint": task.fingerprint,
+        "num_labels": task.num_labels,
+        "sizes": {split: len(data[split]) for split in data},
+        "majority_accuracy": float(np.bincount(test_labels).max() / len(test_labels)),
+    }
 
 
 def format_results(results: list[dict[str, Any]]) -> str:

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
@@ -27,11 +26,14 @@ from cached_mslt.finetune import (
     classifier_class,
     load_classifier,
     load_task,
+    result_header,
+    task_output_dir,
     tokenize_task,
     tokenizer_for,
 )
 from cached_mslt.inspect.probe import fit_probe
 from cached_mslt.inspect.text import mean_pool
+from cached_mslt.metrics import markdown_table
 from cached_mslt.tasks import Task
 
 PROBE_FILE = "probe_results.json"
@@ -78,20 +80,15 @@ def linear_probe(
         x[name], y[name] = encoder_features(model, split, collate)
     fit = fit_probe(x, y, task.num_labels)
     test = classification_metrics(fit.test_predictions.numpy(), y["test"].numpy(), task.num_labels)
-    test_labels = y["test"].numpy()
     result = {
-        "task": task.name,
-        "checkpoint": str(checkpoint_dir),
-        "task_fingerprint": task.fingerprint,
+        **result_header(task, checkpoint_dir, data),
         "features": "mean-pooled last hidden states, frozen encoder",
-        "sizes": {name: len(split) for name, split in data.items()},
-        "majority_accuracy": float(np.bincount(test_labels).max() / len(test_labels)),
         "valid_accuracy": fit.valid_accuracy,
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
         "l2": fit.l2,
     }
-    out_dir = Path(args.output_dir or checkpoint_dir / "finetune") / task.name
+    out_dir = task_output_dir(checkpoint_dir, args, task)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / PROBE_FILE).write_text(json.dumps(result, indent=2))
     return result
@@ -99,13 +96,14 @@ def linear_probe(
 
 def format_probes(results: list[dict[str, Any]]) -> str:
     """A Markdown table of `linear_probe` results, in %."""
-    lines = [
-        "| task | linear probe accuracy (%) | macro-F1 (%) | majority class (%) | L2 |",
-        "| --- | ---: | ---: | ---: | ---: |",
+    rows = [
+        {
+            "task": r["task"],
+            "linear probe accuracy (%)": f"{100 * r['test_accuracy']:.1f}",
+            "macro-F1 (%)": f"{100 * r['test_macro_f1']:.1f}",
+            "majority class (%)": f"{100 * r['majority_accuracy']:.1f}",
+            "L2": f"{r['l2']:g}",
+        }
+        for r in results
     ]
-    for r in results:
-        lines.append(
-            f"| {r['task']} | {100 * r['test_accuracy']:.1f} | {100 * r['test_macro_f1']:.1f} "
-            f"| {100 * r['majority_accuracy']:.1f} | {r['l2']:g} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(rows, list(rows[0]) if rows else [])

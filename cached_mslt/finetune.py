@@ -85,7 +85,10 @@ class FinetuneArgs:
     finetune_warmup_ratio: float = 0.1
     finetune_weight_decay: float = 0.01
     early_stopping_patience: int = field(
-        default=1, metadata={"help": "stop after this many epochs without a better validation"}
+        # Not 1: a small encoder can spend a whole epoch on a plateau before it learns
+        # (measured: at 1, 2 of 18 tiny runs were stopped on one; docs/evaluation.md).
+        default=2,
+        metadata={"help": "stop after this many epochs without a better validation"},
     )
     finetune_log_every: int = 20
     evaluation: list[str] = field(

@@ -212,10 +212,23 @@ def load_classifier(
     return model
 
 
-def tokenizer_for(checkpoint_dir: Path) -> PreTrainedTokenizerBase:
-    # Stage checkpoints are saved with their tokenizer; a bare model dir gets the bundled one.
-    has_own = any((checkpoint_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt"))
-    return load_tokenizer(str(checkpoint_dir) if has_own else "bundled")
+def checkpoint_tokenizer(
+    checkpoint_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer to evaluate a checkpoint with: `tokenizer`, else the checkpoint's own
+    (stage checkpoints are saved with theirs), else the bundled one; checked against the
+    checkpoint's vocabulary. A directory that is not a checkpoint is refused here, first."""
+    if not (checkpoint_dir / "config.json").is_file():
+        raise FinetuneError(
+            f"{checkpoint_dir} is not a checkpoint (no config.json); "
+            "pass a directory written by save_pretrained"
+        )
+    if tokenizer is None:
+        has_own = any((checkpoint_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt"))
+        tokenizer = load_tokenizer(str(checkpoint_dir) if has_own else "bundled")
+    vocab_size = json.loads((checkpoint_dir / "config.json").read_text())["vocab_size"]
+    check_vocab(tokenizer, vocab_size, source=f"checkpoint {checkpoint_dir}")
+    return tokenizer
 
 
 def load_task(name: str, args: FinetuneArgs, verbose: bool = True) -> Task:
@@ -405,11 +418,7 @@ def finetune(
     Returns (and writes to `finetune_results.json`) the per-seed runs and their summary.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / "config.json").is_file():
-        raise FinetuneError(
-            f"{checkpoint_dir} is not a checkpoint (no config.json); "
-            "pass a directory written by save_pretrained"
-        )
+    tokenizer = checkpoint_tokenizer(checkpoint_dir, tokenizer)
     accelerator = Accelerator()
     if not isinstance(task, Task):
         with accelerator.main_process_first():  # rank 0 prepares, the others read its files
@@ -418,9 +427,6 @@ def finetune(
     overlap = None
     if accelerator.is_main_process:
         overlap = pretraining_overlap(task, checkpoint_dir, args.overlap_corpus)
-    tokenizer = tokenizer or tokenizer_for(checkpoint_dir)
-    vocab_size = json.loads((checkpoint_dir / "config.json").read_text())["vocab_size"]
-    check_vocab(tokenizer, vocab_size, source=f"checkpoint {checkpoint_dir}")
     data = tokenize_task(task, tokenizer, args.max_seq_len, args.max_train_examples)
     collate = DataCollatorWithPadding(tokenizer)
 

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
 from cached_mslt.finetune import (
     FinetuneArgs,
+    checkpoint_tokenizer,
     classification_metrics,
     classifier_class,
     load_classifier,
@@ -29,7 +31,6 @@ from cached_mslt.finetune import (
     result_header,
     task_output_dir,
     tokenize_task,
-    tokenizer_for,
 )
 from cached_mslt.inspect.probe import fit_probe
 from cached_mslt.inspect.text import mean_pool
@@ -49,10 +50,9 @@ def encoder_features(
     model.eval()
     features, labels = [], []
     for batch in DataLoader(split, batch_size=BATCH, collate_fn=collate):
-        hidden = model.base_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        features.append(mean_pool(hidden, batch["attention_mask"]))
+        ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        features.append(mean_pool(hidden, mask).cpu())
         labels.append(batch["labels"])
     return torch.cat(features), torch.cat(labels)
 
@@ -69,11 +69,12 @@ def linear_probe(
     Uses the fine-tuning options for the task split, sequence length and train subset, so
     its numbers sit beside the fine-tuning ones on the same examples. One process."""
     checkpoint_dir = Path(checkpoint_dir)
+    tokenizer = checkpoint_tokenizer(checkpoint_dir, tokenizer)
     task = task if isinstance(task, Task) else load_task(task, args)
-    tokenizer = tokenizer or tokenizer_for(checkpoint_dir)
     data = tokenize_task(task, tokenizer, args.max_seq_len, args.max_train_examples)
     model_class = model_class or classifier_class(checkpoint_dir)
     model = load_classifier(checkpoint_dir, task.num_labels, model_class)
+    model.to(PartialState().device)  # the process's accelerator, if it has one
     collate = DataCollatorWithPadding(tokenizer)
     x, y = {}, {}
     for name, split in data.items():

@@ -142,6 +142,8 @@ def test_linear_probe_reads_the_frozen_encoder_and_is_deterministic(
     assert first["test_accuracy"] >= 0.9 > first["majority_accuracy"]
     assert first["sizes"] == {"train": 96, "validation": 12, "test": 12}
     assert json.loads((tmp_path / "out" / "toy" / PROBE_FILE).read_text()) == first
+    with pytest.raises(FinetuneError, match="not a checkpoint"):
+        linear_probe(tmp_path / "out", str(task_file), args)
 
 
 def test_task_text_in_the_runs_pretraining_corpus_is_warned_about(checkpoint, task_file, tmp_path):

@@ -172,9 +172,10 @@ def _drop_load_report(record: logging.LogRecord) -> bool:
 def load_classifier(
     checkpoint_dir: str | Path,
     num_labels: int,
-    model_class: type[PreTrainedModel] = BertForSequenceClassification,
+    model_class: type[PreTrainedModel] | None = None,
 ) -> PreTrainedModel:
-    """The checkpoint's encoder under a new classification head.
+    """The checkpoint's encoder under a new classification head (`model_class`, default:
+    the one for the checkpoint's architecture, `classifier_class`).
 
     An MLM checkpoint has no pooler and no classifier, so those start random, and its MLM head
     is left out: that is what fine-tuning is, yet transformers prints it as a warning table.
@@ -185,6 +186,7 @@ def load_classifier(
     # its tensor-parallel plan check.
     hf_logger = hf_logging.get_logger("transformers.modeling_utils")
     hf_logger.addFilter(_drop_load_report)
+    model_class = model_class or classifier_class(checkpoint_dir)
     try:
         model, info = model_class.from_pretrained(
             str(checkpoint_dir),
@@ -423,7 +425,6 @@ def finetune(
     if not isinstance(task, Task):
         with accelerator.main_process_first():  # rank 0 prepares, the others read its files
             task = load_task(task, args, verbose=accelerator.is_main_process)
-    model_class = model_class or classifier_class(checkpoint_dir)
     overlap = None
     if accelerator.is_main_process:
         overlap = pretraining_overlap(task, checkpoint_dir, args.overlap_corpus)

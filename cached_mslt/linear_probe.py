@@ -25,7 +25,6 @@ from cached_mslt.finetune import (
     FinetuneArgs,
     checkpoint_tokenizer,
     classification_metrics,
-    classifier_class,
     load_classifier,
     load_task,
     result_header,
@@ -72,7 +71,6 @@ def linear_probe(
     tokenizer = checkpoint_tokenizer(checkpoint_dir, tokenizer)
     task = task if isinstance(task, Task) else load_task(task, args)
     data = tokenize_task(task, tokenizer, args.max_seq_len, args.max_train_examples)
-    model_class = model_class or classifier_class(checkpoint_dir)
     model = load_classifier(checkpoint_dir, task.num_labels, model_class)
     model.to(PartialState().device)  # the process's accelerator, if it has one
     collate = DataCollatorWithPadding(tokenizer)

@@ -32,8 +32,12 @@ def run_comparison(
     failed method is reported in the table and the others still run. With
     `method.finetune`, each final checkpoint is then fine-tuned on `finetune_args.task`."""
     root = compare_dir(args, method)
+    wanted = None
+    if method.reuse:  # one settings record serves every method's check
+        fingerprint = load_prepared(args.data.prepared_dir).manifest["fingerprint"]
+        wanted = run_settings(args, method, fingerprint)
     for name in method.methods:
-        result = finished_run(root / name, args, method) if method.reuse else None
+        result = finished_run(root / name, wanted) if wanted else None
         if result is None:
             result = run_method(name, args, method, root / name)
         else:
@@ -45,17 +49,17 @@ def run_comparison(
     return write_report(root, method.methods, args, method)
 
 
-def finished_run(run_dir: Path, args: RunArgs, method: MethodArgs) -> dict[str, Any] | None:
-    """The result of a finished run of the same settings, None if there is none to reuse
-    (missing or failed); a run with other settings is an error, never silently replaced."""
+def finished_run(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of a finished run with the `wanted` settings (`run_settings`), None if
+    there is none to reuse (missing or failed); a run with other settings is an error,
+    never silently replaced."""
     path = run_dir / RESULT
     if not path.exists():
         return None
     result = json.loads(path.read_text())
     if result.get("status") != "ok":
         return None
-    fingerprint = load_prepared(args.data.prepared_dir).manifest["fingerprint"]
-    recorded, wanted = result.get("settings"), run_settings(args, method, fingerprint)
+    recorded = result.get("settings")
     if recorded is None:
         raise ConfigError(
             f"{path} does not record its settings (written before they were kept), so --reuse "
@@ -63,7 +67,7 @@ def finished_run(run_dir: Path, args: RunArgs, method: MethodArgs) -> dict[str, 
         )
     if recorded != wanted:
         diffs = [
-            f"{group}.{key}: {recorded[group].get(key)!r} there, {value!r} here"
+            f"{group}.{key}: {recorded.get(group, {}).get(key)!r} there, {value!r} here"
             for group, values in wanted.items()
             for key, value in values.items()
             if recorded.get(group, {}).get(key) != value

@@ -15,8 +15,8 @@ from cached_mslt.config import ConfigError, MethodArgs, RunArgs
 from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
 from cached_mslt.linear_probe import PROBE_FILE, linear_probe
 from cached_mslt.methods.harness import RESULT, run_method, run_settings
-from cached_mslt.metrics import markdown_table, plot_curves, read_metrics
-from cached_mslt.prepare import load_prepared
+from cached_mslt.metrics import below_unigram, markdown_table, plot_curves, read_metrics
+from cached_mslt.prepare import load_prepared, prepared_manifest
 
 BASELINE = "full"
 
@@ -111,7 +111,7 @@ def _first_reaching(records: list[dict[str, Any]], target: float | None) -> dict
     )
 
 
-def summarize(root: Path, methods: list[str]) -> list[dict[str, Any]]:
+def summarize(root: Path, methods: list[str], unigram: float | None = None) -> list[dict[str, Any]]:
     """One row per method from its result.json and metrics.jsonl."""
     rows, curves = [], {}
     for name in methods:
@@ -132,6 +132,7 @@ def summarize(root: Path, methods: list[str]) -> list[dict[str, Any]]:
                 "PFLOPs": records[-1]["flops"] / 1e15 if records else None,
                 "tokens": records[-1]["tokens"] if records else None,
                 "final val loss": evals[-1]["val_loss"] if evals else None,
+                "below unigram %": below_unigram(evals[-1]["val_loss"], unigram) if evals else None,
                 "error": result.get("error"),
             }
         )
@@ -150,7 +151,8 @@ def summarize(root: Path, methods: list[str]) -> list[dict[str, Any]]:
 
 
 def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodArgs) -> str:
-    rows = summarize(root, methods)
+    unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
+    rows = summarize(root, methods, unigram)
     curves = {name: read_metrics(root / name) for name in methods}
     plot_curves(
         curves,
@@ -158,6 +160,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         root / "val_loss_vs_wall.png",
         "validation loss vs wall-clock",
         "wall-clock seconds (cache builds included, evaluation excluded)",
+        unigram=unigram,
     )
     plot_curves(
         curves,
@@ -165,6 +168,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         root / "val_loss_vs_flops.png",
         "validation loss vs FLOPs",
         "training FLOPs (model count)",
+        unigram=unigram,
     )
     columns = [
         "method",
@@ -176,6 +180,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "PFLOPs",
         "tokens",
         "final val loss",
+        "below unigram %",
         "s to baseline loss",
         "x baseline wall",
         "x baseline cpu",
@@ -192,6 +197,9 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
             f"`s to baseline loss`: wall-clock when the method's validation loss first reached `{BASELINE}`'s "
             "final validation loss (`-`: never, within the budget). Plots: `val_loss_vs_wall.png`, "
             "`val_loss_vs_flops.png`.",
+            "",
+            "Unigram loss of the validation targets (token frequencies alone): "
+            + (f"{unigram:.3f}." if unigram is not None else "not recorded by this prepared data."),
             *([""] + failures if failures else []),
             "",
         ]

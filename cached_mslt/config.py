@@ -16,17 +16,38 @@ from typing import Any
 
 import yaml
 
-# Model sizes per preset. All three are 12-layer BERTs; `tiny` is the CPU default.
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=128, num_attention_heads=2, intermediate_size=512, seq_len=128),
-    "mini": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, seq_len=128),
-    "bert-base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, seq_len=128),
+# What a preset means: the default of every option it sets and the user left unset.
+# All three are 12-layer BERTs; `tiny` is the CPU default, and its values are the regime
+# measured in docs/levers.md (where pretraining gets well past word frequencies on 2 cores).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=128,
+        num_attention_heads=2,
+        intermediate_size=512,
+        seq_len=128,
+        tokenizer="train",
+        vocab_size=8192,
+        train_examples=0,
+    ),
+    "mini": dict(
+        hidden_size=256,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        seq_len=128,
+        tokenizer="train",
+        vocab_size=16384,
+        train_examples=0,
+    ),
+    "bert-base": dict(
+        hidden_size=768,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        seq_len=128,
+        tokenizer="bundled",
+        vocab_size=30522,
+        train_examples=0,
+    ),
 }
-
-
-# The tiny preset trains on a 0.5M-token slice of the bundled 2.3M so that its CPU schedule
-# (1M tokens a stage) sees each example twice a stage: caching pays from the second read.
-PRESET_TRAIN_EXAMPLES = {"tiny": 4096}
 
 
 class ConfigError(ValueError):
@@ -68,10 +89,12 @@ class DataArgs:
             ".txt/.jsonl/.parquet files, folders of them, or a datasets dataset saved to disk"
         },
     )
-    tokenizer: str = field(
-        default="bundled",
+    tokenizer: str | None = field(
+        default=None,
         metadata={
-            "help": "'bundled' (bert-base-uncased WordPiece, offline) or a local tokenizer dir"
+            "help": "'train' (fit a WordPiece vocabulary of --vocab_size to the training split), "
+            "'bundled' (bert-base-uncased WordPiece, offline) or a local tokenizer dir; "
+            "default: preset"
         },
     )
     prepared_dir: str | None = field(
@@ -81,7 +104,16 @@ class DataArgs:
     seq_len: int | None = field(
         default=None, metadata={"help": "tokens per packed sequence; default: preset"}
     )
-    mask_prob: float = 0.15
+    mask_prob: float = field(
+        default=0.15, metadata={"help": "share of a training sequence's tokens to predict"}
+    )
+    valid_mask_prob: float = field(
+        default=0.15,
+        metadata={
+            "help": "masking rate of the validation split: fixed (BERT's 15%) so validation "
+            "losses compare across training masking rates"
+        },
+    )
     mask_seed: int = field(
         default=1234, metadata={"help": "static masking seed: mask(i) = f(seed, i)"}
     )
@@ -104,24 +136,34 @@ class DataArgs:
         default=None,
         metadata={
             "help": "train on the first N prepared examples (the cache holds exactly these); "
-            "default: 4096 for tiny (so a CPU stage runs ~2 epochs, where caching pays), all "
-            "otherwise; 0 = all"
+            "0 = all; default: preset"
         },
     )
     text_column: str = "text"
-    vocab_size: int = field(
-        default=30522, metadata={"help": "the model's vocabulary size; the tokenizer must match it"}
+    vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "with --tokenizer train: the vocabulary size to fit (default: preset); "
+            "otherwise, if given, the size the tokenizer must have"
+        },
+    )
+    vocab_min_frequency: int = field(
+        default=2, metadata={"help": "--tokenizer train: a word piece must occur this often"}
     )
 
     def resolve(self, model: ModelArgs) -> None:
-        if self.seq_len is None:
-            self.seq_len = PRESETS[model.preset]["seq_len"]
+        preset = PRESETS[model.preset]
+        for name in ("seq_len", "tokenizer", "train_examples"):
+            if getattr(self, name) is None:
+                setattr(self, name, preset[name])
+        # The preset's vocabulary size is the size to fit; a given tokenizer has its own.
+        if self.vocab_size is None and self.tokenizer == "train":
+            self.vocab_size = preset["vocab_size"]
         if self.prepared_dir is None:
             self.prepared_dir = f"data/prepared/{model.preset}"
-        if self.train_examples is None:
-            self.train_examples = PRESET_TRAIN_EXAMPLES.get(model.preset, 0)
-        if not 0.0 < self.mask_prob < 1.0:
-            raise ConfigError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        for name in ("mask_prob", "valid_mask_prob"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.seq_len < 8 or self.seq_len > model.max_position_embeddings:
             raise ConfigError(
                 f"seq_len {self.seq_len} must be in [8, max_position_embeddings="

@@ -107,24 +107,51 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+# Digits people read, by what a column holds (matched on the column name's ending): token
+# rates and counts whole, seconds to a tenth, losses to three places.
+_DIGITS = (
+    ("tokens/s", 0),
+    (" s", 1),
+    ("_s", 1),
+    ("loss", 3),
+    ("%", 1),
+)
+
+
+def _fmt(value: Any, column: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
+        digits = next((d for end, d in _DIGITS if column.endswith(end)), 3)
         return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     return str(value)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(c), c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def below_unigram(loss: float | None, unigram: float | None) -> float | None:
+    """How far below the unigram loss a loss is, in percent of it (what a loss means)."""
+    if loss is None or not unigram or math.isnan(loss):
+        return None
+    return 100.0 * (1.0 - loss / unigram)
+
+
 def plot_curves(
-    curves: dict[str, list[dict[str, Any]]], x: str, path: str | Path, title: str, xlabel: str
+    curves: dict[str, list[dict[str, Any]]],
+    x: str,
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    unigram: float | None = None,
 ) -> None:
-    """Validation loss against `x` (wall_s or flops), one line per curve."""
+    """Validation loss against `x` (wall_s or flops), one line per curve, and the unigram
+    loss of the data as a dashed line: the level of a model that only counts words."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
@@ -135,6 +162,8 @@ def plot_curves(
         points = [(r[x], r["val_loss"]) for r in records if r.get("val_loss") is not None]
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    if unigram is not None:
+        ax.axhline(unigram, color="grey", linestyle="--", linewidth=1, label="unigram")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation MLM loss")
     ax.set_title(title)

@@ -1,12 +1,17 @@
 """Offline data preparation: text corpora -> packed, statically masked MLM examples on disk.
 
-read -> clean -> deduplicate -> split by document -> tokenize -> pack -> K masked views
--> `save_to_disk`, all deterministic, so the output is a function of the fingerprint
-(documents, tokenizer vocabulary and settings). The fingerprint is computed before the
+read -> clean -> deduplicate -> split by document -> (fit a WordPiece vocabulary to the
+training split) -> tokenize -> pack -> K masked views -> `save_to_disk`, all
+deterministic, so the output is a function of the fingerprint (documents, tokenizer
+vocabulary and settings). The fingerprint is computed before the
 heavy work: a re-run with the same fingerprint reuses the existing directory.
 
 On disk, `prepared_dir/` holds `train/` and `valid/` (datasets saved with
-`save_to_disk`) and `manifest.json`, written last. Everything is built in a hidden
+`save_to_disk`), `tokenizer/` (the tokenizer the ids belong to, trained or bundled: every
+checkpoint of a run is saved with it) and `manifest.json`, written last. The manifest
+records the unigram loss of the validation targets (`unigram_loss`): the loss of a model
+that knows token frequencies and nothing else, the reference every validation loss is
+shown beside. Everything is built in a hidden
 temporary directory next to the target and renamed into place when whole, so a crash
 never leaves a directory that looks complete.
 
@@ -38,14 +43,15 @@ from transformers import PreTrainedTokenizerBase
 from cached_mslt.config import ConfigError, DataArgs, RunArgs
 from cached_mslt.corpora import Corpus, DataError, load_corpus
 from cached_mslt.masking import MaskingSpec, apply_static_masking
-from cached_mslt.tokenizer import check_vocab, load_tokenizer
+from cached_mslt.tokenizer import TRAINED, check_vocab, load_tokenizer, train_wordpiece
 
 logger = logging.getLogger(__name__)
 
 # Bump when the pipeline's output changes for the same inputs: old directories then
 # stop matching instead of being silently reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokenizer/ saved beside the splits, unigram_loss in the manifest
 MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "valid")
 
 
@@ -61,6 +67,11 @@ class PreparedData:
     train: Dataset  # torch format
     valid: Dataset  # torch format
     manifest: dict[str, Any]
+    path: Path
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer these ids belong to (saved with the data)."""
+        return load_tokenizer(str(self.path / TOKENIZER_DIR))
 
 
 def clean_documents(texts: Iterable[str]) -> tuple[list[str], dict[str, int]]:
@@ -111,11 +122,44 @@ def _example_settings(data: DataArgs) -> dict[str, Any]:
     return {
         "seq_len": data.seq_len,
         "mask_prob": data.mask_prob,
+        "valid_mask_prob": data.valid_mask_prob,
         "mask_seed": data.mask_seed,
         "views": data.views,
         "split_seed": data.split_seed,
         "valid_fraction": data.valid_fraction,
     }
+
+
+def corpus_tokenizer(data: DataArgs, splits: dict[str, list[str]]) -> PreTrainedTokenizerBase:
+    """The tokenizer the data is prepared with: a WordPiece vocabulary fitted to the
+    training split (`--tokenizer train`; validation text never shapes the vocabulary), or
+    the bundled / a local one, checked against `--vocab_size` when that is given."""
+    if data.tokenizer == TRAINED:
+        return train_wordpiece(splits["train"], data.vocab_size, data.vocab_min_frequency)
+    tokenizer = load_tokenizer(data.tokenizer)
+    if data.vocab_size is not None:
+        check_vocab(tokenizer, data.vocab_size, source="model config (--vocab_size)")
+    return tokenizer
+
+
+def unigram_loss(train: Dataset, valid: Dataset, vocab_size: int, special_ids: list[int]) -> float:
+    """Cross-entropy (nats) on the validation targets of a model that predicts every masked
+    token from the training split's token frequencies alone (add-one smoothed, special
+    tokens excluded): the level a model reaches by counting words. A loss is only
+    meaningful beside it. Reads both splits in batches (no split is held in memory)."""
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for batch in train.with_format("numpy").iter(batch_size=4096):
+        first_view = batch["view"] == 0  # every view holds the same tokens
+        labels, ids = batch["labels"][first_view], batch["input_ids"][first_view]
+        original = np.where(labels >= 0, labels, ids)  # masking changed only labelled places
+        counts += np.bincount(original.ravel(), minlength=vocab_size)
+    counts[special_ids] = 0
+    log_p = np.log((counts + 1.0) / (counts.sum() + vocab_size))
+    total, n = 0.0, 0
+    for batch in valid.with_format("numpy").iter(batch_size=4096):
+        targets = batch["labels"][batch["labels"] >= 0]
+        total, n = total - log_p[targets].sum(), n + targets.size
+    return total / max(n, 1)
 
 
 def data_fingerprint(
@@ -199,7 +243,10 @@ def _build_split(
     views = concatenate_datasets([packed] * data.views)
     views = views.add_column("sequence", np.tile(np.arange(n, dtype=np.int32), data.views))
     views = views.add_column("view", np.repeat(np.arange(data.views, dtype=np.int32), n))
-    spec = MaskingSpec.for_tokenizer(tokenizer, data.mask_seed, data.mask_prob)
+    # Validation is masked at its own rate (BERT's 15% by default), so losses stay
+    # comparable between runs that train at different masking rates.
+    rate = data.mask_prob if split == "train" else data.valid_mask_prob
+    spec = MaskingSpec.for_tokenizer(tokenizer, data.mask_seed, rate)
     masked = apply_static_masking(views, spec, split, num_proc=min(data.num_proc, len(views)))
     counts = {
         "documents": len(texts),
@@ -219,9 +266,6 @@ def prepare_dataset(args: RunArgs, overwrite: bool = False) -> Path:
         raise ConfigError(f"valid_fraction must be in (0, 1), got {data.valid_fraction}")
     if data.views < 1:
         raise ConfigError(f"views must be at least 1, got {data.views}")
-    tokenizer = load_tokenizer(data.tokenizer)
-    check_vocab(tokenizer, data.vocab_size, source="model config (--vocab_size)")
-
     corpus = load_corpus(
         data.corpus,
         text_column=data.text_column,
@@ -236,6 +280,7 @@ def prepare_dataset(args: RunArgs, overwrite: bool = False) -> Path:
             f"and --text_column"
         )
     splits = split_documents(texts, data.valid_fraction, data.split_seed)
+    tokenizer = corpus_tokenizer(data, splits)
     fingerprint = data_fingerprint(splits, tokenizer, data)
 
     target = Path(data.prepared_dir)
@@ -245,11 +290,16 @@ def prepare_dataset(args: RunArgs, overwrite: bool = False) -> Path:
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        split_counts = {}
+        split_counts, built = {}, {}
         for split in SPLITS:
-            dataset, split_counts[split] = _build_split(split, splits[split], tokenizer, data)
-            dataset.save_to_disk(str(staging / split))
+            built[split], split_counts[split] = _build_split(split, splits[split], tokenizer, data)
+            built[split].save_to_disk(str(staging / split))
+        tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        unigram = unigram_loss(
+            built["train"], built["valid"], len(tokenizer), tokenizer.all_special_ids
+        )
         manifest = _manifest(fingerprint, corpus, dropped, split_counts, tokenizer, data)
+        manifest["unigram_loss"] = unigram
         # The manifest is written last: its presence marks the directory as complete.
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _publish(staging, target)
@@ -281,7 +331,7 @@ def _manifest(
         },
         "splits": split_counts,
         **_example_settings(data),
-        "tokenizer": data.tokenizer,
+        "tokenizer": data.tokenizer,  # its source; the tokenizer itself is in tokenizer/
         "vocab_size": len(tokenizer),
         "special_token_ids": {
             name: getattr(tokenizer, f"{name}_token_id")
@@ -297,9 +347,9 @@ def _manifest(
     }
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
+def prepared_manifest(path: str | Path) -> dict[str, Any] | None:
     try:
-        return json.loads((path / MANIFEST).read_text())
+        return json.loads((Path(path) / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -308,7 +358,7 @@ def _reuse_or_refuse(target: Path, fingerprint: str, overwrite: bool) -> bool:
     """True if `target` already holds this data; raise if it holds other data (unless overwrite)."""
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         return False
-    manifest = _read_manifest(target) if target.is_dir() else None
+    manifest = prepared_manifest(target) if target.is_dir() else None
     if manifest and manifest.get("fingerprint") == fingerprint:
         logger.info(
             "reusing %s: it holds this data already (fingerprint %s)", target, fingerprint[:12]
@@ -346,7 +396,7 @@ def _publish(staging: Path, target: Path) -> None:
 def load_prepared(prepared_dir: str | Path) -> PreparedData:
     """Open a prepared directory: both splits in torch format, plus its manifest."""
     path = Path(prepared_dir)
-    manifest = _read_manifest(path)
+    manifest = prepared_manifest(path)
     if manifest is None:
         raise DataError(
             f"{path} is not a complete prepared dataset (no readable {MANIFEST}); run "
@@ -358,7 +408,7 @@ def load_prepared(prepared_dir: str | Path) -> PreparedData:
             f"reads {FORMAT_VERSION}; re-run prepare_data.py with --overwrite"
         )
     train, valid = (load_from_disk(str(path / split)).with_format("torch") for split in SPLITS)
-    return PreparedData(train=train, valid=valid, manifest=manifest)
+    return PreparedData(train=train, valid=valid, manifest=manifest, path=path)
 
 
 def summary(path: Path, manifest: dict[str, Any]) -> str:
@@ -378,5 +428,11 @@ def summary(path: Path, manifest: dict[str, Any]) -> str:
             f"({c['remainder_tokens']} remainder tokens dropped)"
         )
     total = sum(c["tokens"] for c in manifest["splits"].values())
-    lines.append(f"  total: {total:,} tokens")
+    lines.append(
+        f"  total: {total:,} tokens; vocabulary {manifest['vocab_size']:,} ({manifest['tokenizer']})"
+    )
+    lines.append(
+        f"  unigram loss of the validation targets: {manifest['unigram_loss']:.3f} "
+        "(token frequencies alone; a model must get below it to have learned anything else)"
+    )
     return "\n".join(lines)

@@ -33,14 +33,14 @@ from cached_mslt.metrics import (
     MetricsWriter,
     RunClock,
     Stopwatch,
+    below_unigram,
     markdown_table,
     plot_curves,
     read_metrics,
 )
 from cached_mslt.model import build_model, check_tied, frozen_modules, grow
 from cached_mslt.plan import Stage, StagePlan
-from cached_mslt.prepare import load_prepared
-from cached_mslt.tokenizer import check_vocab, load_tokenizer
+from cached_mslt.prepare import load_prepared, prepared_manifest
 from cached_mslt.trainer import Phase, train_phase
 from storage import ActivationStore, BlockDataset, fingerprint_module
 
@@ -181,10 +181,7 @@ def run_stage(
         return done
 
     data = load_prepared(args.data.prepared_dir)
-    tokenizer = load_tokenizer(args.data.tokenizer)
-    check_vocab(
-        tokenizer, data.manifest["vocab_size"], source=f"prepared data in {args.data.prepared_dir}"
-    )
+    tokenizer = data.tokenizer()  # saved with every checkpoint: the ids are its ids
     previous = read_manifest(args, index - 1) if index > 1 else None
     clock = RunClock(**previous["clock"]) if previous else RunClock()
     set_seed(args.train.seed + index)  # a stage's randomness does not depend on how it was launched
@@ -376,6 +373,7 @@ def run_all(args: RunArgs) -> list[dict[str, Any]]:
 
 
 def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: Path) -> str:
+    unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
     rows = [
         {
             "stage": m["stage"]["name"],
@@ -386,6 +384,7 @@ def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: P
             "train s": m["timings"]["train_s"],
             "tokens/s": m["train"]["tokens_per_s"],
             "val loss": m["train"]["val_loss"],
+            "below unigram %": below_unigram(m["train"]["val_loss"], unigram),
         }
         for m in manifests
     ]
@@ -397,13 +396,23 @@ def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: P
         run_dir / "val_loss.png",
         f"{args.model.preset}: validation loss",
         "wall-clock seconds (cache builds included)",
+        unigram=unigram,
     )
     total = manifests[-1]["clock"]
+    final = manifests[-1]["train"]["val_loss"]
+    reference = (
+        f"Unigram loss of the validation targets (token frequencies alone): {unigram:.3f}; the "
+        f"final model is {below_unigram(final, unigram):.1f}% below it.\n"
+        if unigram is not None and final is not None
+        else ""
+    )
     text = (
-        f"# Run summary: {run_dir}\n\n{table}\n\n"
-        f"Total: {total['step']} steps, {total['tokens']:,} tokens, {total['wall_s']:.0f} s wall-clock "
-        f"({total.get('cpu_s', 0):.0f} s CPU), cache builds included, validation excluded.\n"
-        f"Final model: `{final_model}` (BertForMaskedLM.from_pretrained). Plot: `val_loss.png`.\n"
+        f"# Run summary: {run_dir}\n\n{table}\n\n{reference}"
+        f"Total: {total['step']:,} steps, {total['tokens']:,} tokens, {total['wall_s']:.0f} s "
+        f"wall-clock ({total.get('cpu_s', 0):.0f} s CPU), cache builds included, validation "
+        "excluded.\n"
+        f"Final model: `{final_model}` (AutoModelForMaskedLM and AutoTokenizer load it). "
+        "Plot: `val_loss.png`.\n"
     )
     (run_dir / "summary.md").write_text(text)
     print("\n" + text)

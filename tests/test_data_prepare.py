@@ -45,7 +45,12 @@ def corpus(tmp_path_factory, doc_words) -> tuple[Path, list[str]]:
 
 def args_for(corpus_path, prepared_dir, **overrides):
     settings = dict(
-        corpus=[str(corpus_path)], seq_len=SEQ_LEN, valid_fraction=0.25, views=2, num_proc=1
+        corpus=[str(corpus_path)],
+        tokenizer="bundled",
+        seq_len=SEQ_LEN,
+        valid_fraction=0.25,
+        views=2,
+        num_proc=1,
     )
     return run_args("tiny", prepared_dir=str(prepared_dir), **{**settings, **overrides})
 
@@ -243,6 +248,7 @@ def run_pipeline(monkeypatch, *flags: str) -> None:
 def test_pipeline_script_prepares_user_files(tmp_path, corpus, monkeypatch, capsys):
     out = tmp_path / "data"
     flags = ["--seq_len", str(SEQ_LEN), "--prepared_dir", str(out), "--num_proc", "1"]
+    flags += ["--tokenizer", "bundled"]
     # A file and the folder holding it: every document comes twice.
     run_pipeline(
         monkeypatch, "--preset", "tiny", "--corpus", str(corpus[0]), str(corpus[0].parent), *flags
@@ -253,3 +259,55 @@ def test_pipeline_script_prepares_user_files(tmp_path, corpus, monkeypatch, caps
     # A user error is a one-line message and a non-zero exit, not a traceback.
     with pytest.raises(SystemExit, match="error: .* already holds a different prepared dataset"):
         run_pipeline(monkeypatch, "--corpus", str(corpus[0]), "--mask_seed", "1", *flags)
+
+
+def test_unigram_loss_is_the_cross_entropy_of_training_frequencies_on_valid_targets():
+    from datasets import Dataset
+
+    from cached_mslt.prepare import unigram_loss
+
+    # Train holds tokens 5,5,5,6 in view 0 (one of them masked: its label carries it) and a
+    # second view that must not be counted twice; validation asks for tokens 5 and 6.
+    train = Dataset.from_dict(
+        {
+            "input_ids": [[2, 5, 4, 5, 6, 3], [2, 4, 4, 4, 4, 3]],
+            "labels": [[-100, -100, 5, -100, -100, -100], [-100, 5, 5, 5, 6, -100]],
+            "view": [0, 1],
+        }
+    )
+    valid = Dataset.from_dict({"labels": [[-100, 5, -100, 6]], "view": [0]})
+    vocab = 10  # add-one smoothing over every id; the 5 special ids get no counts of their own
+    p5, p6 = (3 + 1) / (4 + vocab), (1 + 1) / (4 + vocab)
+    expected = -(np.log(p5) + np.log(p6)) / 2
+    assert unigram_loss(train, valid, vocab, [0, 1, 2, 3, 4]) == pytest.approx(expected)
+
+
+def test_trained_vocabulary_is_saved_with_the_data_and_changes_its_fingerprint(tmp_path):
+    from tests.conftest import synthetic_corpus
+
+    corpus = synthetic_corpus(tmp_path / "corpus.txt", documents=80)
+    prepared = {}
+    for size in (120, 150):
+        out = tmp_path / f"v{size}"
+        prepare_dataset(
+            run_args(
+                "tiny",
+                corpus=[str(corpus)],
+                tokenizer="train",
+                vocab_size=size,
+                prepared_dir=str(out),
+                seq_len=SEQ_LEN,
+                num_proc=1,
+                valid_fraction=0.1,
+            )
+        )
+        prepared[size] = load_prepared(out)
+    small, large = prepared[120], prepared[150]
+    assert small.manifest["fingerprint"] != large.manifest["fingerprint"]
+    assert (small.manifest["vocab_size"], large.manifest["vocab_size"]) == (120, 150)
+    assert len(small.tokenizer()) == 120 and small.manifest["tokenizer"] == "train"
+    # The saved tokenizer is the one the ids came from: decoding a row gives corpus words.
+    words = small.tokenizer().decode(small.train[0]["labels"][small.train[0]["labels"] >= 0])
+    assert words and all(w.isalpha() for w in words.replace("#", "").split())
+    for p in (small, large):
+        assert 0 < p.manifest["unigram_loss"] < np.log(p.manifest["vocab_size"])

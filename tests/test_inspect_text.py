@@ -8,7 +8,6 @@ import torch
 
 from cached_mslt.inspect import nearest_rows, row_text
 from cached_mslt.prepare import load_prepared
-from cached_mslt.tokenizer import load_tokenizer
 from storage import StaleStoreError, StoreSpec
 from tests.inspect_support import write_store
 
@@ -21,8 +20,8 @@ def prepared(prepared_dir):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("bundled")
+def tokenizer(prepared):
+    return prepared.tokenizer()
 
 
 def store_of_examples(path, prepared, examples: np.ndarray, hidden=None):

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import cached_mslt.methods.pld  # noqa: F401  (registers the pre-LN model with Auto classes)
 from cached_mslt.config import MethodArgs
@@ -38,9 +38,13 @@ def test_method_runs_and_writes_common_metrics(prepared_dir, tmp_path, name):
     assert steps == sorted(steps)
     saved = json.loads((tmp_path / name / "result.json").read_text())
     assert saved["status"] == "ok"
+    # The checkpoint and its own tokenizer load together through the Auto classes.
     model = AutoModelForMaskedLM.from_pretrained(saved["final_model"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(saved["final_model"])
+    assert len(tokenizer) == model.config.vocab_size
+    batch = tokenizer(["the river and the city", "a new film"], padding=True, return_tensors="pt")
     with torch.no_grad():
-        logits = model(input_ids=torch.randint(5, 500, (2, 32))).logits
+        logits = model(**batch).logits
     assert torch.isfinite(logits).all()
 
 

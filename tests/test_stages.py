@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from transformers import BertForMaskedLM
+from transformers import AutoTokenizer, BertForMaskedLM
 
 from cached_mslt import trainer
 from cached_mslt.config import ConfigError
 from cached_mslt.metrics import read_metrics
+from cached_mslt.prepare import load_prepared
 from cached_mslt.stages import StageError, run_all, run_stage, stage_dir
 from storage import StaleStoreError
 from tests.conftest import small_run
@@ -43,11 +44,21 @@ def test_full_schedule_writes_loadable_tied_checkpoint_and_metrics(prepared_dir,
         assert all(field in r for r in records), field
     assert any("val_loss" in r for r in records)
     assert [r["step"] for r in records] == sorted(r["step"] for r in records)
-    assert (tmp_path / "run" / "summary.md").exists() and (
-        tmp_path / "run" / "val_loss.png"
-    ).exists()
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert (tmp_path / "run" / "val_loss.png").exists()
+    # Every loss is shown beside the unigram loss of the data it was measured on.
+    unigram = load_prepared(prepared_dir).manifest["unigram_loss"]
+    assert (
+        f"Unigram loss of the validation targets (token frequencies alone): {unigram:.3f}"
+        in summary
+    )
+    assert "below unigram %" in summary
+    # The checkpoint loads with its own tokenizer, the one the data was prepared with.
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.get_vocab() == load_prepared(prepared_dir).tokenizer().get_vocab()
+    assert len(tokenizer) == model.config.vocab_size
     # The checkpoint gives the same logits after a save/load round trip.
-    ids = torch.randint(5, 1000, (2, 32))
+    ids = torch.randint(5, model.config.vocab_size, (2, 32))
     again = BertForMaskedLM.from_pretrained(final).eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)

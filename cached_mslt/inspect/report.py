@@ -198,7 +198,6 @@ def _selected(report: Report, opts: InspectOptions) -> str | None:
 
 def _text(report: Report, opts: InspectOptions) -> None:
     from cached_mslt.prepare import load_prepared
-    from cached_mslt.tokenizer import load_tokenizer
 
     label = _selected(report, opts)
     if label is None:
@@ -222,7 +221,7 @@ def _text(report: Report, opts: InspectOptions) -> None:
             ),
         )
         return
-    tokenizer = load_tokenizer(data.manifest.get("tokenizer", "bundled"))
+    tokenizer = data.tokenizer()
 
     def lookup(store: ActivationStore) -> None:
         if opts.show_row is not None:

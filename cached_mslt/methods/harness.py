@@ -27,7 +27,6 @@ from cached_mslt.metrics import MetricsWriter, RunClock
 from cached_mslt.model import build_model
 from cached_mslt.prepare import PreparedData, load_prepared
 from cached_mslt.stages import block_rows_for, rows_per_step, train_rows
-from cached_mslt.tokenizer import load_tokenizer
 from cached_mslt.trainer import Phase, train_phase
 
 RESULT = "result.json"
@@ -185,7 +184,7 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
         final = run_dir / "final"
         if accelerator.is_main_process:
             model.save_pretrained(final)
-            load_tokenizer(args.data.tokenizer).save_pretrained(final)
+            data.tokenizer().save_pretrained(final)
         result.update(status="ok", final_model=str(final))
     except Exception as e:  # reported in the comparison table; the other methods still run
         result.update(

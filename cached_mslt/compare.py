@@ -14,7 +14,7 @@ from accelerate import PartialState
 from cached_mslt.config import ConfigError, MethodArgs, RunArgs
 from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
 from cached_mslt.linear_probe import PROBE_FILE, linear_probe
-from cached_mslt.methods.harness import RESULT, run_method, run_settings
+from cached_mslt.methods.harness import RESULT, method_budget, run_method, run_settings
 from cached_mslt.metrics import below_unigram, markdown_table, plot_curves, read_metrics
 from cached_mslt.prepare import load_prepared, prepared_manifest
 
@@ -103,12 +103,33 @@ def finetune_columns(run_dir: Path) -> dict[str, str]:
     return columns
 
 
-def _first_reaching(records: list[dict[str, Any]], target: float | None) -> dict[str, Any] | None:
+def time_to_loss(
+    records: list[dict[str, Any]], target: float | None, x: str = "wall_s"
+) -> float | None:
+    """When (in `x`: wall_s, cpu_s, flops or tokens) the validation loss first reached
+    `target`, interpolated linearly between the two evaluations around the crossing; None
+    if it never did. Evaluations are sparse, so the first one at or below the target alone
+    would overstate the time by up to an evaluation interval."""
     if target is None:
         return None
-    return next(
-        (r for r in records if r.get("val_loss") is not None and r["val_loss"] <= target), None
-    )
+    points = [(r[x], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    for i, (at, loss) in enumerate(points):
+        if loss <= target:
+            if i == 0:
+                return at
+            (at0, loss0) = points[i - 1]
+            return at0 + (at - at0) * (loss0 - target) / (loss0 - loss)
+    return None
+
+
+def loss_at(records: list[dict[str, Any]], when: float, x: str = "wall_s") -> float | None:
+    """The validation loss at `when` (in `x`), interpolated between evaluations; None before
+    the first evaluation or after the last."""
+    points = [(r[x], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    for (at0, loss0), (at1, loss1) in zip(points, points[1:]):
+        if at0 <= when <= at1:
+            return loss0 if at1 == at0 else loss0 + (loss1 - loss0) * (when - at0) / (at1 - at0)
+    return points[-1][1] if points and points[-1][0] == when else None
 
 
 def summarize(root: Path, methods: list[str], unigram: float | None = None) -> list[dict[str, Any]]:
@@ -142,11 +163,13 @@ def summarize(root: Path, methods: list[str], unigram: float | None = None) -> l
         if base and base["wall s"] and row["wall s"] is not None:
             row["wall / full"] = row["wall s"] / base["wall s"]
             row["cpu / full"] = row["cpu s"] / base["cpu s"]
-        hit = _first_reaching(curves[row["method"]], target)
-        row["s to baseline loss"] = hit["wall_s"] if hit else None
-        if hit and base and base["wall s"]:
-            row["x baseline wall"] = hit["wall_s"] / base["wall s"]
-            row["x baseline cpu"] = hit["cpu_s"] / base["cpu s"]
+        records = curves[row["method"]]
+        row["s to baseline loss"] = time_to_loss(records, target, "wall_s")
+        if row["s to baseline loss"] is not None and base and base["wall s"]:
+            row["x baseline wall"] = row["s to baseline loss"] / base["wall s"]
+            row["x baseline cpu"] = time_to_loss(records, target, "cpu_s") / base["cpu s"]
+        if base and base["wall s"]:  # the loss each method had when half the time was gone
+            row["val loss @ half"] = loss_at(records, base["wall s"] / 2, "wall_s")
     return rows
 
 
@@ -179,6 +202,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "cpu / full",
         "PFLOPs",
         "tokens",
+        "val loss @ half",
         "final val loss",
         "below unigram %",
         "s to baseline loss",
@@ -189,14 +213,16 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
     text = "\n".join(
         [
-            f"# Method comparison: preset `{args.model.preset}`, {int(method.budget_tokens):,} tokens each",
+            f"# Method comparison: preset `{args.model.preset}`, {method_budget(method).describe()} each",
             "",
             markdown_table(rows, columns),
             "",
             f"`wall / full`, `cpu / full`: the method's whole pretraining time over `{BASELINE}`'s. "
+            f"`val loss @ half`: validation loss at half `{BASELINE}`'s wall-clock. "
             f"`s to baseline loss`: wall-clock when the method's validation loss first reached `{BASELINE}`'s "
-            "final validation loss (`-`: never, within the budget). Plots: `val_loss_vs_wall.png`, "
-            "`val_loss_vs_flops.png`.",
+            "final validation loss, interpolated between evaluations (`-`: never, within the "
+            "budget); `x baseline wall` / `cpu`: that time over the baseline's whole run. Plots: "
+            "`val_loss_vs_wall.png`, `val_loss_vs_flops.png` (dashed: the unigram loss).",
             "",
             "Unigram loss of the validation targets (token frequencies alone): "
             + (f"{unigram:.3f}." if unigram is not None else "not recorded by this prepared data."),

@@ -254,7 +254,23 @@ class MethodArgs:
         default_factory=lambda: ["full", "mslt-cached"],
         metadata={"help": "full stacking mslt-live mslt-cached pld share-unshare multilevel"},
     )
-    budget_tokens: float = field(default=2097152, metadata={"help": "training tokens per method"})
+    budget_tokens: float | None = field(
+        default=None,
+        metadata={
+            "help": "training tokens per method (default 2,097,152 when no other budget is "
+            "given); with several budgets, the first one used up ends the run"
+        },
+    )
+    budget_wall_s: float | None = field(
+        default=None,
+        metadata={
+            "help": "wall-clock seconds per method (cache builds included, evaluation "
+            "excluded): every method's phases and learning-rate schedules fit in it"
+        },
+    )
+    budget_flops: float | None = field(
+        default=None, metadata={"help": "model FLOPs per method (cached_mslt.flops count)"}
+    )
     compare_dir: str | None = field(
         default=None, metadata={"help": "default runs/compare-<preset>"}
     )
@@ -268,6 +284,13 @@ class MethodArgs:
             "help": "keep a method's finished run in compare_dir (same settings) instead of "
             "training it again: methods can run as separate, parallel calls and be fine-tuned "
             "or reported later"
+        },
+    )
+    mslt_joint_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "mslt-live / mslt-cached: share of the budget for a final joint phase "
+            "(every layer trains, live); the stages split the rest"
         },
     )
     # progressive stacking: 3 -> 6 -> 12; shares of the budget before each doubling

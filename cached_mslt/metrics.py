@@ -107,22 +107,24 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-# Digits people read, by what a column holds (matched on the column name's ending): token
-# rates and counts whole, seconds to a tenth, losses to three places.
-_DIGITS = (
-    ("tokens/s", 0),
-    (" s", 1),
-    ("_s", 1),
-    ("loss", 3),
-    ("%", 1),
-)
+# Digits people read, by what a column holds (its name): token rates and counts whole,
+# seconds to a tenth, losses to three places, percentages to one, ratios to two.
+def _digits(column: str) -> int:
+    words = column.replace("_", " ").split() or [""]
+    if "tokens/s" in words:
+        return 0
+    if "s" in (words[0], words[-1]) or column.endswith("%"):
+        return 1
+    if "loss" in words:
+        return 3
+    return 2 if words[0] == "x" or "/" in words else 3
 
 
 def _fmt(value: Any, column: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
-        digits = next((d for end, d in _DIGITS if column.endswith(end)), 3)
+        digits = _digits(column)
         return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"

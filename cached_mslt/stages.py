@@ -26,6 +26,7 @@ from transformers import BertForMaskedLM
 
 from cached_mslt import __version__
 from cached_mslt.blocks import PreparedBlocks
+from cached_mslt.budget import PhaseShare
 from cached_mslt.cache import CacheRequest, build_cache
 from cached_mslt.config import RunArgs
 from cached_mslt.flops import layer_forward_flops, step_flops
@@ -47,6 +48,7 @@ from storage import ActivationStore, BlockDataset, fingerprint_module
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+UNBOUNDED_STEPS = 2**62
 # Options that define what a run is; a later stage launched with different values would
 # silently mix two runs, so it is refused.
 RUN_IDENTITY = {
@@ -166,9 +168,11 @@ def run_stage(
     index: int,
     accelerator: Accelerator | None = None,
     extra: dict[str, Any] | None = None,
+    share: PhaseShare | None = None,
 ) -> dict[str, Any]:
     """Run stage `index` of the plan: nothing if it is done, resume if it was interrupted.
-    `extra` is added to every metrics line (the comparison harness adds `method`)."""
+    `extra` is added to every metrics line (the comparison harness adds `method`). With
+    `share`, the stage trains until that share of a comparison's budget is spent."""
     plan = StagePlan.from_args(args)
     stage = plan[index]
     accelerator = accelerator or make_accelerator(args)
@@ -241,11 +245,14 @@ def run_stage(
         name=stage.name,
         model=model,
         frozen_layers=stage.frozen_layers,
-        steps=steps,
+        # Under a share of a budget the share ends the stage; the plan's steps only
+        # informed the cache decision above.
+        steps=steps if share is None else UNBOUNDED_STEPS,
         blocks=blocks,
         cached=cached,
         learning_rate=args.train.learning_rate,
-        warmup_steps=int(args.schedule.warmup_fraction * steps),
+        warmup_fraction=args.schedule.warmup_fraction,
+        share=share,
         lr_schedule=args.schedule.lr_schedule,
         checkpoint_dir=stage_dir(args, index) / "checkpoint",
         flops_per_step=lambda c: step_flops(

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
+from cached_mslt.budget import PhaseShare, lr_factor
 from cached_mslt.config import RunArgs
 from cached_mslt.metrics import MetricsWriter, RunClock, Stopwatch
 from cached_mslt.model import (
@@ -40,12 +41,15 @@ class Phase:
     name: str  # "stage-2", "full", ...: the `stage` field of every metrics line
     model: nn.Module  # the whole model; the phase decides what of it trains
     frozen_layers: int  # 0: everything trains, from token ids
-    steps: int  # optimizer steps
+    steps: int  # optimizer steps (with `share`: an upper bound)
     blocks: Any  # map-style dataset of row blocks: store BlockDataset or PreparedBlocks
     cached: bool  # blocks hold hidden states (else token ids)
     learning_rate: float
-    warmup_steps: int
+    warmup_fraction: float  # of the phase: linear warmup, then decay to zero
     lr_schedule: str = "linear"
+    # Set when the phase trains on a share of a budget (tokens, wall-clock or FLOPs): it ends
+    # when the share is spent, and its learning rate follows its progress through it.
+    share: PhaseShare | None = None
     checkpoint_dir: Path | None = None  # mid-phase save_state (resume)
     # Methods hook in here: PLD sets its keep probability, counts what a step costs.
     before_step: Callable[[int], None] | None = None
@@ -151,11 +155,13 @@ def train_phase(
     if phase.init_optimizer is not None:
         phase.init_optimizer(optimizer)
     phase.optimizer = optimizer
-    scheduler = get_scheduler(
-        phase.lr_schedule,
+    # The learning rate follows the phase's progress: steps done over steps planned, or the
+    # share of its budget spent. One rule for both, and it ignores LambdaLR's step count,
+    # which Accelerate advances once per process each step.
+    done = {"progress": phase.share.progress(clock) if phase.share else 0.0}
+    scheduler = LambdaLR(
         optimizer,
-        num_warmup_steps=phase.warmup_steps,
-        num_training_steps=phase.steps,
+        lambda _: lr_factor(done["progress"], phase.warmup_fraction, phase.lr_schedule),
     )
     rows_per_batch = t.batch_size
     loader = make_block_loader(
@@ -183,9 +189,14 @@ def train_phase(
         accelerator.print(f"{phase.name}: resumed at step {step}/{phase.steps}")
 
     watch = Stopwatch(clock)
+
+    def progress() -> float:
+        return phase.share.progress(clock) if phase.share else step / phase.steps
+
+    done["progress"] = progress()  # where a resumed phase stands
     set_modes(model, phase.frozen_layers)
     bar = tqdm(
-        total=phase.steps,
+        total=None if phase.share else phase.steps,
         initial=step,
         desc=phase.name,
         unit="step",
@@ -193,7 +204,10 @@ def train_phase(
     )
     running_loss, running_n = 0.0, 0
     last_val = None
-    stopping = t.max_wall_s is not None and clock.wall_s >= t.max_wall_s
+    watches_wall = t.max_wall_s is not None or (phase.share and phase.share.budget.wall_s)
+    stopping = (t.max_wall_s is not None and clock.wall_s >= t.max_wall_s) or (
+        phase.share is not None and done["progress"] >= 1.0
+    )
     while step < phase.steps and not stopping:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -211,7 +225,6 @@ def train_phase(
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, t.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
             counts = accelerator.reduce(
                 torch.tensor(
@@ -233,12 +246,16 @@ def train_phase(
             step += 1
             clock.step += 1
             bar.update(1)
-            if t.max_wall_s is not None:
-                out_of_time = torch.tensor(
-                    float(watch.tick() >= t.max_wall_s), device=accelerator.device
-                )
-                # Every rank stops at the same step, or the next all-reduce would hang.
-                stopping = bool(accelerator.reduce(out_of_time, reduction="sum") > 0)
+            if watches_wall:
+                # Every rank takes the slowest rank's clock, so all see the same progress and
+                # stop at the same step (else the next all-reduce would hang).
+                wall = torch.tensor(watch.tick(), dtype=torch.float64, device=accelerator.device)
+                clock.wall_s = float(accelerator.reduce(wall, reduction="max"))
+            done["progress"] = progress()
+            scheduler.step()  # the next step's rate
+            stopping = (t.max_wall_s is not None and clock.wall_s >= t.max_wall_s) or (
+                phase.share is not None and done["progress"] >= 1.0
+            )
             last = step == phase.steps or stopping
             record: dict[str, Any] = {}
             if step % t.eval_every == 0 or last:

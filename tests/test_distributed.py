@@ -81,6 +81,11 @@ def test_two_rank_build_and_training_match_one_process(prepared_dir, tmp_path):
     loss_one = [r["train_loss"] for r in read_metrics(tmp_path / "one") if r["stage"] == "stage-2"]
     loss_two = [r["train_loss"] for r in read_metrics(tmp_path / "two") if r["stage"] == "stage-2"]
     assert len(loss_one) == len(loss_two) == 4
+    # The learning-rate schedule follows global steps on any number of ranks (Accelerate
+    # steps a scheduler once per process; the schedule here follows progress instead).
+    lr_one = [r["lr"] for r in read_metrics(tmp_path / "one") if r["stage"] == "stage-2"]
+    lr_two = [r["lr"] for r in read_metrics(tmp_path / "two") if r["stage"] == "stage-2"]
+    assert lr_one == lr_two
     np.testing.assert_allclose(loss_one[:2], loss_two[:2], rtol=1e-6)
     np.testing.assert_allclose(loss_one, loss_two, rtol=1e-3)
     p1 = BertForMaskedLM.from_pretrained(stage_dir(one, 2) / "model").state_dict()

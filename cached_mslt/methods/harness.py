@@ -6,7 +6,6 @@ what trains in each; `ctx.train` is the shared loop (cached_mslt.trainer.train_p
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 import traceback
@@ -21,15 +20,17 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 
 from cached_mslt.blocks import PreparedBlocks
+from cached_mslt.budget import Budget, PhaseShare
 from cached_mslt.config import MethodArgs, RunArgs
 from cached_mslt.flops import step_flops
 from cached_mslt.metrics import MetricsWriter, RunClock
 from cached_mslt.model import build_model
 from cached_mslt.prepare import PreparedData, load_prepared
-from cached_mslt.stages import block_rows_for, rows_per_step, train_rows
+from cached_mslt.stages import UNBOUNDED_STEPS, block_rows_for, train_rows
 from cached_mslt.trainer import Phase, train_phase
 
 RESULT = "result.json"
+DEFAULT_BUDGET_TOKENS = 2_097_152
 
 
 @dataclass
@@ -47,19 +48,19 @@ class MethodContext:
     last_optimizer: torch.optim.Optimizer | None = None
 
     @property
-    def budget_tokens(self) -> int:
-        return int(self.method.budget_tokens)
-
-    @property
-    def tokens_per_step(self) -> int:
-        return rows_per_step(self.args, self.accelerator.num_processes) * self.args.data.seq_len
+    def budget(self) -> Budget:
+        return method_budget(self.method)
 
     @property
     def out_of_budget(self) -> bool:
         wall = self.args.train.max_wall_s
-        return self.clock.tokens >= self.budget_tokens or (
+        return self.budget.spent(self.clock) >= 1.0 or (
             wall is not None and self.clock.wall_s >= wall
         )
+
+    def share(self, end: float) -> PhaseShare:
+        """The next phase's part of the budget: from what is spent now to `end` (<= 1)."""
+        return PhaseShare(self.budget, self.budget.spent(self.clock), min(1.0, end))
 
     def new_model(self, num_layers: int) -> nn.Module:
         return build_model(
@@ -70,7 +71,7 @@ class MethodContext:
         self,
         phase_name: str,
         model: nn.Module,
-        tokens: float,
+        share: float,
         *,
         lr_multiplier: float = 1.0,
         before_step: Callable[[int], None] | None = None,
@@ -78,12 +79,10 @@ class MethodContext:
         trained_layers: Callable[[], int] | None = None,
         init_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
     ) -> dict[str, Any]:
-        """Train every parameter of `model` on `tokens` tokens (capped by what is left of the
-        budget), with its own warmup and decay, counting FLOPs of the layers that ran."""
-        tokens = min(tokens, self.budget_tokens - self.clock.tokens)
-        if tokens <= 0 or self.out_of_budget:
+        """Train every parameter of `model` on `share` more of the budget (capped by what
+        is left), with its own warmup and decay, counting FLOPs of the layers that ran."""
+        if self.out_of_budget:
             return {"skipped": True}
-        steps = max(1, math.ceil(tokens / self.tokens_per_step))
         config, seq_len = model.config, self.args.data.seq_len
         layers = trained_layers or (lambda: config.num_hidden_layers)
         rows = train_rows(self.args, len(self.data.train))
@@ -91,13 +90,14 @@ class MethodContext:
             name=phase_name,
             model=model,
             frozen_layers=0,
-            steps=steps,
+            steps=UNBOUNDED_STEPS,
+            share=self.share(self.budget.spent(self.clock) + share),
             blocks=PreparedBlocks(
                 self.data.train, block_rows_for(self.args.train.batch_size), rows
             ),
             cached=False,
             learning_rate=self.args.train.learning_rate * lr_multiplier,
-            warmup_steps=int(self.args.schedule.warmup_fraction * steps),
+            warmup_fraction=self.args.schedule.warmup_fraction,
             lr_schedule=self.args.schedule.lr_schedule,
             before_step=before_step,
             trainable=trainable,
@@ -119,6 +119,17 @@ class MethodContext:
         self.phases.append({"phase": phase_name, "layers": config.num_hidden_layers, **stats})
         self.last_optimizer = phase.optimizer
         return stats
+
+
+def method_budget(method: MethodArgs) -> Budget:
+    """The budget every method of a comparison gets (tokens by default)."""
+    if (
+        method.budget_tokens is None
+        and method.budget_wall_s is None
+        and method.budget_flops is None
+    ):
+        return Budget(tokens=DEFAULT_BUDGET_TOKENS)
+    return Budget(method.budget_tokens, method.budget_wall_s, method.budget_flops)
 
 
 def _method(name: str):

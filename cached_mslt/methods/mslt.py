@@ -1,32 +1,47 @@
-"""MSLT through the staged trainer: the stage plan with the budget split evenly over the
-stages, live (`cache: never`) or from the activation store (`cache: always`)."""
+"""MSLT through the staged trainer, live (`cache: never`) or from the activation store
+(`cache: always`). The stages split the comparison's budget evenly (stage k ends when
+k/n of it is spent); with `mslt_joint_fraction`, a final joint phase (every layer trains,
+live) takes that share of the budget and the stages split the rest."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from transformers import BertForMaskedLM
+from transformers import AutoModelForMaskedLM, PreTrainedModel
 
 from cached_mslt.metrics import RunClock
 from cached_mslt.plan import StagePlan
 from cached_mslt.stages import read_manifest, run_stage, stage_dir
 
 
-def _run(ctx, cache: str) -> BertForMaskedLM:
-    plan_args = replace(
-        ctx.args, schedule=replace(ctx.args.schedule, cache=cache, stage_steps=None)
+def _run(ctx, cache: str) -> PreTrainedModel:
+    budget, joint = ctx.budget, ctx.method.mslt_joint_fraction
+    n = len(StagePlan.from_args(ctx.args).stages) - (ctx.args.schedule.joint_tokens > 0)
+    # Shares end the phases; token counts only inform `--cache auto` (under a token budget,
+    # the stage's even split of it; otherwise the schedule's own stage_tokens).
+    stage_tokens = ctx.args.schedule.stage_tokens
+    if budget.tokens is not None:
+        stage_tokens = str(budget.tokens * (1 - joint) / n)
+    schedule = replace(
+        ctx.args.schedule,
+        cache=cache,
+        stage_steps=None,
+        stage_tokens=stage_tokens,
+        joint_tokens=(budget.tokens or 1.0) * joint,  # > 0 adds the joint phase to the plan
     )
-    stages = StagePlan.from_args(plan_args).stages
-    per_stage = ctx.budget_tokens / len(stages)
-    args = replace(plan_args, schedule=replace(plan_args.schedule, stage_tokens=str(per_stage)))
+    args = replace(ctx.args, schedule=schedule)
     done = None
     for stage in StagePlan.from_args(args).stages:
-        manifest = run_stage(args, stage.index, ctx.accelerator, extra={"method": ctx.name})
+        end = 1.0 if stage.joint else (1 - joint) * stage.index / n
+        manifest = run_stage(
+            args, stage.index, ctx.accelerator, extra={"method": ctx.name}, share=ctx.share(end)
+        )
         ctx.clock = RunClock(**manifest["clock"])
         ctx.phases.append(
             {
                 "phase": stage.name,
                 "mode": manifest["mode"],
+                "cache_decision": manifest["cache_decision"],
                 **manifest["train"],
                 **manifest["timings"],
             }
@@ -35,12 +50,12 @@ def _run(ctx, cache: str) -> BertForMaskedLM:
         if ctx.out_of_budget:
             break
     assert read_manifest(args, done) is not None
-    return BertForMaskedLM.from_pretrained(stage_dir(args, done) / "model")
+    return AutoModelForMaskedLM.from_pretrained(stage_dir(args, done) / "model")
 
 
-def run_live(ctx) -> BertForMaskedLM:
+def run_live(ctx) -> PreTrainedModel:
     return _run(ctx, "never")
 
 
-def run_cached(ctx) -> BertForMaskedLM:
+def run_cached(ctx) -> PreTrainedModel:
     return _run(ctx, "always")

@@ -114,14 +114,12 @@ def run(ctx) -> BertForMaskedLM:
     """One V-cycle: train the large model briefly, coalesce to half depth, train the small
     model (at `vcycle_small_lr_multiplier` x the learning rate), de-coalesce, interpolate with
     the large model (alpha), and train the large model to the end of the budget."""
-    m, budget = ctx.method, ctx.budget_tokens
+    m = ctx.method
     depth = ctx.args.model.num_layers
     large = ctx.new_model(depth)
-    ctx.train("large", large, budget * m.vcycle_large_fraction)
+    ctx.train("large", large, m.vcycle_large_fraction)
     small = coalesce_depth(large)
-    ctx.train(
-        "small", small, budget * m.vcycle_small_fraction, lr_multiplier=m.vcycle_small_lr_multiplier
-    )
+    ctx.train("small", small, m.vcycle_small_fraction, lr_multiplier=m.vcycle_small_lr_multiplier)
     model = interpolate(large, decoalesce_depth(small, depth), alpha=m.vcycle_alpha)
-    ctx.train("large-after", model, budget)
+    ctx.train("large-after", model, 1.0)
     return model

@@ -284,7 +284,7 @@ def run(ctx) -> PreLNBertForMaskedLM:
     ctx.train(
         "pld",
         model,
-        ctx.budget_tokens,
+        1.0,
         before_step=lambda step: model.set_theta(keep_prob(step, m.pld_theta_bar, m.pld_gamma)),
         trainable=_MaskedLMLoss(model),
         trained_layers=lambda: model.last_layers_run,

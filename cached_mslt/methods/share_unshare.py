@@ -86,13 +86,13 @@ def run(ctx) -> BertForMaskedLM:
     """One shared block for the first `share_fraction` of the budget, then L untied copies
     that keep the shared block's AdamW state, trained to the end of the budget."""
     shared = share_layers(ctx.new_model(ctx.args.model.num_layers))
-    ctx.train("shared", shared, ctx.budget_tokens * ctx.method.share_fraction)
+    ctx.train("shared", shared, ctx.method.share_fraction)
     shared_optimizer = ctx.last_optimizer
     model = unshare_layers(shared)
     ctx.train(
         "unshared",
         model,
-        ctx.budget_tokens,
+        1.0,
         init_optimizer=lambda opt: (
             unshare_optimizer_state(shared_optimizer, shared, opt, model)
             if shared_optimizer is not None

@@ -42,5 +42,5 @@ def run(ctx) -> BertForMaskedLM:
         if i:
             model = stack_double(model)
         share = fractions[i] if i < len(fractions) else 1.0  # the last depth takes the rest
-        ctx.train(f"{depth}-layers", model, ctx.budget_tokens * share)
+        ctx.train(f"{depth}-layers", model, share)
     return model

@@ -1,0 +1,78 @@
+"""Training budgets: how much of a run's compute is spent, in whatever it is counted.
+
+A comparison gives every method the same budget: tokens, wall-clock seconds or model
+FLOPs (any of them; the first one used up ends the run). A method splits the budget into
+phases by shares (stacking's depths, MSLT's stages, the V-cycle's levels); a phase ends
+when the spent share reaches the phase's end, and its learning rate follows the phase's
+own progress. So under a wall-clock budget every method finishes its schedule when the
+time is up, instead of being cut in the middle of a schedule planned for a token count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cached_mslt.config import ConfigError
+from cached_mslt.metrics import RunClock
+
+MEASURES = ("tokens", "wall_s", "flops")
+
+
+@dataclass(frozen=True)
+class Budget:
+    tokens: float | None = None
+    wall_s: float | None = None  # cache builds included, evaluation excluded (RunClock)
+    flops: float | None = None  # model FLOPs as cached_mslt.flops counts them
+
+    def __post_init__(self) -> None:
+        given = {m: getattr(self, m) for m in MEASURES if getattr(self, m) is not None}
+        if not given:
+            raise ConfigError("a budget needs tokens, wall-clock seconds or FLOPs")
+        bad = {m: v for m, v in given.items() if not (v > 0 and math.isfinite(v))}
+        if bad:
+            raise ConfigError(f"budgets must be positive and finite, got {bad}")
+
+    def spent(self, clock: RunClock) -> float:
+        """The share of the budget used: the largest over the measures it counts."""
+        return max(
+            getattr(clock, m) / getattr(self, m) for m in MEASURES if getattr(self, m) is not None
+        )
+
+    def describe(self) -> str:
+        parts = []
+        if self.tokens is not None:
+            parts.append(f"{self.tokens:,.0f} tokens")
+        if self.wall_s is not None:
+            parts.append(f"{self.wall_s:,.0f} s wall-clock")
+        if self.flops is not None:
+            parts.append(f"{self.flops / 1e15:,.3f} PFLOPs")
+        return " or ".join(parts)
+
+
+@dataclass(frozen=True)
+class PhaseShare:
+    """The part of a budget one phase trains on: from the share spent when it began to `end`."""
+
+    budget: Budget
+    start: float
+    end: float
+
+    def progress(self, clock: RunClock) -> float:
+        """How far through the phase the run is, in [0, 1]."""
+        width = self.end - self.start
+        if width <= 0:
+            return 1.0
+        return min(1.0, max(0.0, (self.budget.spent(clock) - self.start) / width))
+
+
+def lr_factor(progress: float, warmup_fraction: float, schedule: str) -> float:
+    """The learning-rate multiplier at `progress` through a phase: linear warmup over
+    `warmup_fraction`, then linear or cosine decay to zero (transformers' `linear` and
+    `cosine` schedules, driven by progress instead of a step count)."""
+    if progress < warmup_fraction:
+        return progress / warmup_fraction
+    t = (progress - warmup_fraction) / max(1.0 - warmup_fraction, 1e-12)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+    return max(0.0, 1.0 - t)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cached_mslt.config import ConfigError
 from cached_mslt.metrics import RunClock
 
-MEASURES = ("tokens", "wall_s", "flops")
+MEASURES = ("tokens", "wall_s", "cpu_s", "flops")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class Budget:
     tokens: float | None = None
     wall_s: float | None = None  # cache builds included, evaluation excluded (RunClock)
     flops: float | None = None  # model FLOPs as cached_mslt.flops counts them
+    # CPU seconds of the (slowest) process: on a shared machine, a single-threaded run's
+    # CPU time is the compute it got, where wall-clock also counts its neighbours.
+    cpu_s: float | None = None
 
     def __post_init__(self) -> None:
         given = {m: getattr(self, m) for m in MEASURES if getattr(self, m) is not None}
@@ -45,6 +48,8 @@ class Budget:
             parts.append(f"{self.tokens:,.0f} tokens")
         if self.wall_s is not None:
             parts.append(f"{self.wall_s:,.0f} s wall-clock")
+        if self.cpu_s is not None:
+            parts.append(f"{self.cpu_s:,.0f} CPU seconds")
         if self.flops is not None:
             parts.append(f"{self.flops / 1e15:,.3f} PFLOPs")
         return " or ".join(parts)

@@ -268,6 +268,13 @@ class MethodArgs:
             "excluded): every method's phases and learning-rate schedules fit in it"
         },
     )
+    budget_cpu_s: float | None = field(
+        default=None,
+        metadata={
+            "help": "CPU seconds per method (of the slowest process): the fair budget for "
+            "single-threaded runs on a shared machine"
+        },
+    )
     budget_flops: float | None = field(
         default=None, metadata={"help": "model FLOPs per method (cached_mslt.flops count)"}
     )

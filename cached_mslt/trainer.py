@@ -204,7 +204,8 @@ def train_phase(
     )
     running_loss, running_n = 0.0, 0
     last_val = None
-    watches_wall = t.max_wall_s is not None or (phase.share and phase.share.budget.wall_s)
+    budget = phase.share.budget if phase.share else None
+    watches_time = t.max_wall_s is not None or (budget and (budget.wall_s or budget.cpu_s))
     stopping = (t.max_wall_s is not None and clock.wall_s >= t.max_wall_s) or (
         phase.share is not None and done["progress"] >= 1.0
     )
@@ -246,11 +247,14 @@ def train_phase(
             step += 1
             clock.step += 1
             bar.update(1)
-            if watches_wall:
+            if watches_time:
                 # Every rank takes the slowest rank's clock, so all see the same progress and
                 # stop at the same step (else the next all-reduce would hang).
-                wall = torch.tensor(watch.tick(), dtype=torch.float64, device=accelerator.device)
-                clock.wall_s = float(accelerator.reduce(wall, reduction="max"))
+                watch.tick()
+                times = torch.tensor(
+                    [clock.wall_s, clock.cpu_s], dtype=torch.float64, device=accelerator.device
+                )
+                clock.wall_s, clock.cpu_s = accelerator.reduce(times, reduction="max").tolist()
             done["progress"] = progress()
             scheduler.step()  # the next step's rate
             stopping = (t.max_wall_s is not None and clock.wall_s >= t.max_wall_s) or (

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_spent_share_is_the_largest_over_the_budgets_measures():
     budget = Budget(tokens=1000, wall_s=10.0)
+    assert Budget(cpu_s=4.0).spent(RunClock(wall_s=9.0, cpu_s=1.0)) == 0.25
     assert budget.spent(RunClock(tokens=500, wall_s=2.0)) == 0.5
     assert budget.spent(RunClock(tokens=100, wall_s=8.0)) == 0.8
     share = PhaseShare(budget, start=0.5, end=0.75)
@@ -122,3 +123,11 @@ def test_time_to_target_is_interpolated_between_evaluations():
     assert time_to_loss(records, 4.0) is None and time_to_loss(records, None) is None
     assert loss_at(records, 25.0) == pytest.approx(5.5)
     assert loss_at(records, 30.0) == 5.0 and loss_at(records, 31.0) is None
+
+
+def test_a_cpu_seconds_budget_ends_the_run_within_one_step(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "unused", eval_every=1000)
+    result = run_method("full", args, MethodArgs(budget_cpu_s=2.0), tmp_path / "full")
+    assert result["status"] == "ok", result.get("traceback")
+    cpu = [r["cpu_s"] for r in read_metrics(tmp_path / "full") if "train_loss" in r]
+    assert cpu[-1] >= 2.0 > cpu[-2]

@@ -123,13 +123,15 @@ class MethodContext:
 
 def method_budget(method: MethodArgs) -> Budget:
     """The budget every method of a comparison gets (tokens by default)."""
-    if (
-        method.budget_tokens is None
-        and method.budget_wall_s is None
-        and method.budget_flops is None
-    ):
+    given = dict(
+        tokens=method.budget_tokens,
+        wall_s=method.budget_wall_s,
+        cpu_s=method.budget_cpu_s,
+        flops=method.budget_flops,
+    )
+    if all(v is None for v in given.values()):
         return Budget(tokens=DEFAULT_BUDGET_TOKENS)
-    return Budget(method.budget_tokens, method.budget_wall_s, method.budget_flops)
+    return Budget(**given)
 
 
 def _method(name: str):

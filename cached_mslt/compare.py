@@ -5,6 +5,7 @@ validation loss against wall-clock and against FLOPs."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,13 @@ from cached_mslt.config import ConfigError, MethodArgs, RunArgs
 from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
 from cached_mslt.linear_probe import PROBE_FILE, linear_probe
 from cached_mslt.methods.harness import RESULT, method_budget, run_method, run_settings
-from cached_mslt.metrics import below_unigram, markdown_table, plot_curves, read_metrics
+from cached_mslt.metrics import (
+    METRICS_FILE,
+    below_unigram,
+    markdown_table,
+    plot_curves,
+    read_metrics,
+)
 from cached_mslt.prepare import load_prepared, prepared_manifest
 
 BASELINE = "full"
@@ -38,7 +45,9 @@ def run_comparison(
         wanted = run_settings(args, method, fingerprint)
     for name in method.methods:
         result = finished_run(root / name, wanted) if wanted else None
-        if result is None:
+        if result is None and method.learning_rates:
+            result = sweep_learning_rate(name, args, method, root / name)
+        elif result is None:
             result = run_method(name, args, method, root / name)
         else:
             PartialState().print(f"{name}: reusing the finished run in {root / name}")
@@ -47,6 +56,39 @@ def run_comparison(
     if not PartialState().is_main_process:
         return ""
     return write_report(root, method.methods, args, method)
+
+
+def sweep_learning_rate(
+    name: str, args: RunArgs, method: MethodArgs, run_dir: Path
+) -> dict[str, Any]:
+    """Run `name` once per learning rate in `method.learning_rates` (into run_dir/lr-<x>/)
+    and make the best (lowest final validation loss) the method's run: its metrics, result
+    and final checkpoint are copied to `run_dir`, and the sweep is recorded beside them, so
+    no method is compared at a learning rate that handicaps it."""
+    sweep, best = [], None
+    for lr in method.learning_rates:
+        trial_dir = run_dir / f"lr-{lr:g}"
+        trial_args = replace(args, train=replace(args.train, learning_rate=lr))
+        result = run_method(name, trial_args, method, trial_dir)
+        records = [r for r in read_metrics(trial_dir) if r.get("val_loss") is not None]
+        final = records[-1]["val_loss"] if records and result["status"] == "ok" else None
+        sweep.append({"learning_rate": lr, "status": result["status"], "final val loss": final})
+        if final is not None and (best is None or final < best[1]):
+            best = (trial_dir, final, result)
+    if not PartialState().is_main_process:
+        return best[2] if best else {"status": "failed"}
+    if best is None:
+        result = {"method": name, "status": "failed", "error": "every learning rate failed"}
+    else:
+        trial_dir, _, result = best
+        shutil.copy(trial_dir / METRICS_FILE, run_dir / METRICS_FILE)
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
+        shutil.copytree(trial_dir / "final", run_dir / "final")
+        result = {**result, "final_model": str(run_dir / "final")}
+    fingerprint = load_prepared(args.data.prepared_dir).manifest["fingerprint"]
+    result.update(learning_rate_sweep=sweep, settings=run_settings(args, method, fingerprint))
+    (run_dir / RESULT).write_text(json.dumps(result, indent=2, default=str))
+    return result
 
 
 def finished_run(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
@@ -132,6 +174,31 @@ def loss_at(records: list[dict[str, Any]], when: float, x: str = "wall_s") -> fl
     return points[-1][1] if points and points[-1][0] == when else None
 
 
+def chosen_learning_rate(result: dict[str, Any]) -> float | None:
+    """The learning rate a method ran at: the best of its sweep, else the run's own."""
+    tried = [t for t in result.get("learning_rate_sweep", []) if t["final val loss"] is not None]
+    if tried:
+        return min(tried, key=lambda t: t["final val loss"])["learning_rate"]
+    return result.get("settings", {}).get("train", {}).get("learning_rate")
+
+
+def sweep_lines(root: Path, methods: list[str]) -> list[str]:
+    """One line per swept method: every learning rate tried and the loss it ended at."""
+    lines = []
+    for name in methods:
+        path = root / name / RESULT
+        result = json.loads(path.read_text()) if path.exists() else {}
+        tried = result.get("learning_rate_sweep")
+        if tried:
+            parts = [
+                f"{t['learning_rate']:g}: "
+                + (f"{t['final val loss']:.3f}" if t["final val loss"] is not None else t["status"])
+                for t in tried
+            ]
+            lines.append(f"- `{name}` learning-rate sweep (final val loss): {', '.join(parts)}")
+    return lines
+
+
 def summarize(root: Path, methods: list[str], unigram: float | None = None) -> list[dict[str, Any]]:
     """One row per method from its result.json and metrics.jsonl."""
     rows, curves = [], {}
@@ -152,6 +219,7 @@ def summarize(root: Path, methods: list[str], unigram: float | None = None) -> l
                 "cpu s": records[-1]["cpu_s"] if records else None,
                 "PFLOPs": records[-1]["flops"] / 1e15 if records else None,
                 "tokens": records[-1]["tokens"] if records else None,
+                "lr": chosen_learning_rate(result),
                 "final val loss": evals[-1]["val_loss"] if evals else None,
                 "below unigram %": below_unigram(evals[-1]["val_loss"], unigram) if evals else None,
                 "error": result.get("error"),
@@ -196,6 +264,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
     columns = [
         "method",
         "status",
+        "lr",
         "wall s",
         "cpu s",
         "wall / full",
@@ -226,6 +295,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
             "",
             "Unigram loss of the validation targets (token frequencies alone): "
             + (f"{unigram:.3f}." if unigram is not None else "not recorded by this prepared data."),
+            *([""] + sweep_lines(root, methods) if sweep_lines(root, methods) else []),
             *([""] + failures if failures else []),
             "",
         ]

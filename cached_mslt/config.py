@@ -278,6 +278,14 @@ class MethodArgs:
     budget_flops: float | None = field(
         default=None, metadata={"help": "model FLOPs per method (cached_mslt.flops count)"}
     )
+    learning_rates: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "sweep: run every method at each of these learning rates and compare each "
+            "at its best (the sweep is kept in result.json and the report); default: "
+            "--learning_rate only"
+        },
+    )
     compare_dir: str | None = field(
         default=None, metadata={"help": "default runs/compare-<preset>"}
     )

@@ -117,6 +117,8 @@ def _digits(column: str) -> int:
         return 1
     if "loss" in words:
         return 3
+    if words[0] == "lr":
+        return -1  # general format: 0.001, 5e-04
     return 2 if words[0] == "x" or "/" in words else 3
 
 
@@ -125,6 +127,8 @@ def _fmt(value: Any, column: str = "") -> str:
         return "-"
     if isinstance(value, float):
         digits = _digits(column)
+        if digits < 0:
+            return f"{value:g}"
         return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"

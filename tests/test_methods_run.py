@@ -113,3 +113,26 @@ def test_compare_reuse_keeps_finished_runs_and_refuses_other_settings(prepared_d
     assert "| mslt-live |" in text and "wall / full" in text
     with pytest.raises(ConfigError, match="budget_tokens"):
         run_comparison(args, replace(method, budget_tokens=8 * 32 * 8))
+
+
+def test_learning_rate_sweep_keeps_each_method_at_its_best(prepared_dir, tmp_path):
+    from cached_mslt.compare import run_comparison
+
+    args = small_run(prepared_dir, tmp_path / "unused", eval_every=4)
+    root = tmp_path / "cmp"
+    method = MethodArgs(
+        methods=["full"],
+        budget_tokens=8 * 32 * 8,
+        learning_rates=[1e-5, 3e-3],
+        compare_dir=str(root),
+    )
+    report = run_comparison(args, method)
+    result = json.loads((root / "full" / "result.json").read_text())
+    tried = {t["learning_rate"]: t["final val loss"] for t in result["learning_rate_sweep"]}
+    assert set(tried) == {1e-5, 3e-3}
+    best = min(tried, key=tried.get)
+    # The method's run is the best trial: its metrics and checkpoint, and the report says so.
+    kept = read_metrics(root / "full")
+    assert kept == read_metrics(root / "full" / f"lr-{best:g}")
+    assert (root / "full" / "final" / "config.json").exists()
+    assert "learning-rate sweep" in report and f"| full | ok | {best:g} |" in report

@@ -19,8 +19,11 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 PARTIAL_SUFFIX = ".partial"
 
 
-def open_zarr_store(url: str | os.PathLike[str], *, read_only: bool) -> Store:
-    """A plain path or `file://` URL -> LocalStore; any other URL -> fsspec.
+def open_zarr_store(
+    url: str | os.PathLike[str], *, read_only: bool, storage_options: dict[str, Any] | None = None
+) -> Store:
+    """A plain path or `file://` URL -> LocalStore; any other URL -> fsspec, with
+    `storage_options` (endpoint, region, credentials...) passed to its filesystem.
 
     `file://` goes to LocalStore rather than fsspec on purpose: LocalStore writes through a
     temporary file and a rename (a killed writer never leaves a half-written shard under
@@ -37,7 +40,7 @@ def open_zarr_store(url: str | os.PathLike[str], *, read_only: bool) -> Store:
                 f"{text}: file:// URLs must be absolute (file:///path), got host {parsed.netloc!r}"
             )
         return LocalStore(Path(parsed.path), read_only=read_only)
-    return FsspecStore.from_url(text, read_only=read_only)
+    return FsspecStore.from_url(text, read_only=read_only, storage_options=storage_options)
 
 
 def is_local(store: Store) -> bool:

@@ -55,6 +55,7 @@ from storage.layout import (
     read_root_metadata,
 )
 from storage.lock import LOCK_KEY, acquire_lock, locked_error, read_lock, release_lock
+from storage.remote import check_reachable
 from storage.spec import StoreSpec
 
 SPEC_FIELDS_CHECKED = ("num_rows", "seq_len", "hidden_size", "dtype")
@@ -104,12 +105,22 @@ def _file_size_limit_as_oserror() -> Iterator[None]:
 class ActivationStore:
     """Handle on one store. Build with `create` / `open(mode="r+")`, read with `open`."""
 
-    def __init__(self, url: str | os.PathLike[str], *, writable: bool):
-        """Attach to an existing store; use `create` or `open`, which check it."""
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        writable: bool,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        """Attach to an existing store; use `create` or `open`, which check it.
+
+        `storage_options` go to the fsspec filesystem of a URL (endpoint, credentials...);
+        they are kept in memory only, never written to the store."""
         self.url = os.fspath(url)
         self.writable = writable
+        self.storage_options = dict(storage_options or {})
         # Look read-only first: a writable LocalStore creates its directory on first use.
-        reader = open_zarr_store(self.url, read_only=True)
+        reader = open_zarr_store(self.url, read_only=True, storage_options=self.storage_options)
         meta = read_root_metadata(reader)
         if meta is None or meta.get("attributes", {}).get("format") != FORMAT:
             what = "nothing" if meta is None else "a Zarr group that is not an activation store"
@@ -124,7 +135,11 @@ class ActivationStore:
                 f"package reads up to {FORMAT_VERSION}: upgrade cached-mslt or rebuild the store"
             )
         self.spec = StoreSpec.from_dict(self._meta_attrs["spec"])
-        self._store = open_zarr_store(self.url, read_only=False) if writable else reader
+        self._store = (
+            open_zarr_store(self.url, read_only=False, storage_options=self.storage_options)
+            if writable
+            else reader
+        )
         # Reads go through StrictStore so a missing or empty shard raises instead of
         # reading back as the fill value.
         strict = StrictStore(reader)
@@ -153,6 +168,7 @@ class ActivationStore:
         fingerprint: dict[str, Any],
         attrs: dict[str, Any] | None = None,
         overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> ActivationStore:
         """Create a store (one process, rank 0), or reopen an identical incomplete one to
         resume it. Takes the build lock; `commit` releases it."""
@@ -166,7 +182,8 @@ class ActivationStore:
             raise StoreSpecError(f"attrs must be JSON-serializable: {e}") from e
 
         where = os.fspath(url)
-        store = open_zarr_store(where, read_only=False)
+        check_reachable(where, storage_options)
+        store = open_zarr_store(where, read_only=False, storage_options=storage_options)
         top = sorted(set(sync(_list_dir(store))) - {LOCK_KEY})
         if top and "zarr.json" not in top and not overwrite:
             raise StoreExistsError(
@@ -184,7 +201,7 @@ class ActivationStore:
                 )
                 if not problems and not found["complete"] and not overwrite:
                     _remove_partial_files(store)
-                    return cls(where, writable=True)
+                    return cls(where, writable=True, storage_options=storage_options)
                 if not overwrite:
                     state = "a complete" if found["complete"] else "an incomplete"
                     why = "; ".join(problems) if problems else "it is already complete"
@@ -204,7 +221,7 @@ class ActivationStore:
         except BaseException:
             release_lock(store)
             raise
-        return cls(where, writable=True)
+        return cls(where, writable=True, storage_options=storage_options)
 
     @classmethod
     def open(
@@ -215,6 +232,7 @@ class ActivationStore:
         expected_fingerprint: dict[str, Any] | None = None,
         expected_spec: StoreSpec | None = None,
         require_complete: bool | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> ActivationStore:
         """Open for reading ("r") or, in a build's worker processes, for writing ("r+").
 
@@ -227,7 +245,7 @@ class ActivationStore:
             raise StoreSpecError(f"mode must be 'r' or 'r+', got {mode!r}")
         if require_complete is None:
             require_complete = mode == "r"
-        self = cls(url, writable=mode == "r+")
+        self = cls(url, writable=mode == "r+", storage_options=storage_options)
         problems = []
         if expected_fingerprint is not None:
             problems += _dict_diff(_normalize_fingerprint(expected_fingerprint), self.fingerprint)
@@ -256,11 +274,11 @@ class ActivationStore:
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers get a fresh read-only handle.
-        return {"url": self.url}
+        # DataLoader workers get a fresh read-only handle (options travel in memory only).
+        return {"url": self.url, "storage_options": self.storage_options}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"], writable=False)  # type: ignore[misc]
+        self.__init__(state["url"], writable=False, storage_options=state["storage_options"])  # type: ignore[misc]
 
     # ---------------------------------------------------------------- layout
 

@@ -82,18 +82,10 @@ def s3_server():
     Yields the storage options a client needs (dummy credentials: moto accepts any)."""
     pytest.importorskip("moto.server", reason="pip install -e '.[dev]' (moto[server])")
     pytest.importorskip("s3fs", reason="pip install -e '.[dev]' (s3fs)")
-    import logging
+    from storage.loopback import loopback_s3
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield {"endpoint_url": f"http://{host}:{port}", "key": "test-key", "secret": "test-secret"}
-    finally:
-        server.stop()
+    with loopback_s3() as options:
+        yield options
 
 
 @pytest.fixture

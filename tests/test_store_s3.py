@@ -12,14 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import zarr
 
 from storage import (
     ActivationStore,
+    BlockDataset,
     CorruptStoreError,
     StoreLockedError,
     StoreSpec,
     StoreUnreachableError,
+    make_block_loader,
 )
 from storage.backend import open_zarr_store
 from storage.remote import create_exclusive, public_options
@@ -71,7 +74,7 @@ def test_flipped_byte_in_an_s3_object_names_the_object(s3_bucket) -> None:
         CorruptStoreError,
         match=r"chunk \(2, 0, 0\) \(rows 8-12, in shard file hidden/c/1/0/0\) fails its crc32c",
     ):
-        reader.read_rows(0, SPEC.num_rows)
+        reader.read_blocks([(0, 4), (8, 12), (20, 24)])  # the loader's concurrent read
 
 
 def test_deleted_s3_object_is_a_missing_chunk(s3_bucket) -> None:
@@ -86,6 +89,24 @@ def test_deleted_s3_object_is_a_missing_chunk(s3_bucket) -> None:
         reader.read_rows(12, 20)
     with pytest.raises(CorruptStoreError, match=r"missing or empty: row_index/c/2\."):
         ActivationStore.open(url, storage_options=options)
+
+
+def test_loader_workers_read_every_row_of_an_s3_store_once(s3_bucket) -> None:
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/s"
+    build_synthetic_store(url, SPEC, fingerprint=FP, storage_options=options)
+    store = ActivationStore.open(url, storage_options=options)
+    epochs = {}
+    for workers in (0, 2):  # forked workers must not reuse the parent's HTTP session
+        loader = make_block_loader(
+            BlockDataset(store), rows_per_batch=8, shuffle=True, seed=3, num_workers=workers
+        )
+        epochs[workers] = [batch for batch in loader]
+    assert len(epochs[0]) == len(epochs[2]) == 3
+    for a, b in zip(epochs[0], epochs[2]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = torch.cat([b["row_index"] for b in epochs[2]]).sort().values
+    assert torch.equal(rows, store.read_rows(0, SPEC.num_rows)["row_index"])
 
 
 def test_unreachable_endpoint_and_missing_bucket_fail_fast_with_one_message(s3_bucket) -> None:

@@ -29,6 +29,7 @@ from zarr.storage import LocalStore
 from storage.backend import (
     PARTIAL_SUFFIX,
     MissingChunkError,
+    ShardIndexCache,
     StrictStore,
     delete_keys,
     key_sizes,
@@ -60,6 +61,9 @@ from storage.lock import LOCK_KEY, acquire_lock, locked_error, read_lock, releas
 from storage.remote import check_reachable
 from storage.spec import StoreSpec
 
+# Budget for keeping a finished store's small arrays in RAM (~650 bytes per row at T=128):
+# stores up to ~100k rows; beyond that, random blocks would rarely hit a partial cache.
+SMALL_ARRAYS_IN_RAM = 64 * 2**20
 SPEC_FIELDS_CHECKED = ("num_rows", "seq_len", "hidden_size", "dtype")
 REBUILD_HINT = (
     "rebuild it: rerun the stage's cache build, or ActivationStore.create(..., overwrite=True)"
@@ -144,10 +148,15 @@ class ActivationStore:
             else reader
         )
         # Reads go through StrictStore so a missing or empty shard raises instead of
-        # reading back as the fill value.
+        # reading back as the fill value. A committed store never changes (a rebuild
+        # starts from overwrite), so its shard indexes may be kept: one request per chunk
+        # read instead of two on object stores.
         strict = StrictStore(reader)
+        if self._meta_attrs.get("complete") and not writable:
+            strict = StrictStore(ShardIndexCache(reader))
         self._readers = {n: zarr.open_array(strict, path=n, mode="r") for n in ROW_ARRAYS}
         # Marker reads use the plain store: an absent marker chunk legitimately means 0.
+        self._kept: dict[str, np.ndarray] | None = None  # see _small_arrays
         self._markers = zarr.open_array(self._store, path=MARKERS, mode="r+" if writable else "r")
         self._writers = {}
         if writable:
@@ -431,35 +440,52 @@ class ActivationStore:
         return self._as_tensors({name: self._read(name, start, stop) for name in ROW_ARRAYS})
 
     def read_blocks(self, ranges: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-        """`read_rows` of several row ranges, every array of every range requested at once.
+        """`read_rows` of several row ranges, every chunk of every range requested at once.
 
-        On an object store each chunk read is two round trips (shard index, then chunk);
-        issued one after another they starve training (docs/cache-format.md, measured), so
-        they all go out together. Any failure is re-read range by range, which names the
-        missing or corrupt chunk exactly as `read_rows` does.
+        On an object store each request costs a round trip and server time; issued one
+        after another they starve training (docs/cache-format.md, measured), so they all
+        go out together, and the small arrays (mask, labels, row_index: ~5 bytes per
+        token) of a store up to SMALL_ARRAYS_IN_RAM bytes are read whole once and kept,
+        leaving one `hidden` chunk request per block. Any failure is re-read range by
+        range, which names the missing or corrupt chunk exactly as `read_rows` does.
         """
         for start, stop in ranges:
             self._check_rows(start, stop)
         self._reopen_if_forked()
+        kept = self._small_arrays()
+        fetched = [n for n in ROW_ARRAYS if n not in kept]
 
         async def gather() -> list[np.ndarray]:
             return await asyncio.gather(
                 *(
                     self._readers[name].async_array.getitem(slice(start, stop))
                     for start, stop in ranges
-                    for name in ROW_ARRAYS
+                    for name in fetched
                 )
             )
 
         try:
-            arrays = sync(gather())
+            arrays = iter(sync(gather()))
         except (MissingChunkError, ValueError):
             return [self.read_rows(start, stop) for start, stop in ranges]
-        n = len(ROW_ARRAYS)
-        return [
-            self._as_tensors(dict(zip(ROW_ARRAYS, arrays[i * n : (i + 1) * n], strict=True)))
-            for i in range(len(ranges))
-        ]
+        blocks = []
+        for start, stop in ranges:
+            raw = {n: next(arrays) for n in fetched} | {n: kept[n][start:stop] for n in kept}
+            blocks.append(self._as_tensors({n: raw[n] for n in ROW_ARRAYS}))
+        return blocks
+
+    def _small_arrays(self) -> dict[str, np.ndarray]:
+        """mask, labels and row_index whole, if the store is complete and they fit."""
+        if self._kept is None:
+            self._kept = {}
+            small = [n for n in ROW_ARRAYS if n != "hidden"]
+            nbytes = sum(self._readers[n].nbytes for n in small)
+            if self._meta_attrs.get("complete") and nbytes <= SMALL_ARRAYS_IN_RAM:
+                try:
+                    self._kept = {n: self._read(n, 0, self.spec.num_rows) for n in small}
+                except StoreError:
+                    self._kept = {}  # damaged: per-block reads will name the chunk
+        return self._kept
 
     def _reopen_if_forked(self) -> None:
         """A forked DataLoader worker inherits this handle without pickling it; an fsspec

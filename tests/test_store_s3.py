@@ -86,7 +86,7 @@ def test_deleted_s3_object_is_a_missing_chunk(s3_bucket) -> None:
     with pytest.raises(
         CorruptStoreError, match=r"shard file row_index/c/2 \(rows 16-24\) is missing"
     ):
-        reader.read_rows(12, 20)
+        reader.read_blocks([(0, 4), (16, 20)])  # the loader path, small arrays whole first
     with pytest.raises(CorruptStoreError, match=r"missing or empty: row_index/c/2\."):
         ActivationStore.open(url, storage_options=options)
 

@@ -35,7 +35,7 @@ def state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_stages_2_and_3_on_s3_equal_a_local_run_and_store_no_credentials(
-    prepared_dir, tmp_path, s3_bucket, monkeypatch
+    prepared_dir, tmp_path, s3_bucket, monkeypatch, capfd
 ):
     bucket, options = s3_bucket
     local = small_run(prepared_dir, tmp_path / "local", **COMMON)
@@ -65,6 +65,7 @@ def test_stages_2_and_3_on_s3_equal_a_local_run_and_store_no_credentials(
     written = [p.read_text() for p in (tmp_path / "s3").rglob("*.json*")]
     written += [fs.cat(k).decode() for k in fs.find(bucket) if k.endswith("zarr.json")]
     assert written and not [t for t in written if options["secret"] in t]
+    assert options["secret"] not in "".join(capfd.readouterr())  # nor in what was printed
     saved = json.loads((tmp_path / "s3" / "config.json").read_text())
     assert json.loads(saved["schedule"]["cache_storage_options"]) == {
         "endpoint_url": options["endpoint_url"]

@@ -269,9 +269,12 @@ class ScheduleArgs:
         try:
             options = json.loads(text) if text else {}
         except json.JSONDecodeError as e:
-            raise ConfigError(f"cache_storage_options is not valid JSON ({e}): {text!r}") from None
+            # not echoed: the text may hold a credential
+            raise ConfigError(f"cache_storage_options is not valid JSON ({e})") from None
         if not isinstance(options, dict):
-            raise ConfigError(f"cache_storage_options must be a JSON object, got {text!r}")
+            raise ConfigError(
+                f"cache_storage_options must be a JSON object, got a {type(options).__name__}"
+            )
         if text:
             self.cache_storage_options = json.dumps(public_options(options), sort_keys=True)
         return options

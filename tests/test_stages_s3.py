@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import zarr
 from transformers import BertForMaskedLM
@@ -129,3 +130,16 @@ def test_missing_bucket_fails_at_start_with_one_message_and_no_run(
     assert "bucket 'no-such-bucket' does not exist" in last
     assert "Traceback" not in done.stderr and s3_server["secret"] not in done.stderr
     assert not run_dir.exists()
+
+
+def test_storage_option_secrets_stay_out_of_the_saved_config():
+    from cached_mslt.config import ConfigError, run_args
+
+    given = {"endpoint_url": "http://127.0.0.1:1", "key": "AKIA-x", "secret": "s3cr3t"}
+    args = run_args("tiny", cache_storage_options=json.dumps(given))
+    assert args.schedule.storage_options() == given
+    saved = json.dumps(args.to_dict())
+    assert "s3cr3t" not in saved and "AKIA-x" not in saved and "127.0.0.1:1" in saved
+    with pytest.raises(ConfigError) as e:
+        run_args("tiny", cache_storage_options='{"secret": "s3cr3t"')
+    assert "s3cr3t" not in str(e.value)

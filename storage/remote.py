@@ -83,7 +83,8 @@ def create_exclusive(store: Store, key: str, payload: bytes) -> tuple[bool, bool
 
     Atomic on a LocalStore (link into place) and on fsspec filesystems that implement
     `mode="create"` (s3fs sends `If-None-Match: *`, which AWS S3 and moto honour; a
-    backend that ignores the header silently overwrites, which a read-back detects).
+    backend that ignores the header silently overwrites; the caller reads the lock back, which
+    catches that only when the other write landed first).
     Elsewhere it falls back to Zarr's exists-then-set, which two simultaneous writers
     can both pass: `atomic` is False then.
     """

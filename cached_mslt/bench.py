@@ -224,13 +224,16 @@ def build_benchmark(
     ]
 
 
-def all_benchmarks(quick: bool) -> list[dict]:
+def all_benchmarks(quick: bool, s3: bool = False) -> list[dict]:
     """Every figure `pipelines/bench.py` prints: storage, the step ratios per preset, the
-    build ratio, and how much faster the store feeds rows than the top step eats them."""
+    build ratio, and how much faster the store feeds rows than the top step eats them;
+    with `s3`, also the store figures on an S3 API on loopback and the loader ratio there."""
     from cached_mslt.inspect.bench import inspect_benchmarks
-    from storage.bench import storage_benchmarks
+    from storage.bench import s3_storage_benchmarks, storage_benchmarks
 
     figures = storage_benchmarks(quick=quick) + inspect_benchmarks(quick)
+    remote = s3_storage_benchmarks(quick) if s3 else []
+    figures += remote
     presets = ["tiny"] if quick else ["tiny", "mini"]
     for preset in presets:
         steps = step_benchmarks(preset, repeats=3 if quick else 5)
@@ -251,4 +254,18 @@ def all_benchmarks(quick: bool) -> list[dict]:
                     "train_rows_per_s": consumed,
                 }
             )
+            for f in remote:
+                if f["name"] == "store_loader_rows" and f["shape"] == "tiny":
+                    figures.append(
+                        {
+                            "name": "loader_vs_train_consumption",
+                            "value": f["value"] / consumed,
+                            "unit": "x",
+                            "preset": preset,
+                            "backend": "s3-loopback",
+                            "num_workers": f["num_workers"],
+                            "loader_rows_per_s": f["value"],
+                            "train_rows_per_s": consumed,
+                        }
+                    )
     return figures

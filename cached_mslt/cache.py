@@ -10,7 +10,8 @@ token ids (the layer math does not depend on batch composition here, NOTES.md).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -44,6 +45,8 @@ class CacheRequest:
     seq_len: int
     num_rows: int
     stage: int
+    # fsspec options of `url` (endpoint, credentials): used, never recorded
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def store_fingerprint(model: BertForMaskedLM, req: CacheRequest) -> dict[str, str]:
@@ -60,11 +63,15 @@ def store_fingerprint(model: BertForMaskedLM, req: CacheRequest) -> dict[str, st
     }
 
 
-def open_valid_store(url: str, fingerprint: dict[str, str]) -> ActivationStore | None:
+def open_valid_store(
+    url: str, fingerprint: dict[str, str], storage_options: dict[str, Any] | None = None
+) -> ActivationStore | None:
     """The store at `url` if it is complete and matches; None if there is none or it is
     incomplete (a build resumes it); StaleStoreError if it holds something else."""
     try:
-        return ActivationStore.open(url, expected_fingerprint=fingerprint)
+        return ActivationStore.open(
+            url, expected_fingerprint=fingerprint, storage_options=storage_options
+        )
     except (StoreNotFoundError, IncompleteStoreError):  # the builder creates or resumes it
         return None
 
@@ -98,7 +105,8 @@ def build_cache(
         codec=req.codec,
         rows_per_chunk=req.rows_per_chunk,
     )
-    existing = open_valid_store(req.url, fingerprint) if not overwrite else None
+    options = req.storage_options
+    existing = open_valid_store(req.url, fingerprint, options) if not overwrite else None
     state.wait_for_everyone()
     if existing is not None:
         return existing, {"reused": True, "build_s": 0.0, "rows": 0}
@@ -127,11 +135,18 @@ def build_cache(
     # Process 0 creates the store and holds its build lock until commit; the others join.
     if state.is_main_process:
         store = ActivationStore.create(
-            req.url, spec, fingerprint=fingerprint, attrs=attrs, overwrite=overwrite
+            req.url,
+            spec,
+            fingerprint=fingerprint,
+            attrs=attrs,
+            overwrite=overwrite,
+            storage_options=options,
         )
     state.wait_for_everyone()
     if not state.is_main_process:
-        store = ActivationStore.open(req.url, mode="r+", require_complete=False)
+        store = ActivationStore.open(
+            req.url, mode="r+", require_complete=False, storage_options=options
+        )
 
     frozen = [m.to(device).eval() for m in frozen_modules(model, req.frozen_layers)]
     assert frozen, "a cache needs at least one frozen module"
@@ -177,7 +192,7 @@ def build_cache(
     if state.is_main_process:
         store.commit()
     state.wait_for_everyone()
-    built = ActivationStore.open(req.url, expected_fingerprint=fingerprint)
+    built = ActivationStore.open(req.url, expected_fingerprint=fingerprint, storage_options=options)
     stats = {
         "reused": False,
         "build_s": elapsed,

@@ -231,6 +231,20 @@ class ScheduleArgs:
         default=False, metadata={"help": "rebuild a stage's store that no longer matches (stale)"}
     )
     joint_tokens: float = field(default=0.0, metadata={"help": "final phase training all layers"})
+    cache_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "where the stores live: a path or any fsspec URL (s3://bucket/prefix); "
+            "stage K's store is <cache_url>/stage-K; default <run_dir>/cache"
+        },
+    )
+    cache_storage_options: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON for the URL\'s filesystem, e.g. {"endpoint_url": "http://host:9000"}; '
+            "credentials may be given here or in the environment (AWS_*), and are never saved"
+        },
+    )
 
     def __post_init__(self) -> None:
         choices = {
@@ -244,6 +258,29 @@ class ScheduleArgs:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        self._storage_options = self._parse_storage_options()
+
+    def _parse_storage_options(self) -> dict[str, Any]:
+        """The options in full, kept off the dataclass fields: the field keeps only what
+        may be written down, so config.json, trackers and logs never see a credential."""
+        from storage import public_options
+
+        text = self.cache_storage_options
+        try:
+            options = json.loads(text) if text else {}
+        except json.JSONDecodeError as e:
+            # not echoed: the text may hold a credential
+            raise ConfigError(f"cache_storage_options is not valid JSON ({e})") from None
+        if not isinstance(options, dict):
+            raise ConfigError(
+                f"cache_storage_options must be a JSON object, got a {type(options).__name__}"
+            )
+        if text:
+            self.cache_storage_options = json.dumps(public_options(options), sort_keys=True)
+        return options
+
+    def storage_options(self) -> dict[str, Any]:
+        return dict(self._storage_options)
 
 
 @dataclass

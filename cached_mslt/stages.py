@@ -43,7 +43,7 @@ from cached_mslt.model import build_model, check_tied, frozen_modules, grow
 from cached_mslt.plan import Stage, StagePlan
 from cached_mslt.prepare import load_prepared, prepared_manifest
 from cached_mslt.trainer import Phase, train_phase
-from storage import ActivationStore, BlockDataset, fingerprint_module
+from storage import ActivationStore, BlockDataset, check_reachable, fingerprint_module
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ def stage_dir(args: RunArgs, index: int) -> Path:
 
 
 def cache_url(args: RunArgs, index: int) -> str:
+    """Stage `index`'s store: under --cache_url (any fsspec URL) or <run_dir>/cache."""
+    if args.schedule.cache_url:
+        return f"{args.schedule.cache_url.rstrip('/')}/stage-{index}"
     return str(Path(args.train.run_dir) / "cache" / f"stage-{index}")
 
 
@@ -163,6 +166,13 @@ def decide_cache(
     return build < live, f"auto: {why}"
 
 
+def check_cache_location(args: RunArgs, plan: StagePlan) -> None:
+    """Fail before anything is written (no half-made run) if the plan caches and the cache
+    location cannot be used: endpoint down, bucket missing (storage.StoreUnreachableError)."""
+    if any(s.frozen_layers and s.cache != "never" for s in plan.stages):
+        check_reachable(cache_url(args, 1), args.schedule.storage_options())
+
+
 def run_stage(
     args: RunArgs,
     index: int,
@@ -175,6 +185,7 @@ def run_stage(
     `share`, the stage trains until that share of a comparison's budget is spent."""
     plan = StagePlan.from_args(args)
     stage = plan[index]
+    check_cache_location(args, plan)
     accelerator = accelerator or make_accelerator(args)
     check_run_config(args, accelerator)
     done = read_manifest(args, index)
@@ -227,6 +238,7 @@ def run_stage(
                 seq_len=args.data.seq_len,
                 num_rows=rows,
                 stage=index,
+                storage_options=args.schedule.storage_options(),
             ),
             data.train,
             source=source,
@@ -301,7 +313,9 @@ def previous_store(args: RunArgs, stage: Stage, model: BertForMaskedLM) -> Activ
     if prev is None or prev["mode"] != "cached":
         return None
     try:
-        store = ActivationStore.open(prev["cache"]["url"])
+        store = ActivationStore.open(
+            prev["cache"]["url"], storage_options=args.schedule.storage_options()
+        )
     except Exception as e:  # deleted, incomplete or corrupt: fall back to a full rebuild
         logger.warning(
             "previous store unusable (%s); building stage %d's store in full", e, stage.index
@@ -357,6 +371,7 @@ def make_accelerator(args: RunArgs) -> Accelerator:
 
 def run_all(args: RunArgs) -> list[dict[str, Any]]:
     """Every stage of the plan in order (done stages are skipped), then the summary."""
+    check_cache_location(args, StagePlan.from_args(args))
     accelerator = make_accelerator(args)
     plan = StagePlan.from_args(args)
     manifests = []

@@ -4,10 +4,12 @@ Refuses if stage K-1 is not finished, resumes K if it was interrupted, does noth
 K is done. Every process builds its share of the cache, then all train the top.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 from cached_mslt.config import parse_args
 from cached_mslt.stages import run_stage
+from storage import StoreUnreachableError
 
 
 @dataclass
@@ -17,7 +19,10 @@ class StageArgs:
 
 def main() -> None:
     args, (stage_args,) = parse_args(extra=(StageArgs,), description=__doc__)
-    run_stage(args, stage_args.stage)
+    try:
+        run_stage(args, stage_args.stage)
+    except StoreUnreachableError as e:  # a message, not a traceback: nothing ran yet
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

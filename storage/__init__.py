@@ -13,9 +13,11 @@ from storage.errors import (
     StoreLockedError,
     StoreNotFoundError,
     StoreSpecError,
+    StoreUnreachableError,
     StoreWriteError,
 )
 from storage.fingerprint import fingerprint_dict, fingerprint_file_tree, fingerprint_module
+from storage.remote import check_reachable, public_options
 from storage.spec import StoreSpec
 from storage.store import ActivationStore
 
@@ -32,9 +34,12 @@ __all__ = [
     "StoreNotFoundError",
     "StoreSpec",
     "StoreSpecError",
+    "StoreUnreachableError",
     "StoreWriteError",
+    "check_reachable",
     "fingerprint_dict",
     "fingerprint_file_tree",
     "fingerprint_module",
     "make_block_loader",
+    "public_options",
 ]

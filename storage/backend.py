@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from zarr.abc.store import ByteRequest, Store
+from zarr.abc.store import ByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
@@ -19,8 +20,11 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 PARTIAL_SUFFIX = ".partial"
 
 
-def open_zarr_store(url: str | os.PathLike[str], *, read_only: bool) -> Store:
-    """A plain path or `file://` URL -> LocalStore; any other URL -> fsspec.
+def open_zarr_store(
+    url: str | os.PathLike[str], *, read_only: bool, storage_options: dict[str, Any] | None = None
+) -> Store:
+    """A plain path or `file://` URL -> LocalStore; any other URL -> fsspec, with
+    `storage_options` (endpoint, region, credentials...) passed to its filesystem.
 
     `file://` goes to LocalStore rather than fsspec on purpose: LocalStore writes through a
     temporary file and a rename (a killed writer never leaves a half-written shard under
@@ -37,7 +41,7 @@ def open_zarr_store(url: str | os.PathLike[str], *, read_only: bool) -> Store:
                 f"{text}: file:// URLs must be absolute (file:///path), got host {parsed.netloc!r}"
             )
         return LocalStore(Path(parsed.path), read_only=read_only)
-    return FsspecStore.from_url(text, read_only=read_only)
+    return FsspecStore.from_url(text, read_only=read_only, storage_options=storage_options)
 
 
 def is_local(store: Store) -> bool:
@@ -66,6 +70,38 @@ class StrictStore(WrapperStore[Store]):
         value = await self._store.get(key, prototype, byte_range)
         if "/c/" in key and (value is None or len(value) == 0):
             raise MissingChunkError(key)
+        return value
+
+
+class ShardIndexCache(WrapperStore[Store]):
+    """Read-side wrapper that keeps shard indexes of a finished (immutable) store.
+
+    Zarr reads a chunk inside a shard as two requests: the shard's index (a suffix byte
+    range) and then the chunk. On an object store each is a round trip, and the server's
+    per-request cost, not bandwidth, limits the block loader (docs/cache-format.md). Index
+    reads are answered from a bounded LRU after the first; only suffix requests are
+    cached, which in this store are exactly the index reads (index at the shard's end).
+    """
+
+    def __init__(self, store: Store, max_entries: int = 16384) -> None:
+        super().__init__(store)
+        self._indexes: OrderedDict[tuple[str, int], Buffer | None] = OrderedDict()
+        self._max_entries = max_entries
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        if not isinstance(byte_range, SuffixByteRequest):
+            return await self._store.get(key, prototype, byte_range)
+        slot = (key, byte_range.suffix)
+        if slot in self._indexes:
+            self._indexes.move_to_end(slot)
+            return self._indexes[slot]
+        value = await self._store.get(key, prototype, byte_range)
+        if value is not None and len(value):
+            self._indexes[slot] = value
+            if len(self._indexes) > self._max_entries:
+                self._indexes.popitem(last=False)
         return value
 
 

@@ -64,6 +64,12 @@ class BlockDataset(Dataset[dict[str, torch.Tensor]]):
             return {k: v[start:stop] for k, v in self._rows.items()}
         return self.store.read_rows(start, stop)
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """A batch's blocks in one concurrent read (DataLoader calls this when it exists)."""
+        if self._rows is not None:
+            return [self[i] for i in indices]
+        return self.store.read_blocks([self.block_range(i) for i in indices])
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         if self.in_memory:

@@ -41,3 +41,7 @@ class CorruptStoreError(StoreError):
 
 class StoreWriteError(StoreError):
     """A write was refused (wrong shape or dtype) or failed (disk full, I/O error)."""
+
+
+class StoreUnreachableError(StoreError, ConnectionError):
+    """The store's location cannot be used at all: endpoint down, bucket missing, access denied."""

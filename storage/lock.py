@@ -1,10 +1,15 @@
 """The build lock: one build at a time per store.
 
-The lock is a small JSON key `build.lock` at the store root, written with the store's
-`set_if_not_exists`. On local paths that is atomic (Zarr's LocalStore links a temporary
-file into place, which fails if the name exists), so two concurrent builds cannot both
-win. On fsspec URLs (memory://, s3://, ...) Zarr 3.1.6 implements it as exists-then-set,
-which is racy: there the lock catches a forgotten second build, not a simultaneous one.
+The lock is a small JSON key `build.lock` at the store root, created only if absent
+(`storage.remote.create_exclusive`). That is atomic on local paths (Zarr's LocalStore
+links a temporary file into place) and on S3 APIs that honour `If-None-Match: *` (AWS S3,
+moto; s3fs sends it): two concurrent builds cannot both win. On other fsspec URLs it is
+exists-then-set, so there the lock catches a forgotten second build, not a simultaneous
+one. Either way correctness of the data does not rest on the lock: every shard has one
+owning process (s % world_size) and each object is written whole by that owner.
+
+Taking over a dead holder's lock (same host, process gone) is delete-then-create: two
+builds resuming the same crashed build at the same instant can both pass. Do not do that.
 
 The lock belongs to a process (host + pid), not to a handle: the rank-0 process that
 created the store may commit it through another handle (e.g. its mode="r+" one).
@@ -25,6 +30,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from storage.errors import StoreLockedError
+from storage.remote import create_exclusive
 
 LOCK_KEY = "build.lock"
 
@@ -100,9 +106,9 @@ def locked_error(where: str, holder: BuildLock) -> StoreLockedError:
 def acquire_lock(store: Store, where: str) -> BuildLock:
     """Take the lock for this process; take over a lock whose holder died on this host."""
     mine = BuildLock.new()
-    payload = default_buffer_prototype().buffer.from_bytes(json.dumps(asdict(mine)).encode())
+    payload = json.dumps(asdict(mine)).encode()
     for _ in range(3):
-        sync(store.set_if_not_exists(LOCK_KEY, payload))
+        create_exclusive(store, LOCK_KEY, payload)
         holder = read_lock(store)
         if holder == mine:
             return mine

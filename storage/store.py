@@ -9,6 +9,7 @@ Readers `open` with mode "r", which refuses anything incomplete, stale or damage
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -23,10 +24,12 @@ import torch
 import zarr
 from zarr.abc.store import Store
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from storage.backend import (
     PARTIAL_SUFFIX,
     MissingChunkError,
+    ShardIndexCache,
     StrictStore,
     delete_keys,
     key_sizes,
@@ -55,8 +58,12 @@ from storage.layout import (
     read_root_metadata,
 )
 from storage.lock import LOCK_KEY, acquire_lock, locked_error, read_lock, release_lock
+from storage.remote import check_reachable
 from storage.spec import StoreSpec
 
+# Budget for keeping a finished store's small arrays in RAM (~650 bytes per row at T=128):
+# stores up to ~100k rows; beyond that, random blocks would rarely hit a partial cache.
+SMALL_ARRAYS_IN_RAM = 64 * 2**20
 SPEC_FIELDS_CHECKED = ("num_rows", "seq_len", "hidden_size", "dtype")
 REBUILD_HINT = (
     "rebuild it: rerun the stage's cache build, or ActivationStore.create(..., overwrite=True)"
@@ -104,12 +111,23 @@ def _file_size_limit_as_oserror() -> Iterator[None]:
 class ActivationStore:
     """Handle on one store. Build with `create` / `open(mode="r+")`, read with `open`."""
 
-    def __init__(self, url: str | os.PathLike[str], *, writable: bool):
-        """Attach to an existing store; use `create` or `open`, which check it."""
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        writable: bool,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        """Attach to an existing store; use `create` or `open`, which check it.
+
+        `storage_options` go to the fsspec filesystem of a URL (endpoint, credentials...);
+        they are kept in memory only, never written to the store."""
         self.url = os.fspath(url)
         self.writable = writable
+        self.storage_options = dict(storage_options or {})
+        self._pid = os.getpid()
         # Look read-only first: a writable LocalStore creates its directory on first use.
-        reader = open_zarr_store(self.url, read_only=True)
+        reader = open_zarr_store(self.url, read_only=True, storage_options=self.storage_options)
         meta = read_root_metadata(reader)
         if meta is None or meta.get("attributes", {}).get("format") != FORMAT:
             what = "nothing" if meta is None else "a Zarr group that is not an activation store"
@@ -124,12 +142,21 @@ class ActivationStore:
                 f"package reads up to {FORMAT_VERSION}: upgrade cached-mslt or rebuild the store"
             )
         self.spec = StoreSpec.from_dict(self._meta_attrs["spec"])
-        self._store = open_zarr_store(self.url, read_only=False) if writable else reader
+        self._store = (
+            open_zarr_store(self.url, read_only=False, storage_options=self.storage_options)
+            if writable
+            else reader
+        )
         # Reads go through StrictStore so a missing or empty shard raises instead of
-        # reading back as the fill value.
+        # reading back as the fill value. A committed store never changes (a rebuild
+        # starts from overwrite), so its shard indexes may be kept: one request per chunk
+        # read instead of two on object stores.
         strict = StrictStore(reader)
+        if self._meta_attrs.get("complete") and not writable:
+            strict = StrictStore(ShardIndexCache(reader))
         self._readers = {n: zarr.open_array(strict, path=n, mode="r") for n in ROW_ARRAYS}
         # Marker reads use the plain store: an absent marker chunk legitimately means 0.
+        self._kept: dict[str, np.ndarray] | None = None  # see _small_arrays
         self._markers = zarr.open_array(self._store, path=MARKERS, mode="r+" if writable else "r")
         self._writers = {}
         if writable:
@@ -153,6 +180,7 @@ class ActivationStore:
         fingerprint: dict[str, Any],
         attrs: dict[str, Any] | None = None,
         overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> ActivationStore:
         """Create a store (one process, rank 0), or reopen an identical incomplete one to
         resume it. Takes the build lock; `commit` releases it."""
@@ -166,7 +194,8 @@ class ActivationStore:
             raise StoreSpecError(f"attrs must be JSON-serializable: {e}") from e
 
         where = os.fspath(url)
-        store = open_zarr_store(where, read_only=False)
+        check_reachable(where, storage_options)
+        store = open_zarr_store(where, read_only=False, storage_options=storage_options)
         top = sorted(set(sync(_list_dir(store))) - {LOCK_KEY})
         if top and "zarr.json" not in top and not overwrite:
             raise StoreExistsError(
@@ -184,7 +213,7 @@ class ActivationStore:
                 )
                 if not problems and not found["complete"] and not overwrite:
                     _remove_partial_files(store)
-                    return cls(where, writable=True)
+                    return cls(where, writable=True, storage_options=storage_options)
                 if not overwrite:
                     state = "a complete" if found["complete"] else "an incomplete"
                     why = "; ".join(problems) if problems else "it is already complete"
@@ -204,7 +233,7 @@ class ActivationStore:
         except BaseException:
             release_lock(store)
             raise
-        return cls(where, writable=True)
+        return cls(where, writable=True, storage_options=storage_options)
 
     @classmethod
     def open(
@@ -215,6 +244,7 @@ class ActivationStore:
         expected_fingerprint: dict[str, Any] | None = None,
         expected_spec: StoreSpec | None = None,
         require_complete: bool | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> ActivationStore:
         """Open for reading ("r") or, in a build's worker processes, for writing ("r+").
 
@@ -227,7 +257,7 @@ class ActivationStore:
             raise StoreSpecError(f"mode must be 'r' or 'r+', got {mode!r}")
         if require_complete is None:
             require_complete = mode == "r"
-        self = cls(url, writable=mode == "r+")
+        self = cls(url, writable=mode == "r+", storage_options=storage_options)
         problems = []
         if expected_fingerprint is not None:
             problems += _dict_diff(_normalize_fingerprint(expected_fingerprint), self.fingerprint)
@@ -256,11 +286,11 @@ class ActivationStore:
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers get a fresh read-only handle.
-        return {"url": self.url}
+        # DataLoader workers get a fresh read-only handle (options travel in memory only).
+        return {"url": self.url, "storage_options": self.storage_options}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"], writable=False)  # type: ignore[misc]
+        self.__init__(state["url"], writable=False, storage_options=state["storage_options"])  # type: ignore[misc]
 
     # ---------------------------------------------------------------- layout
 
@@ -405,11 +435,71 @@ class ActivationStore:
 
     def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Rows [start, stop) as tensors: hidden in the logical dtype, the rest int64."""
+        self._check_rows(start, stop)
+        self._reopen_if_forked()
+        return self._as_tensors({name: self._read(name, start, stop) for name in ROW_ARRAYS})
+
+    def read_blocks(self, ranges: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """`read_rows` of several row ranges, every chunk of every range requested at once.
+
+        On an object store each request costs a round trip and server time; issued one
+        after another they starve training (docs/cache-format.md, measured), so they all
+        go out together, and the small arrays (mask, labels, row_index: ~5 bytes per
+        token) of a store up to SMALL_ARRAYS_IN_RAM bytes are read whole once and kept,
+        leaving one `hidden` chunk request per block. Any failure is re-read range by
+        range, which names the missing or corrupt chunk exactly as `read_rows` does.
+        """
+        for start, stop in ranges:
+            self._check_rows(start, stop)
+        self._reopen_if_forked()
+        kept = self._small_arrays()
+        fetched = [n for n in ROW_ARRAYS if n not in kept]
+
+        async def gather() -> list[np.ndarray]:
+            return await asyncio.gather(
+                *(
+                    self._readers[name].async_array.getitem(slice(start, stop))
+                    for start, stop in ranges
+                    for name in fetched
+                )
+            )
+
+        try:
+            arrays = iter(sync(gather()))
+        except (MissingChunkError, ValueError):
+            return [self.read_rows(start, stop) for start, stop in ranges]
+        blocks = []
+        for start, stop in ranges:
+            raw = {n: next(arrays) for n in fetched} | {n: kept[n][start:stop] for n in kept}
+            blocks.append(self._as_tensors({n: raw[n] for n in ROW_ARRAYS}))
+        return blocks
+
+    def _small_arrays(self) -> dict[str, np.ndarray]:
+        """mask, labels and row_index whole, if the store is complete and they fit."""
+        if self._kept is None:
+            self._kept = {}
+            small = [n for n in ROW_ARRAYS if n != "hidden"]
+            nbytes = sum(self._readers[n].nbytes for n in small)
+            if self._meta_attrs.get("complete") and nbytes <= SMALL_ARRAYS_IN_RAM:
+                try:
+                    self._kept = {n: self._read(n, 0, self.spec.num_rows) for n in small}
+                except StoreError:
+                    self._kept = {}  # damaged: per-block reads will name the chunk
+        return self._kept
+
+    def _reopen_if_forked(self) -> None:
+        """A forked DataLoader worker inherits this handle without pickling it; an fsspec
+        filesystem's HTTP session is bound to the parent's event loop and fails there."""
+        if self._pid != os.getpid() and not isinstance(self._store, LocalStore):
+            self.__init__(self.url, writable=False, storage_options=self.storage_options)  # type: ignore[misc]
+
+    def _check_rows(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.spec.num_rows:
             raise IndexError(
                 f"rows [{start}, {stop}) outside [0, {self.spec.num_rows}) of {self.url}"
             )
-        raw = {name: self._read(name, start, stop) for name in ROW_ARRAYS}
+
+    def _as_tensors(self, raw: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         hidden = torch.from_numpy(raw.pop("hidden"))
         if self.spec.dtype == "bfloat16":
             hidden = hidden.view(torch.bfloat16)

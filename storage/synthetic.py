@@ -50,10 +50,18 @@ def write_synthetic_shards(store: ActivationStore, shards: list[int], *, seed: i
 
 
 def build_synthetic_store(
-    url: str, spec: StoreSpec, *, fingerprint: dict[str, str], seed: int = 0, commit: bool = True
+    url: str,
+    spec: StoreSpec,
+    *,
+    fingerprint: dict[str, str],
+    seed: int = 0,
+    commit: bool = True,
+    storage_options: dict | None = None,
 ) -> ActivationStore:
     """Create a store at `url`, write every shard with `synthetic_rows`, and commit."""
-    store = ActivationStore.create(url, spec, fingerprint=fingerprint)
+    store = ActivationStore.create(
+        url, spec, fingerprint=fingerprint, storage_options=storage_options
+    )
     write_synthetic_shards(store, list(range(store.num_shards)), seed=seed)
     if commit:
         store.commit()

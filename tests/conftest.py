@@ -73,3 +73,29 @@ def small_run(prepared: Path, run_dir: Path, **overrides):
     )
     options.update(overrides)
     return run_args("tiny", **options)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API on 127.0.0.1 and a free port, for the whole session; stopped after.
+
+    Yields the storage options a client needs (dummy credentials: moto accepts any)."""
+    pytest.importorskip("moto.server", reason="pip install -e '.[dev]' (moto[server])")
+    pytest.importorskip("s3fs", reason="pip install -e '.[dev]' (s3fs)")
+    from storage.loopback import loopback_s3
+
+    with loopback_s3() as options:
+        yield options
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the loopback S3 server: (name, storage options)."""
+    import re
+
+    import s3fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-b"
+    fs = s3fs.S3FileSystem(**s3_server, skip_instance_cache=True)
+    fs.mkdir(name)
+    return name, dict(s3_server)

@@ -1,6 +1,6 @@
 """Run one stage under `accelerate launch` with two real ranks (used by tests/test_distributed.py).
 
-usage: two_rank_stage.py PREPARED RUN_DIR STAGE JSON_OVERRIDES
+usage: two_rank_stage.py PREPARED RUN_DIR STAGE[,STAGE...] JSON_OVERRIDES
 """
 
 import json
@@ -14,9 +14,10 @@ from tests.conftest import small_run
 prepared, run_dir, stage, overrides = (
     sys.argv[1],
     sys.argv[2],
-    int(sys.argv[3]),
+    [int(k) for k in sys.argv[3].split(",")],
     json.loads(sys.argv[4]),
 )
 state = Accelerator()  # reads ACCELERATE_USE_CPU; a bare PartialState() would not
 assert state.num_processes == 2, f"expected 2 processes, got {state.num_processes}"
-run_stage(small_run(prepared, run_dir, **overrides), stage)
+for k in stage:  # several stages in one launch: one start-up of both ranks
+    run_stage(small_run(prepared, run_dir, **overrides), k)

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,20 +151,40 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
 
 
 def decide_cache(
-    stage: Stage, rows: int, steps: int, global_batch: int, incremental_from: int | None
+    plan: StagePlan,
+    stage: Stage,
+    rows: int,
+    reads: Callable[[Stage], int],
+    incremental_from: int | None,
 ) -> tuple[bool, str]:
-    """`auto`: cache when building costs fewer layer forwards than running the frozen bottom
-    live on every row the stage reads (DESIGN.md cost model). Store I/O and setup are not
-    counted, so the rule is optimistic near break-even: at one read per example the
-    measured gain was nil (docs/methods.md)."""
+    """`auto`: cache this stage if caching from here to the end of the plan costs the fewest
+    layer forwards of every choice (start caching at a later stage, or never), counting
+    builds (`rows` per newly frozen layer, the first one from `incremental_from` layers
+    if a store of that depth exists) against the frozen bottom run live on every row a
+    stage reads (`reads(stage)`; DESIGN.md cost model). Looking ahead matters: a store
+    built now makes every later build incremental, so a stage that reads under one epoch
+    can still be worth caching. Store I/O and setup are not counted, so the rule is
+    optimistic near break-even (docs/methods.md)."""
     if stage.cache == "never" or stage.frozen_layers == 0:
         return False, "live (cache: never)" if stage.frozen_layers else "nothing frozen"
-    build = (stage.frozen_layers - (incremental_from or 0)) * rows
-    live = stage.frozen_layers * steps * global_batch
-    why = f"build {build:,} layer-rows vs live {live:,}"
+    ahead = [s for s in plan.stages if s.index >= stage.index and s.frozen_layers and not s.joint]
+
+    def cost(start: int) -> int:
+        """Layer forwards if stages ahead[start:] are cached and the ones before run live."""
+        live = sum(s.frozen_layers * reads(s) for s in ahead[:start])
+        depth = (incremental_from or 0) if start == 0 else 0
+        builds = 0
+        for s in ahead[start:]:
+            builds += (s.frozen_layers - depth) * rows
+            depth = s.frozen_layers
+        return live + builds
+
+    now, never = cost(0), cost(len(ahead))
+    best_later = min(cost(i) for i in range(1, len(ahead) + 1))
+    why = f"caching from here {now:,} layer-rows, from later {best_later:,}, never {never:,}"
     if stage.cache == "always":
         return True, f"cache: always ({why})"
-    return build < live, f"auto: {why}"
+    return now < best_later, f"auto: {why}"
 
 
 def check_cache_location(args: RunArgs, plan: StagePlan) -> None:
@@ -211,10 +232,13 @@ def run_stage(
         previous_store(args, stage, model) if args.schedule.cache_rebuild == "incremental" else None
     )
     cached, why = decide_cache(
+        plan,
         stage,
         rows,
-        steps,
-        rows_per_step(args, accelerator.num_processes),
+        lambda s: (
+            steps_for(s, args, accelerator.num_processes)
+            * rows_per_step(args, accelerator.num_processes)
+        ),
         int(source.fingerprint["frozen_layers"]) if source else None,
     )
     accelerator.print(

@@ -28,6 +28,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         tokenizer="train",
         vocab_size=8192,
         train_examples=0,
+        dropout=0.0,
+        mask_prob=0.4,
+        batch_size=8,
+        stage_tokens="2097152",
     ),
     "mini": dict(
         hidden_size=256,
@@ -37,6 +41,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         tokenizer="train",
         vocab_size=16384,
         train_examples=0,
+        dropout=0.1,
+        mask_prob=0.15,
+        batch_size=32,
+        stage_tokens="1048576",
     ),
     "bert-base": dict(
         hidden_size=768,
@@ -46,6 +54,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         tokenizer="bundled",
         vocab_size=30522,
         train_examples=0,
+        dropout=0.1,
+        mask_prob=0.15,
+        batch_size=32,
+        stage_tokens="1048576",
     ),
 }
 
@@ -62,15 +74,16 @@ class ModelArgs:
     num_attention_heads: int | None = field(default=None, metadata={"help": "default: preset"})
     intermediate_size: int | None = field(default=None, metadata={"help": "default: preset"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager"})
-    dropout: float = field(
-        default=0.1, metadata={"help": "hidden and attention dropout (BERT: 0.1)"}
+    dropout: float | None = field(
+        default=None,
+        metadata={"help": "hidden and attention dropout (BERT: 0.1; tiny: 0, see docs/levers.md)"},
     )
     max_position_embeddings: int = 512
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        for name in ("hidden_size", "num_attention_heads", "intermediate_size"):
+        for name in ("hidden_size", "num_attention_heads", "intermediate_size", "dropout"):
             if getattr(self, name) is None:
                 setattr(self, name, PRESETS[self.preset][name])
         if self.hidden_size % self.num_attention_heads:
@@ -104,8 +117,11 @@ class DataArgs:
     seq_len: int | None = field(
         default=None, metadata={"help": "tokens per packed sequence; default: preset"}
     )
-    mask_prob: float = field(
-        default=0.15, metadata={"help": "share of a training sequence's tokens to predict"}
+    mask_prob: float | None = field(
+        default=None,
+        metadata={
+            "help": "share of a training sequence's tokens to predict (BERT: 0.15); default: preset"
+        },
     )
     valid_mask_prob: float = field(
         default=0.15,
@@ -153,7 +169,7 @@ class DataArgs:
 
     def resolve(self, model: ModelArgs) -> None:
         preset = PRESETS[model.preset]
-        for name in ("seq_len", "tokenizer", "train_examples"):
+        for name in ("seq_len", "tokenizer", "train_examples", "mask_prob"):
             if getattr(self, name) is None:
                 setattr(self, name, preset[name])
         # The preset's vocabulary size is the size to fit; a given tokenizer has its own.
@@ -175,7 +191,9 @@ class DataArgs:
 class TrainArgs:
     run_dir: str | None = field(default=None, metadata={"help": "default runs/<preset>"})
     seed: int = 0
-    batch_size: int = field(default=32, metadata={"help": "per-process micro-batch (sequences)"})
+    batch_size: int | None = field(
+        default=None, metadata={"help": "per-process micro-batch (sequences); default: preset"}
+    )
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
@@ -209,9 +227,12 @@ class ScheduleArgs:
     stage_layers: str = field(
         default="3,6,9,12", metadata={"help": "total encoder layers at the end of each stage"}
     )
-    stage_tokens: str = field(
-        default="1048576",
-        metadata={"help": "training tokens per stage: one value for all, or one per stage"},
+    stage_tokens: str | None = field(
+        default=None,
+        metadata={
+            "help": "training tokens per stage: one value for all, or one per stage; default: "
+            "preset"
+        },
     )
     stage_steps: str | None = field(
         default=None, metadata={"help": "optimizer steps per stage (overrides stage_tokens)"}
@@ -372,6 +393,10 @@ class RunArgs:
 
     def __post_init__(self) -> None:
         self.data.resolve(self.model)
+        preset = PRESETS[self.model.preset]
+        for group, name in ((self.train, "batch_size"), (self.schedule, "stage_tokens")):
+            if getattr(group, name) is None:
+                setattr(group, name, preset[name])
         if self.train.run_dir is None:
             self.train.run_dir = f"runs/{self.model.preset}"
 

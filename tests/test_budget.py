@@ -70,7 +70,7 @@ def test_a_wall_clock_budget_ends_the_run_within_one_step(prepared_dir, tmp_path
     result = run_method("full", args, MethodArgs(budget_wall_s=3.0), tmp_path / "full")
     assert result["status"] == "ok", result.get("traceback")
     wall = [w for _, w in _steps(read_metrics(tmp_path / "full"))]
-    assert wall[-1] >= 3.0 > wall[-2]
+    assert wall[-1] >= 3.0 >= wall[-2]  # metrics keep 3 decimals
 
 
 def test_mslt_stages_split_the_budget_evenly(prepared_dir, tmp_path):
@@ -130,4 +130,4 @@ def test_a_cpu_seconds_budget_ends_the_run_within_one_step(prepared_dir, tmp_pat
     result = run_method("full", args, MethodArgs(budget_cpu_s=2.0), tmp_path / "full")
     assert result["status"] == "ok", result.get("traceback")
     cpu = [r["cpu_s"] for r in read_metrics(tmp_path / "full") if "train_loss" in r]
-    assert cpu[-1] >= 2.0 > cpu[-2]
+    assert cpu[-1] >= 2.0 >= cpu[-2]  # metrics keep 3 decimals: 1.9996 shows as 2.0

@@ -16,12 +16,11 @@ from cached_mslt.stages import read_manifest, run_stage, stage_dir
 
 def _run(ctx, cache: str) -> PreTrainedModel:
     budget, joint = ctx.budget, ctx.method.mslt_joint_fraction
-    n = len(StagePlan.from_args(ctx.args).stages) - (ctx.args.schedule.joint_tokens > 0)
-    # Shares end the phases; token counts only inform `--cache auto` (under a token budget,
-    # the stage's even split of it; otherwise the schedule's own stage_tokens).
-    stage_tokens = ctx.args.schedule.stage_tokens
-    if budget.tokens is not None:
-        stage_tokens = str(budget.tokens * (1 - joint) / n)
+    n = len([int(v) for v in ctx.args.schedule.stage_layers.split(",") if v.strip()])
+    # Shares end the phases. A stage's token count then only informs `--cache auto`, which
+    # mslt-live and mslt-cached do not use (they fix the mode): the even split of a token
+    # budget, or a placeholder under other budgets.
+    stage_tokens = str(budget.tokens * (1 - joint) / n if budget.tokens else 1)
     schedule = replace(
         ctx.args.schedule,
         cache=cache,

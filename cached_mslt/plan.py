@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from cached_mslt.config import ConfigError, RunArgs
+from cached_mslt.config import PRESETS, ConfigError, RunArgs
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,15 @@ class StagePlan:
                 f"{args.model.num_layers}; make them agree"
             )
         steps = _numbers(s.stage_steps, len(layers), "stage_steps")
-        tokens = None if steps else _numbers(s.stage_tokens, len(layers), "stage_tokens")
+        try:
+            tokens = None if steps else _numbers(s.stage_tokens, len(layers), "stage_tokens")
+        except ConfigError as e:
+            if s.stage_tokens != PRESETS[args.model.preset]["stage_tokens"]:
+                raise
+            raise ConfigError(
+                f"{e}: the {args.model.preset} preset's stage_tokens ({s.stage_tokens}) are for "
+                f"its own plan; with --stage_layers {s.stage_layers} pass --stage_tokens too"
+            ) from e
         stages = []
         for i, n in enumerate(layers):
             frozen = layers[i - 1] if i else 0

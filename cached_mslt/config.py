@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dropout=0.0,
         mask_prob=0.4,
         batch_size=8,
-        stage_tokens="5000000,1000000,1000000,1000000",
+        stage_tokens="5000000,2000000,2000000,2000000",
     ),
     "mini": dict(
         hidden_size=256,

@@ -18,9 +18,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# Two real ranks over gloo, one thread each (DATA: `--cpu --num_processes 2` alone starts
+# one process): the distributed cache build and DDP run as on N GPUs, and one rank per
+# core does not stall like two threads of one process do on a busy core. --batch_size 4
+# per rank keeps the tiny regime's global batch of 8 (docs/levers.md).
+LAUNCH := ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --multi_gpu \
+	--num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	--main_process_port 0
+
 run: install
 	$(PY) pipelines/prepare_data.py --preset $(PRESET)
-	$(PY) pipelines/pretrain.py --preset $(PRESET)
+	$(LAUNCH) pipelines/pretrain.py --preset $(PRESET) --batch_size 4
 
 test: install
 	$(PY) -m pytest -m "not slow" -q

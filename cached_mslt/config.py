@@ -201,6 +201,13 @@ class TrainArgs:
     adam_beta2: float = 0.98
     adam_epsilon: float = 1e-6
     max_grad_norm: float = 1.0
+    nonfinite_patience: int = field(
+        default=3,
+        metadata={
+            "help": "stop a stage (not done) after this many consecutive optimizer steps with a "
+            "non-finite loss or gradient norm; such steps are skipped, not applied"
+        },
+    )
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
     eval_every: int = field(default=100, metadata={"help": "validation every N optimizer steps"})
     eval_batches: int | None = field(default=None, metadata={"help": "cap validation batches"})

@@ -43,7 +43,7 @@ from cached_mslt.metrics import (
 from cached_mslt.model import build_model, check_tied, frozen_modules, grow
 from cached_mslt.plan import Stage, StagePlan
 from cached_mslt.prepare import load_prepared, prepared_manifest
-from cached_mslt.trainer import Phase, train_phase
+from cached_mslt.trainer import DivergenceError, Phase, train_phase
 from storage import ActivationStore, BlockDataset, check_reachable, fingerprint_module
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,15 @@ def run_stage(
         extra=dict(extra or {}),
     )
     metrics = MetricsWriter(args.train.run_dir, accelerator)
-    stats = train_phase(accelerator, phase, args, clock, metrics, data.valid)
+    try:
+        stats = train_phase(accelerator, phase, args, clock, metrics, data.valid)
+    except DivergenceError as e:
+        # The saved optimizer state carries the old learning rate: resume cannot lower it.
+        raise StageError(
+            f"{e}\nfix: rm -rf {phase.checkpoint_dir} && accelerate launch pipelines/stage.py "
+            f"--config {Path(args.train.run_dir) / 'config.json'} --stage {index} "
+            f"--learning_rate {lower_learning_rate(args.train.learning_rate):g}"
+        ) from e
 
     bottom_after = fingerprint_module(
         torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers))
@@ -326,6 +334,10 @@ def run_stage(
     }
     save_stage(accelerator, model, tokenizer, stage_dir(args, index), manifest)
     return manifest
+
+
+def lower_learning_rate(rate: float) -> float:
+    return rate / 10 if math.isfinite(rate) and rate > 0 else 1e-4
 
 
 def previous_store(args: RunArgs, stage: Stage, model: BertForMaskedLM) -> ActivationStore | None:

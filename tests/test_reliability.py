@@ -1,0 +1,57 @@
+"""Fault tests (docs/reliability.md): DESIGN.md invariant 8 (a stage is done only if it trained
+with finite losses; one owner per run and stage; a store never holds non-finite activations)
+and the refusals and recovery commands around the store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cached_mslt import trainer
+from cached_mslt.stages import MANIFEST, StageError, run_stage, stage_dir
+from storage import ActivationStore, NonFiniteActivationsError, StoreSpec
+from tests.conftest import small_run
+
+
+def test_stage_with_nonfinite_loss_fails_and_is_never_done(prepared_dir, tmp_path, monkeypatch):
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="8", nonfinite_patience=2)
+    real = trainer._phase_inputs
+
+    def poisoned_from_step_3(model, phase, batch, calls=[0]):  # noqa: B006 - a call counter
+        calls[0] += 1
+        out = real(model, phase, batch)
+        if calls[0] >= 3:
+            out = {k: v * float("nan") if v.is_floating_point() else v for k, v in out.items()}
+            if "input_ids" in out:
+                model.bert.embeddings.word_embeddings.weight.data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer, "_phase_inputs", poisoned_from_step_3)
+    with pytest.raises(
+        StageError, match=r"(?s)stage-1 diverged: 2 consecutive .*--stage 1 --learning_rate 0.0001"
+    ):
+        run_stage(args, 1)
+    assert not (stage_dir(args, 1) / MANIFEST).exists()
+    assert not (stage_dir(args, 1) / "model").exists()
+    # The one checkpoint it kept is from before the divergence (step 2; none at step 4).
+    saved = json.loads((stage_dir(args, 1) / "checkpoint" / trainer.TRAINER_STATE).read_text())
+    assert saved["step"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_store_never_commits_nonfinite_activations(tmp_path, dtype):
+    spec = StoreSpec(
+        num_rows=8, seq_len=4, hidden_size=2, dtype=dtype, rows_per_chunk=4, chunks_per_shard=1
+    )
+    store = ActivationStore.create(str(tmp_path / "s"), spec, fingerprint={"w": "1"})
+    hidden = torch.zeros(4, 4, 2, dtype=spec.torch_dtype)
+    hidden[2, 1, 0] = float("nan")
+    ints = np.zeros((4, 4), dtype=np.int64)
+    with pytest.raises(NonFiniteActivationsError, match="first in row 2 of the shard"):
+        store.write_shard(
+            0, hidden=hidden, attention_mask=ints, labels=ints, row_index=np.arange(4)
+        )
+    assert store.pending_shards(0, 1) == list(range(store.spec.num_shards))

@@ -29,7 +29,8 @@ from cached_mslt import __version__
 from cached_mslt.blocks import PreparedBlocks
 from cached_mslt.budget import PhaseShare
 from cached_mslt.cache import CacheRequest, build_cache
-from cached_mslt.config import RunArgs
+from cached_mslt.config import ConfigError, RunArgs
+from cached_mslt.corpora import DataError
 from cached_mslt.flops import layer_forward_flops, step_flops
 from cached_mslt.metrics import (
     MetricsWriter,
@@ -42,9 +43,15 @@ from cached_mslt.metrics import (
 )
 from cached_mslt.model import build_model, check_tied, frozen_modules, grow
 from cached_mslt.plan import Stage, StagePlan
-from cached_mslt.prepare import load_prepared, prepared_manifest
+from cached_mslt.prepare import check_prepared, load_prepared, prepared_manifest
 from cached_mslt.trainer import DivergenceError, Phase, train_phase
-from storage import ActivationStore, BlockDataset, check_reachable, fingerprint_module
+from storage import (
+    ActivationStore,
+    BlockDataset,
+    StoreError,
+    check_reachable,
+    fingerprint_module,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +68,11 @@ RUN_IDENTITY = {
 
 class StageError(RuntimeError):
     """A stage cannot run as asked (missing previous stage, mismatched config...)."""
+
+
+# Refusals whose message already says what was expected, what was found and what to run:
+# entry points print them as one line of text, not a traceback.
+USER_ERRORS = (ConfigError, DataError, StageError, StoreError)
 
 
 def stage_dir(args: RunArgs, index: int) -> Path:
@@ -102,6 +114,19 @@ def check_run_config(args: RunArgs, accelerator: Accelerator) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(current, indent=2, sort_keys=True))
     accelerator.wait_for_everyone()
+
+
+def check_same_data(args: RunArgs, index: int, previous: dict | None, fingerprint: str) -> None:
+    """Every stage of a run trains on the same prepared data (same fingerprint)."""
+    if previous is None or previous["fingerprints"]["data"] == fingerprint:
+        return
+    raise StageError(
+        f"stage {index - 1} trained on prepared data with fingerprint "
+        f"{previous['fingerprints']['data'][:12]}, but {args.data.prepared_dir} now holds "
+        f"{fingerprint[:12]}; expected the same data for every stage of a run. Restore that "
+        f"data (`python pipelines/prepare_data.py --config {Path(args.train.run_dir) / 'config.json'}"
+        f" --overwrite`, if the corpus is unchanged) or start a new run with another --run_dir"
+    )
 
 
 def block_rows_for(batch_size: int) -> int:
@@ -206,6 +231,7 @@ def run_stage(
     `share`, the stage trains until that share of a comparison's budget is spent."""
     plan = StagePlan.from_args(args)
     stage = plan[index]
+    check_prepared(args.data)  # data settings first: nothing written for a mismatched run
     check_cache_location(args, plan)
     accelerator = accelerator or make_accelerator(args)
     check_run_config(args, accelerator)
@@ -216,9 +242,10 @@ def run_stage(
         )
         return done
 
-    data = load_prepared(args.data.prepared_dir)
+    data = load_prepared(args.data.prepared_dir, args.data)
     tokenizer = data.tokenizer()  # saved with every checkpoint: the ids are its ids
     previous = read_manifest(args, index - 1) if index > 1 else None
+    check_same_data(args, index, previous, data.manifest["fingerprint"])
     clock = RunClock(**previous["clock"]) if previous else RunClock()
     set_seed(args.train.seed + index)  # a stage's randomness does not depend on how it was launched
     model = load_stage_model(args, stage, data.manifest["vocab_size"])

@@ -8,8 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from cached_mslt.config import parse_args
-from cached_mslt.stages import run_stage
-from storage import StoreUnreachableError
+from cached_mslt.stages import USER_ERRORS, run_stage
 
 
 @dataclass
@@ -18,10 +17,10 @@ class StageArgs:
 
 
 def main() -> None:
-    args, (stage_args,) = parse_args(extra=(StageArgs,), description=__doc__)
     try:
+        args, (stage_args,) = parse_args(extra=(StageArgs,), description=__doc__)
         run_stage(args, stage_args.stage)
-    except StoreUnreachableError as e:  # a message, not a traceback: nothing ran yet
+    except USER_ERRORS as e:  # a message that says what to run, not a traceback
         sys.exit(f"error: {e}")
 
 

@@ -5,12 +5,15 @@ and the refusals and recovery commands around the store."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from cached_mslt import trainer
+from cached_mslt.config import ConfigError, parse_args
+from cached_mslt.corpora import DataError
 from cached_mslt.stages import MANIFEST, StageError, run_stage, stage_dir
 from storage import ActivationStore, NonFiniteActivationsError, StoreSpec
 from tests.conftest import small_run
@@ -55,3 +58,48 @@ def test_store_never_commits_nonfinite_activations(tmp_path, dtype):
             0, hidden=hidden, attention_mask=ints, labels=ints, row_index=np.arange(4)
         )
     assert store.pending_shards(0, 1) == list(range(store.spec.num_shards))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--stage_steps", "0.5"],
+        ["--stage_steps", "6,0"],
+        ["--stage_tokens", "1e3.5"],
+        ["--max_wall_s", "0"],
+        ["--max_wall_s", "-1"],
+        ["--batch_size", "0"],
+        ["--learning_rate", "inf"],
+        ["--learning_rate", "nan"],
+        ["--nonfinite_patience", "0"],
+        ["--gradient_accumulation_steps", "0"],
+        ["--warmup_fraction", "1.5"],
+        ["--mixed_precision", "fp8"],
+    ],
+)
+def test_every_bad_budget_or_count_is_refused_at_parse_time(flags):
+    with pytest.raises(ConfigError, match=rf"--{flags[0][2:]} .*(expected|choose|whole number)"):
+        parse_args(flags)
+
+
+def test_fractional_count_flag_is_refused_not_truncated():
+    with pytest.raises(SystemExit):  # argparse: "invalid int value"
+        parse_args(["--checkpoint_every", "0.5"])
+
+
+def test_data_settings_are_checked_against_the_prepared_data_first(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "run", seq_len=64)
+    with pytest.raises(DataError, match=r"--seq_len 32 \(run asks 64\).*prepare_data.py"):
+        run_stage(args, 1)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_stages_of_one_run_share_the_prepared_data(prepared_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    args = small_run(data, tmp_path / "run", stage_steps="2")
+    run_stage(args, 1)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))
+    with pytest.raises(StageError, match="stage 1 trained on prepared data with fingerprint"):
+        run_stage(args, 2)

@@ -44,6 +44,7 @@ from cached_mslt.metrics import (
 from cached_mslt.model import build_model, check_tied, frozen_modules, grow
 from cached_mslt.plan import Stage, StagePlan
 from cached_mslt.prepare import check_prepared, load_prepared, prepared_manifest
+from cached_mslt.rundir import LOCK_FILE, RunLockedError, stage_lock, write_atomic
 from cached_mslt.trainer import DivergenceError, Phase, train_phase
 from storage import (
     ActivationStore,
@@ -72,7 +73,7 @@ class StageError(RuntimeError):
 
 # Refusals whose message already says what was expected, what was found and what to run:
 # entry points print them as one line of text, not a traceback.
-USER_ERRORS = (ConfigError, DataError, StageError, StoreError)
+USER_ERRORS = (ConfigError, DataError, StageError, StoreError, RunLockedError)
 
 
 def stage_dir(args: RunArgs, index: int) -> Path:
@@ -112,7 +113,7 @@ def check_run_config(args: RunArgs, accelerator: Accelerator) -> None:
             )
     elif accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+        write_atomic(path, json.dumps(current, indent=2, sort_keys=True))
     accelerator.wait_for_everyone()
 
 
@@ -234,6 +235,21 @@ def run_stage(
     check_prepared(args.data)  # data settings first: nothing written for a mismatched run
     check_cache_location(args, plan)
     accelerator = accelerator or make_accelerator(args)
+    # One owner per run and stage, from before it reads its own state to its manifest.
+    where = f"{stage.name} of {args.train.run_dir}"
+    with stage_lock(accelerator, stage_dir(args, index) / LOCK_FILE, where):
+        return _run_stage_locked(args, index, plan, stage, accelerator, extra, share)
+
+
+def _run_stage_locked(
+    args: RunArgs,
+    index: int,
+    plan: StagePlan,
+    stage: Stage,
+    accelerator: Accelerator,
+    extra: dict[str, Any] | None,
+    share: PhaseShare | None,
+) -> dict[str, Any]:
     check_run_config(args, accelerator)
     done = read_manifest(args, index)
     if done is not None:
@@ -414,7 +430,7 @@ def save_stage(accelerator: Accelerator, model, tokenizer, directory: Path, mani
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         shutil.rmtree(directory / "checkpoint", ignore_errors=True)
-        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
     accelerator.wait_for_everyone()
 
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ import torch
 from cached_mslt import trainer
 from cached_mslt.config import ConfigError, parse_args
 from cached_mslt.corpora import DataError
+from cached_mslt.rundir import LOCK_FILE, RunLockedError, write_atomic
 from cached_mslt.stages import MANIFEST, StageError, run_stage, stage_dir
 from storage import ActivationStore, NonFiniteActivationsError, StoreSpec
 from tests.conftest import small_run
@@ -103,3 +108,35 @@ def test_stages_of_one_run_share_the_prepared_data(prepared_dir, tmp_path):
     (data / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))
     with pytest.raises(StageError, match="stage 1 trained on prepared data with fingerprint"):
         run_stage(args, 2)
+
+
+def test_one_owner_per_run_and_stage_a_second_command_is_refused(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = stage_dir(args, 1) / LOCK_FILE
+        lock.parent.mkdir(parents=True)
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid}))
+        with pytest.raises(
+            RunLockedError, match=rf"stage-1 of .* is already running: pid {sleeper.pid}"
+        ):
+            run_stage(args, 1)
+        assert lock.exists()  # the owner's lock is left alone
+        assert not (stage_dir(args, 1) / MANIFEST).exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Its owner gone (SIGKILL), the lock is stale: the next command takes it over and finishes.
+    with pytest.warns(UserWarning, match="taking over"):
+        run_stage(args, 1)
+    assert (stage_dir(args, 1) / MANIFEST).exists() and not lock.exists()
+
+
+def test_manifest_writes_are_atomic(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+    with pytest.raises(ZeroDivisionError), patch("os.replace", side_effect=ZeroDivisionError):
+        write_atomic(path, "new")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    write_atomic(path, "new")
+    assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]

@@ -16,7 +16,8 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,11 @@ from cached_mslt.trainer import DivergenceError, Phase, train_phase
 from storage import (
     ActivationStore,
     BlockDataset,
+    CorruptStoreError,
+    IncompleteStoreError,
+    StaleStoreError,
     StoreError,
+    StoreExistsError,
     check_reachable,
     fingerprint_module,
 )
@@ -226,10 +231,13 @@ def run_stage(
     accelerator: Accelerator | None = None,
     extra: dict[str, Any] | None = None,
     share: PhaseShare | None = None,
+    rebuild_cache: bool = False,
 ) -> dict[str, Any]:
     """Run stage `index` of the plan: nothing if it is done, resume if it was interrupted.
     `extra` is added to every metrics line (the comparison harness adds `method`). With
-    `share`, the stage trains until that share of a comparison's budget is spent."""
+    `share`, the stage trains until that share of a comparison's budget is spent. With
+    `rebuild_cache`, the stage's store is built anew: a finished stage rebuilds only its
+    store (from its saved model, whose bottom is the frozen bottom it trained on)."""
     plan = StagePlan.from_args(args)
     stage = plan[index]
     check_prepared(args.data)  # data settings first: nothing written for a mismatched run
@@ -238,7 +246,7 @@ def run_stage(
     # One owner per run and stage, from before it reads its own state to its manifest.
     where = f"{stage.name} of {args.train.run_dir}"
     with stage_lock(accelerator, stage_dir(args, index) / LOCK_FILE, where):
-        return _run_stage_locked(args, index, plan, stage, accelerator, extra, share)
+        return _run_stage_locked(args, index, plan, stage, accelerator, extra, share, rebuild_cache)
 
 
 def _run_stage_locked(
@@ -249,9 +257,12 @@ def _run_stage_locked(
     accelerator: Accelerator,
     extra: dict[str, Any] | None,
     share: PhaseShare | None,
+    rebuild_cache: bool,
 ) -> dict[str, Any]:
     check_run_config(args, accelerator)
     done = read_manifest(args, index)
+    if done is not None and rebuild_cache:
+        return rebuild_stage_store(args, index, stage, accelerator, done)
     if done is not None:
         accelerator.print(
             f"{stage.name}: already done ({stage_dir(args, index) / MANIFEST}), skipping"
@@ -292,25 +303,14 @@ def _run_stage_locked(
     build: dict[str, Any] = {"build_s": 0.0, "reused": False}
     if cached:
         watch = Stopwatch(clock)
-        store, build = build_cache(
-            model,
-            CacheRequest(
-                url=cache_url(args, index),
-                frozen_layers=stage.frozen_layers,
-                dtype=args.schedule.cache_dtype,
-                codec=args.schedule.cache_codec,
-                rows_per_chunk=block_rows,
-                data_fingerprint=data.manifest["fingerprint"],
-                mask_seed=data.manifest["mask_seed"],
-                seq_len=args.data.seq_len,
-                num_rows=rows,
-                stage=index,
-                storage_options=args.schedule.storage_options(),
-            ),
-            data.train,
-            source=source,
-            overwrite=args.schedule.overwrite_cache,
-        )
+        with store_repair_hint(args, index, source):
+            store, build = build_cache(
+                model,
+                cache_request(args, index, stage, data, rows),
+                data.train,
+                source=source,
+                overwrite=args.schedule.overwrite_cache or rebuild_cache,
+            )
         # Every process waited for the slowest at the build's barriers: charge that wall time.
         watch.tick()
         clock.flops += build_flops(model.config, args.data.seq_len, build, stage, source)
@@ -347,7 +347,8 @@ def _run_stage_locked(
     )
     metrics = MetricsWriter(args.train.run_dir, accelerator)
     try:
-        stats = train_phase(accelerator, phase, args, clock, metrics, data.valid)
+        with store_repair_hint(args, index, None):
+            stats = train_phase(accelerator, phase, args, clock, metrics, data.valid)
     except DivergenceError as e:
         # The saved optimizer state carries the old learning rate: resume cannot lower it.
         raise StageError(
@@ -381,6 +382,74 @@ def _run_stage_locked(
 
 def lower_learning_rate(rate: float) -> float:
     return rate / 10 if math.isfinite(rate) and rate > 0 else 1e-4
+
+
+def cache_request(args: RunArgs, index: int, stage: Stage, data, rows: int) -> CacheRequest:
+    return CacheRequest(
+        url=cache_url(args, index),
+        frozen_layers=stage.frozen_layers,
+        dtype=args.schedule.cache_dtype,
+        codec=args.schedule.cache_codec,
+        rows_per_chunk=block_rows_for(args.train.batch_size),
+        data_fingerprint=data.manifest["fingerprint"],
+        mask_seed=data.manifest["mask_seed"],
+        seq_len=args.data.seq_len,
+        num_rows=rows,
+        stage=index,
+        storage_options=args.schedule.storage_options(),
+    )
+
+
+def repair_command(args: RunArgs, index: int) -> str:
+    return (
+        f"accelerate launch pipelines/stage.py --config "
+        f"{Path(args.train.run_dir) / 'config.json'} --stage {index} --rebuild_cache"
+    )
+
+
+@contextmanager
+def store_repair_hint(args: RunArgs, index: int, source: ActivationStore | None) -> Iterator[None]:
+    """A store that cannot be used (stale, corrupt, half-written by another build) is
+    repaired by one command: rebuilding the store it is, this stage's or the source's."""
+    try:
+        yield
+    except (StaleStoreError, CorruptStoreError, IncompleteStoreError, StoreExistsError) as e:
+        owner = index
+        if source is not None and str(source.url) in str(e):
+            owner = index - 1  # the previous stage's store, read by an incremental build
+        # Same type (callers act on it), with the command added.
+        raise type(e)(f"{e}\nfix: {repair_command(args, owner)}") from e
+
+
+def rebuild_stage_store(
+    args: RunArgs, index: int, stage: Stage, accelerator: Accelerator, manifest: dict
+) -> dict[str, Any]:
+    """Rebuild a finished stage's store in full; its training is untouched."""
+    if manifest["mode"] != "cached":
+        accelerator.print(f"{stage.name}: trained live, it has no store to rebuild")
+        return manifest
+    data = load_prepared(args.data.prepared_dir, args.data)
+    model = BertForMaskedLM.from_pretrained(
+        stage_dir(args, index) / "model", attn_implementation=args.model.attn_implementation
+    )
+    bottom = fingerprint_module(torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers)))
+    if bottom != manifest["fingerprints"]["frozen_bottom"]:
+        raise StageError(
+            f"{stage_dir(args, index) / 'model'}: its first {stage.frozen_layers} layers are not "
+            f"the frozen bottom {stage.name} trained on (fingerprint {bottom[:12]}, manifest "
+            f"{manifest['fingerprints']['frozen_bottom'][:12]}); rerun the stage from "
+            f"scratch: `rm -rf {stage_dir(args, index)}` and {repair_command(args, index)}"
+        )
+    rows = train_rows(args, len(data.train))
+    _, build = build_cache(
+        model, cache_request(args, index, stage, data, rows), data.train, overwrite=True
+    )
+    manifest = {**manifest, "cache": {**build, "url": cache_url(args, index)}}
+    if accelerator.is_main_process:
+        write_atomic(stage_dir(args, index) / MANIFEST, json.dumps(manifest, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.print(f"{stage.name}: store rebuilt in full at {cache_url(args, index)}")
+    return manifest
 
 
 def previous_store(args: RunArgs, stage: Stage, model: BertForMaskedLM) -> ActivationStore | None:

@@ -5,23 +5,38 @@ and the refusals and recovery commands around the store."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
+from transformers import BertForMaskedLM
 
 from cached_mslt import trainer
 from cached_mslt.config import ConfigError, parse_args
 from cached_mslt.corpora import DataError
 from cached_mslt.rundir import LOCK_FILE, RunLockedError, write_atomic
 from cached_mslt.stages import MANIFEST, StageError, run_stage, stage_dir
-from storage import ActivationStore, NonFiniteActivationsError, StoreSpec
+from storage import (
+    ActivationStore,
+    CorruptStoreError,
+    NonFiniteActivationsError,
+    StaleStoreError,
+    StoreSpec,
+)
 from tests.conftest import small_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def test_stage_with_nonfinite_loss_fails_and_is_never_done(prepared_dir, tmp_path, monkeypatch):
@@ -140,3 +155,84 @@ def test_manifest_writes_are_atomic(tmp_path):
     assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
     write_atomic(path, "new")
     assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]
+
+
+def test_corrupt_store_of_a_finished_stage_is_repaired_by_the_command_its_error_names(
+    prepared_dir, tmp_path
+):
+    args = small_run(
+        prepared_dir, tmp_path / "run", num_layers=3, stage_layers="1,2,3", stage_steps="2"
+    )
+    run_stage(args, 1)
+    run_stage(args, 2)
+    shard = tmp_path / "run" / "cache" / "stage-2" / "hidden" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0x01
+    shard.write_bytes(bytes(data))
+    # Stage 3 builds incrementally from stage 2's store and hits the flipped byte.
+    with pytest.raises(CorruptStoreError, match=r"(?s)crc32c.*fix: .* --stage 2 --rebuild_cache$"):
+        run_stage(args, 3)
+    assert (stage_dir(args, 2) / MANIFEST).exists()
+    rebuilt = run_stage(args, 2, rebuild_cache=True)  # only the store; training untouched
+    assert rebuilt["cache"]["how"] == "full"
+    assert (
+        ActivationStore.open(str(tmp_path / "run" / "cache" / "stage-2")).attrs["built"] == "full"
+    )
+    done = run_stage(args, 3)
+    built = ActivationStore.open(done["cache"]["url"]).attrs["built"]
+    assert built.startswith("incremental from") and done["cache"]["how"] == built
+
+
+def test_store_attributes_say_how_it_was_actually_built(prepared_dir, tmp_path, monkeypatch):
+    """An incremental build that stopped half way, rerun as a full build, is rebuilt as one."""
+    args = small_run(
+        prepared_dir, tmp_path / "run", num_layers=3, stage_layers="1,2,3", stage_steps="2"
+    )
+    run_stage(args, 1)
+    run_stage(args, 2)
+    real = ActivationStore.write_shard
+
+    def crash_after_first_shard(self, shard, **rows):
+        real(self, shard, **rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ActivationStore, "write_shard", crash_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(args, 3)
+    monkeypatch.setattr(ActivationStore, "write_shard", real)
+    store = ActivationStore.open(
+        str(tmp_path / "run" / "cache" / "stage-3"), require_complete=False
+    )
+    assert store.attrs["built"].startswith("incremental from")
+    full = small_run(
+        prepared_dir,
+        tmp_path / "run",
+        num_layers=3,
+        stage_layers="1,2,3",
+        stage_steps="2",
+        cache_rebuild="full",
+    )
+    done = run_stage(full, 3)
+    assert ActivationStore.open(done["cache"]["url"]).attrs["built"] == "full"
+
+
+def test_stale_store_error_names_the_command_and_that_command_works(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
+    run_stage(args, 1)
+    model = BertForMaskedLM.from_pretrained(stage_dir(args, 1) / "model")
+    run_stage(args, 2)
+    shutil.rmtree(stage_dir(args, 2))  # stage 2 reruns over the store stage 1 no longer matches
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.bias.add_(1.0)
+    model.save_pretrained(stage_dir(args, 1) / "model")
+    with pytest.raises(StaleStoreError) as err:
+        run_stage(args, 2)
+    command = str(err.value).rsplit("fix: ", 1)[1]
+    assert command.endswith("--stage 2 --rebuild_cache")
+    # The command as printed, run as a real process (python in place of accelerate launch).
+    argv = [sys.executable, *command.split()[2:]]
+    done = subprocess.run(
+        argv, cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env()
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (stage_dir(args, 2) / MANIFEST).exists()

@@ -11,8 +11,10 @@ so the message names the file to delete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import socket
 import sys
 import uuid
@@ -27,6 +29,47 @@ LOCK_FILE = "owner.lock"
 
 class RunLockedError(RuntimeError):
     """Another process owns this run directory's stage."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint or model could not be saved: no space left where it goes."""
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    # torch.save reports a short write as "[enforce fail at inline_container.cc] unexpected
+    # pos ..." or "file write failed", without the errno.
+    text = str(e)
+    return any(s in text for s in ("No space left", "unexpected pos", "file write failed"))
+
+
+def _free_bytes(path: Path) -> int:
+    for p in (path, *path.parents):
+        if p.exists():
+            return shutil.disk_usage(p).free
+    return 0
+
+
+@contextmanager
+def saving(tmp: Path, what: str) -> Iterator[None]:
+    """Around a save into the temporary `tmp`: on failure remove it (a half-written dir must
+    not look like a checkpoint), and say "disk full" in words when that is the cause."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_disk_full(e):
+            raise
+        free = _free_bytes(tmp.parent)
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"saving the {what} into {tmp.parent} failed: no space left on the device "
+            f"({free / 2**20:.1f} MiB free there; expected room for the {what}). The partial "
+            f"{tmp.name} was removed and the previous one is intact. Free space (or use another "
+            f"--run_dir), then rerun the same command: the stage resumes from its last "
+            f"checkpoint",
+        ) from e
 
 
 def write_atomic(path: Path, text: str) -> None:

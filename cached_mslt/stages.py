@@ -45,7 +45,14 @@ from cached_mslt.metrics import (
 from cached_mslt.model import build_model, check_tied, frozen_modules, grow
 from cached_mslt.plan import Stage, StagePlan
 from cached_mslt.prepare import check_prepared, load_prepared, prepared_manifest
-from cached_mslt.rundir import LOCK_FILE, RunLockedError, stage_lock, write_atomic
+from cached_mslt.rundir import (
+    LOCK_FILE,
+    DiskFullError,
+    RunLockedError,
+    saving,
+    stage_lock,
+    write_atomic,
+)
 from cached_mslt.trainer import DivergenceError, Phase, train_phase
 from storage import (
     ActivationStore,
@@ -78,7 +85,7 @@ class StageError(RuntimeError):
 
 # Refusals whose message already says what was expected, what was found and what to run:
 # entry points print them as one line of text, not a traceback.
-USER_ERRORS = (ConfigError, DataError, StageError, StoreError, RunLockedError)
+USER_ERRORS = (ConfigError, DataError, StageError, StoreError, RunLockedError, DiskFullError)
 
 
 def stage_dir(args: RunArgs, index: int) -> Path:
@@ -493,8 +500,9 @@ def save_stage(accelerator: Accelerator, model, tokenizer, directory: Path, mani
     if accelerator.is_main_process:
         tmp = directory / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with saving(tmp, "model"):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         final = directory / "model"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -31,6 +31,7 @@ from cached_mslt.model import (
     freeze_bottom,
     frozen_modules,
 )
+from cached_mslt.rundir import saving
 from storage import make_block_loader
 
 TRAINER_STATE = "trainer_state.json"
@@ -118,10 +119,12 @@ def _save_checkpoint(accelerator: Accelerator, directory: Path, state: dict) -> 
     """save_state into a temporary dir, then swap it in: a crash mid-save leaves the
     previous checkpoint intact."""
     tmp = directory.with_name(directory.name + ".tmp")
-    accelerator.save_state(str(tmp))
+    with saving(tmp, "checkpoint"):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank has written its RNG state before the swap
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(state))
+        with saving(tmp, "checkpoint"):
+            (tmp / TRAINER_STATE).write_text(json.dumps(state))
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)
@@ -189,8 +192,10 @@ def train_phase(
         start = saved["clock_at_start"]
         for k, v in saved["clock"].items():
             setattr(clock, k, v)
-        metrics.truncate_after(phase.name, clock.step)
         accelerator.print(f"{phase.name}: resumed at step {step}/{phase.steps}")
+    # Lines past where this phase starts (or resumes) are from an attempt that crashed: they
+    # will be written again, so each step is logged at most once.
+    metrics.truncate_after(phase.name, clock.step)
 
     watch = Stopwatch(clock)
 

@@ -4,8 +4,10 @@ and the refusals and recovery commands around the store."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +23,8 @@ from transformers import BertForMaskedLM
 from cached_mslt import trainer
 from cached_mslt.config import ConfigError, parse_args
 from cached_mslt.corpora import DataError
-from cached_mslt.rundir import LOCK_FILE, RunLockedError, write_atomic
+from cached_mslt.metrics import read_metrics
+from cached_mslt.rundir import LOCK_FILE, DiskFullError, RunLockedError, write_atomic
 from cached_mslt.stages import MANIFEST, StageError, run_stage, stage_dir
 from storage import (
     ActivationStore,
@@ -236,3 +239,89 @@ def test_stale_store_error_names_the_command_and_that_command_works(prepared_dir
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (stage_dir(args, 2) / MANIFEST).exists()
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ("delete-root", "zarr.json (the store's root metadata) is missing"),
+        ("truncate-root", "zarr.json (the store's root metadata) is corrupt"),
+        ("delete-array", "hidden/zarr.json (the 'hidden' array's metadata) is missing or corrupt"),
+        (
+            "truncate-array",
+            "hidden/zarr.json (the 'hidden' array's metadata) is missing or corrupt",
+        ),
+    ],
+)
+def test_missing_or_truncated_metadata_is_corrupt_and_names_the_file(tmp_path, damage, named):
+    from cached_mslt.inspect.summary import summarize_store
+    from storage.synthetic import build_synthetic_store, write_synthetic_shards
+
+    spec = StoreSpec(num_rows=8, seq_len=4, hidden_size=2, rows_per_chunk=4, chunks_per_shard=1)
+    url = str(tmp_path / "s")
+    build_synthetic_store(url, spec, fingerprint={"w": "1"})
+    meta = tmp_path / "s" / ("zarr.json" if damage.endswith("root") else "hidden/zarr.json")
+    if damage.startswith("delete"):
+        meta.unlink()
+    else:
+        meta.write_bytes(meta.read_bytes()[:40])
+    with pytest.raises(CorruptStoreError, match=re.escape(named)):
+        ActivationStore.open(url)
+    assert summarize_store(url).status == "corrupt"
+    # The repair path works on it: a build with overwrite wipes and rebuilds.
+    store = ActivationStore.create(url, spec, fingerprint={"w": "1"}, overwrite=True)
+    write_synthetic_shards(store, list(range(store.num_shards)))
+    store.commit()
+    assert ActivationStore.open(url).is_complete
+
+
+def test_full_disk_during_checkpoint_names_path_and_free_space_and_leaves_no_tmp(
+    prepared_dir, tmp_path, monkeypatch
+):
+    from accelerate import Accelerator
+
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="4")
+
+    def short_write(self, output_dir, **kwargs):  # what torch.save says on a full disk
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 64 vs 40")
+
+    monkeypatch.setattr(Accelerator, "save_state", short_write)
+    with pytest.raises(
+        DiskFullError, match=r"checkpoint into .*stage-1 failed: no space left.*MiB free"
+    ):
+        run_stage(args, 1)
+    assert sorted(p.name for p in stage_dir(args, 1).iterdir()) == []
+    monkeypatch.undo()
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(BertForMaskedLM, "save_pretrained", full)
+    with pytest.raises(DiskFullError, match="saving the model into"):
+        run_stage(args, 1)
+    assert not (stage_dir(args, 1) / "model.tmp").exists()
+    assert not (stage_dir(args, 1) / MANIFEST).exists()
+
+
+def test_metrics_hold_each_step_once_after_a_crash_before_the_first_checkpoint(
+    prepared_dir, tmp_path, monkeypatch
+):
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="6", checkpoint_every=100)
+    real = trainer._phase_inputs
+
+    def crash_at_step_4(model, phase, batch, calls=[0]):  # noqa: B006 - a call counter
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real(model, phase, batch)
+
+    monkeypatch.setattr(trainer, "_phase_inputs", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(args, 1)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    monkeypatch.undo()
+    run_stage(args, 1)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run")]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -108,6 +108,16 @@ RANGES: dict[str, tuple[Any, str, str]] = {
     "max_wall_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "3600"),
     "warmup_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.06"),
     "joint_tokens": (lambda v: _finite(v) and v >= 0, "a token count >= 0", "0"),
+    "budget_tokens": (lambda v: v is None or _finite(v) and v >= 1, "tokens >= 1", "2097152"),
+    "budget_wall_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "600"),
+    "budget_cpu_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "600"),
+    "budget_flops": (lambda v: v is None or _finite(v) and v > 0, "FLOPs > 0", "1e15"),
+    "learning_rates": (
+        lambda v: all(_finite(x) and x > 0 for x in v),
+        "finite rates > 0",
+        "1e-3 3e-3",
+    ),
+    "mslt_joint_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.1"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "attn_implementation": ("sdpa", "eager"),
@@ -468,6 +478,9 @@ class MethodArgs:
     vcycle_small_fraction: float = 0.45
     vcycle_alpha: float = 0.5
     vcycle_small_lr_multiplier: float = 4.0
+
+    def __post_init__(self) -> None:
+        validate((self,))
 
 
 @dataclass

@@ -325,3 +325,14 @@ def test_metrics_hold_each_step_once_after_a_crash_before_the_first_checkpoint(
     run_stage(args, 1)
     steps = [r["step"] for r in read_metrics(tmp_path / "run")]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"budget_wall_s": 0}, {"budget_tokens": -1}, {"learning_rates": [1e-3, float("inf")]}],
+)
+def test_comparison_budgets_are_checked_at_parse_time(option):
+    from cached_mslt.config import MethodArgs
+
+    with pytest.raises(ConfigError, match=f"--{next(iter(option))} .*expected"):
+        MethodArgs(**option)

@@ -39,9 +39,12 @@ def _is_disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return True
     # torch.save reports a short write as "[enforce fail at inline_container.cc] unexpected
-    # pos ..." or "file write failed", without the errno.
+    # pos ..." or "file write failed", safetensors as "I/O error: No space left on device
+    # (os error 28)", neither with an errno attribute.
     text = str(e)
-    return any(s in text for s in ("No space left", "unexpected pos", "file write failed"))
+    return any(
+        s in text for s in ("No space left", "os error 28", "unexpected pos", "file write failed")
+    )
 
 
 def _free_bytes(path: Path) -> int:
@@ -57,7 +60,7 @@ def saving(tmp: Path, what: str) -> Iterator[None]:
     not look like a checkpoint), and say "disk full" in words when that is the cause."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # safetensors raises its own SafetensorError on a full disk
         shutil.rmtree(tmp, ignore_errors=True)
         if not _is_disk_full(e):
             raise

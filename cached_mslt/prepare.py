@@ -273,6 +273,13 @@ def prepare_dataset(args: RunArgs, overwrite: bool = False) -> Path:
         max_documents=data.max_documents,
     )
     texts, dropped = clean_documents(corpus.documents)
+    if not texts and corpus.undecodable_lines:
+        raise DataError(
+            f"no text left in {[s['source'] for s in corpus.sources]}: "
+            f"{corpus.undecodable_lines} lines were skipped as not valid UTF-8; expected "
+            f"UTF-8 text. Re-encode the corpus (e.g. `iconv -f latin1 -t utf-8`), or rerun with "
+            f"--strict to see the first undecodable file and byte offset"
+        )
     if not texts:
         raise DataError(
             f"no text left after cleaning {[s['source'] for s in corpus.sources]} "

@@ -336,3 +336,14 @@ def test_comparison_budgets_are_checked_at_parse_time(option):
 
     with pytest.raises(ConfigError, match=f"--{next(iter(option))} .*expected"):
         MethodArgs(**option)
+
+
+def test_a_corpus_that_is_not_utf8_is_named_as_such(tmp_path):
+    from cached_mslt.config import run_args
+    from cached_mslt.prepare import prepare_dataset
+
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n\nna\xefve\n".encode("latin1"))
+    args = run_args("tiny", corpus=[str(corpus)], prepared_dir=str(tmp_path / "p"), num_proc=1)
+    with pytest.raises(DataError, match="lines were skipped as not valid UTF-8.*--strict"):
+        prepare_dataset(args)

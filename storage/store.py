@@ -222,6 +222,9 @@ class ActivationStore:
         store = open_zarr_store(where, read_only=False, storage_options=storage_options)
         top = sorted(set(sync(_list_dir(store))) - {LOCK_KEY})
         if top and "zarr.json" not in top and not overwrite:
+            if (holder := read_lock(store)) is not None and not holder.is_stale():
+                # A build that started an instant earlier is laying the store out.
+                raise locked_error(where, holder)
             raise StoreExistsError(
                 f"{where} is not empty and holds no activation store (found {top[:5]}); "
                 f"choose another location, or pass overwrite=True to delete its contents"

@@ -31,6 +31,7 @@ from storage import (
     CorruptStoreError,
     NonFiniteActivationsError,
     StaleStoreError,
+    StoreLockedError,
     StoreSpec,
 )
 from tests.conftest import small_run
@@ -347,3 +348,24 @@ def test_a_corpus_that_is_not_utf8_is_named_as_such(tmp_path):
     args = run_args("tiny", corpus=[str(corpus)], prepared_dir=str(tmp_path / "p"), num_proc=1)
     with pytest.raises(DataError, match="lines were skipped as not valid UTF-8.*--strict"):
         prepare_dataset(args)
+
+
+def test_build_started_an_instant_later_is_told_locked_not_to_overwrite(tmp_path):
+    """The loser of two simultaneous builds sees the winner's half-laid-out store."""
+    url = tmp_path / "s"
+    (url / "hidden").mkdir(parents=True)  # the winner wrote an array, not yet the root
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {
+            "host": socket.gethostname(),
+            "pid": sleeper.pid,
+            "build_id": "x",
+            "created_at": "t",
+        }
+        (url / "build.lock").write_text(json.dumps(holder))
+        spec = StoreSpec(num_rows=8, seq_len=4, hidden_size=2, rows_per_chunk=4)
+        with pytest.raises(StoreLockedError, match=f"is being built by pid {sleeper.pid}"):
+            ActivationStore.create(str(url), spec, fingerprint={"w": "1"})
+    finally:
+        sleeper.kill()
+        sleeper.wait()

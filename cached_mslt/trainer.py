@@ -246,7 +246,10 @@ def train_phase(
                 grad_norm = None
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
-                    window_finite = window_finite and math.isfinite(grad_norm)
+                    # Under fp16 the loss scaler skips overflowing steps itself and inf norms
+                    # while it calibrates are expected: only the loss counts there.
+                    if accelerator.scaler is None:
+                        window_finite = window_finite and math.isfinite(grad_norm)
                 # A non-finite step is skipped, never applied: one bad batch does not poison
                 # the weights, and `nonfinite_patience` bad steps in a row stop the stage.
                 if window_finite or not accelerator.sync_gradients:

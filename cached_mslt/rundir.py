@@ -61,7 +61,10 @@ def saving(tmp: Path, what: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # safetensors raises its own SafetensorError on a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         if not _is_disk_full(e):
             raise
         free = _free_bytes(tmp.parent)
@@ -80,11 +83,12 @@ def write_atomic(path: Path, text: str) -> None:
     new one, never a torn one (a crash mid-write leaves only the temporary)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with saving(tmp, path.name):
+            with tmp.open("w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -151,6 +151,15 @@ def test_one_owner_per_run_and_stage_a_second_command_is_refused(prepared_dir, t
     assert (stage_dir(args, 1) / MANIFEST).exists() and not lock.exists()
 
 
+def test_full_disk_while_writing_a_manifest_keeps_the_old_one_and_says_so(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with patch("os.fsync", side_effect=full), pytest.raises(DiskFullError, match="manifest.json"):
+        write_atomic(path, "new")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+
+
 def test_manifest_writes_are_atomic(tmp_path):
     path = tmp_path / "manifest.json"
     path.write_text("old")

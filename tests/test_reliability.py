@@ -378,3 +378,22 @@ def test_build_started_an_instant_later_is_told_locked_not_to_overwrite(tmp_path
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_verify_reports_a_store_written_with_nan_before_builds_refused_it(tmp_path, monkeypatch):
+    import storage.inputs
+    from cached_mslt.inspect.report import verify_store
+
+    spec = StoreSpec(num_rows=8, seq_len=4, hidden_size=2, rows_per_chunk=4, chunks_per_shard=1)
+    monkeypatch.setattr(storage.inputs, "check_finite", lambda *a: None)  # an older writer
+    store = ActivationStore.create(str(tmp_path / "s"), spec, fingerprint={"w": "1"})
+    ints = np.zeros((4, 4), dtype=np.int64)
+    for shard in range(2):
+        hidden = torch.full((4, 4, 2), float("nan") if shard else 1.0, dtype=spec.torch_dtype)
+        rows = np.arange(4) + 4 * shard
+        store.write_shard(shard, hidden=hidden, attention_mask=ints, labels=ints, row_index=rows)
+    store.commit()
+    with pytest.raises(
+        CorruptStoreError, match="hold 32 non-finite hidden values .*first in row 4"
+    ):
+        verify_store(ActivationStore.open(str(tmp_path / "s")))

@@ -25,6 +25,7 @@ from cached_mslt.model import bottom_forward, frozen_modules, run_layers
 from storage import (
     ActivationStore,
     IncompleteStoreError,
+    StoreError,
     StoreNotFoundError,
     StoreSpec,
     fingerprint_module,
@@ -73,6 +74,15 @@ def open_valid_store(
             url, expected_fingerprint=fingerprint, storage_options=storage_options
         )
     except (StoreNotFoundError, IncompleteStoreError):  # the builder creates or resumes it
+        return None
+
+
+def _unfinished_build(req: CacheRequest, options: dict[str, Any]) -> str | None:
+    """How the incomplete store at `req.url` was being built; None if there is none."""
+    try:
+        store = ActivationStore.open(req.url, require_complete=False, storage_options=options)
+        return None if store.is_complete else store.attrs.get("built")
+    except StoreError:
         return None
 
 
@@ -132,6 +142,14 @@ def build_cache(
         "built": how,
         "source_store": source.url if source else None,
     }
+    # A half-built store made another way (incremental vs full, another source) is not
+    # resumed: its shards would mix two builds and its attributes would describe the other.
+    if (
+        state.is_main_process
+        and not overwrite
+        and _unfinished_build(req, options) not in (None, how)
+    ):
+        overwrite = True
     # Process 0 creates the store and holds its build lock until commit; the others join.
     if state.is_main_process:
         store = ActivationStore.create(
@@ -161,31 +179,38 @@ def build_cache(
         disable=not state.is_local_main_process,
     )
     began = time.perf_counter()
-    for shard in pending:
-        lo, hi = store.shard_rows(shard)
-        parts: dict[str, list[torch.Tensor]] = {
-            "hidden": [],
-            "attention_mask": [],
-            "labels": [],
-            "row_index": [],
-        }
-        for a in range(lo, hi, batch_rows):
-            b = min(a + batch_rows, hi)
-            rows = prepared.rows(a, b)
-            mask = rows["attention_mask"].to(device)
-            if source is None:
-                hidden = bottom_forward(
-                    model, rows["input_ids"].to(device), mask, req.frozen_layers
-                )
-            else:
-                previous = source.read_rows(a, b)["hidden"].to(device, torch.float32)
-                hidden = run_layers(model, previous, mask, start_layer, req.frozen_layers)
-            parts["hidden"].append(hidden.to(dtype).cpu())
-            parts["attention_mask"].append(rows["attention_mask"].to(torch.uint8))
-            parts["labels"].append(rows["labels"].to(torch.int32))
-            parts["row_index"].append(rows["row_index"])
-            bar.update(b - a)
-        store.write_shard(shard, **{k: torch.cat(v) for k, v in parts.items()})
+    try:
+        for shard in pending:
+            lo, hi = store.shard_rows(shard)
+            parts: dict[str, list[torch.Tensor]] = {
+                "hidden": [],
+                "attention_mask": [],
+                "labels": [],
+                "row_index": [],
+            }
+            for a in range(lo, hi, batch_rows):
+                b = min(a + batch_rows, hi)
+                rows = prepared.rows(a, b)
+                mask = rows["attention_mask"].to(device)
+                if source is None:
+                    hidden = bottom_forward(
+                        model, rows["input_ids"].to(device), mask, req.frozen_layers
+                    )
+                else:
+                    previous = source.read_rows(a, b)["hidden"].to(device, torch.float32)
+                    hidden = run_layers(model, previous, mask, start_layer, req.frozen_layers)
+                parts["hidden"].append(hidden.to(dtype).cpu())
+                parts["attention_mask"].append(rows["attention_mask"].to(torch.uint8))
+                parts["labels"].append(rows["labels"].to(torch.int32))
+                parts["row_index"].append(rows["row_index"])
+                bar.update(b - a)
+            store.write_shard(shard, **{k: torch.cat(v) for k, v in parts.items()})
+    except BaseException:
+        # A failed build gives up its lock at once (a rerun in this process, or another
+        # job, resumes it); a killed one leaves it for stale-lock takeover.
+        if state.is_main_process:
+            store.release_lock()
+        raise
     bar.close()
     elapsed = time.perf_counter() - began
     state.wait_for_everyone()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,96 @@ class ConfigError(ValueError):
     """A configuration value is invalid or inconsistent; the message says which and how to fix."""
 
 
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What every numeric option means, checked once the presets are resolved: a count is a whole
+# number, a budget is positive, a share is a fraction. (test, what was expected, an example)
+RANGES: dict[str, tuple[Any, str, str]] = {
+    "num_layers": (lambda v: _whole(v) and v >= 1, "a whole number >= 1", "12"),
+    "hidden_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1", "128"),
+    "num_attention_heads": (lambda v: _whole(v) and v >= 1, "a whole number >= 1", "2"),
+    "intermediate_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1", "512"),
+    "max_position_embeddings": (lambda v: _whole(v) and v >= 8, "a whole number >= 8", "512"),
+    "dropout": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.1"),
+    "views": (lambda v: _whole(v) and v >= 1, "a whole number >= 1", "1"),
+    "valid_fraction": (lambda v: _finite(v) and 0 < v < 1, "a fraction in (0, 1)", "0.02"),
+    "num_proc": (lambda v: _whole(v) and v >= 1, "a whole number >= 1", "2"),
+    "max_documents": (lambda v: v is None or _whole(v) and v >= 1, "None or >= 1", "1000"),
+    "train_examples": (lambda v: _whole(v) and v >= 0, "a whole number >= 0 (0: all)", "0"),
+    "vocab_size": (lambda v: v is None or _whole(v) and v >= 8, "a whole number >= 8", "8192"),
+    "vocab_min_frequency": (lambda v: _whole(v) and v >= 1, "a whole number >= 1", "2"),
+    "batch_size": (lambda v: _whole(v) and v >= 1, "a whole number of sequences >= 1", "8"),
+    "gradient_accumulation_steps": (lambda v: _whole(v) and v >= 1, "a whole number >= 1", "1"),
+    "learning_rate": (lambda v: _finite(v) and v > 0, "a finite number > 0", "1e-3"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0", "0.01"),
+    "adam_beta1": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.9"),
+    "adam_beta2": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.98"),
+    "adam_epsilon": (lambda v: _finite(v) and v > 0, "a finite number > 0", "1e-6"),
+    "max_grad_norm": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: off)", "1.0"),
+    "nonfinite_patience": (lambda v: _whole(v) and v >= 1, "a whole number of steps >= 1", "3"),
+    "eval_every": (lambda v: _whole(v) and v >= 1, "a whole number of steps >= 1", "100"),
+    "eval_batches": (lambda v: v is None or _whole(v) and v >= 1, "None or >= 1", "20"),
+    "log_every": (lambda v: _whole(v) and v >= 1, "a whole number of steps >= 1", "10"),
+    "checkpoint_every": (lambda v: _whole(v) and v >= 1, "a whole number of steps >= 1", "200"),
+    "num_workers": (lambda v: _whole(v) and v >= 0, "a whole number >= 0", "0"),
+    "max_wall_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "3600"),
+    "warmup_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.06"),
+    "joint_tokens": (lambda v: _finite(v) and v >= 0, "a token count >= 0", "0"),
+    "budget_tokens": (lambda v: v is None or _finite(v) and v >= 1, "tokens >= 1", "2097152"),
+    "budget_wall_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "600"),
+    "budget_cpu_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "600"),
+    "budget_flops": (lambda v: v is None or _finite(v) and v > 0, "FLOPs > 0", "1e15"),
+    "learning_rates": (
+        lambda v: all(_finite(x) and x > 0 for x in v),
+        "finite rates > 0",
+        "1e-3 3e-3",
+    ),
+    "mslt_joint_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.1"),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "attn_implementation": ("sdpa", "eager"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+}
+
+
+def _check_counts(text: str | None, name: str, what: str) -> None:
+    """`--stage_steps`/`--stage_tokens`: comma-separated whole numbers > 0 (a stage of 0.5
+    steps is not a stage: int() would make it 0 and mark it done untrained)."""
+    if text is None:
+        return
+    for part in str(text).replace(" ", "").split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 1 and value == int(value)):
+            raise ConfigError(
+                f"--{name} {text!r}: {part!r} is not a whole number of {what} >= 1; give one "
+                f"value for every stage or one per stage, e.g. --{name} "
+                f"{'6' if what == 'steps' else '2097152'}"
+            )
+
+
+def validate(groups: tuple[Any, ...]) -> None:
+    """Refuse out-of-range values at parse time, before anything is read or written."""
+    for group in groups:
+        for f in dataclasses.fields(group):
+            value = getattr(group, f.name)
+            if f.name in RANGES and not RANGES[f.name][0](value):
+                _, expected, example = RANGES[f.name]
+                raise ConfigError(
+                    f"--{f.name} {value!r}: expected {expected}; e.g. --{f.name} {example}"
+                )
+            if f.name in CHOICES and value not in CHOICES[f.name]:
+                raise ConfigError(f"--{f.name} {value!r}: choose one of {CHOICES[f.name]}")
+
+
 @dataclass
 class ModelArgs:
     preset: str = field(default="tiny", metadata={"help": f"one of {sorted(PRESETS)}"})
@@ -86,7 +177,7 @@ class ModelArgs:
         for name in ("hidden_size", "num_attention_heads", "intermediate_size", "dropout"):
             if getattr(self, name) is None:
                 setattr(self, name, PRESETS[self.preset][name])
-        if self.hidden_size % self.num_attention_heads:
+        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by "
                 f"num_attention_heads {self.num_attention_heads}"
@@ -201,6 +292,13 @@ class TrainArgs:
     adam_beta2: float = 0.98
     adam_epsilon: float = 1e-6
     max_grad_norm: float = 1.0
+    nonfinite_patience: int = field(
+        default=3,
+        metadata={
+            "help": "stop a stage (not done) after this many consecutive optimizer steps with a "
+            "non-finite loss or gradient norm; such steps are skipped, not applied"
+        },
+    )
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
     eval_every: int = field(default=100, metadata={"help": "validation every N optimizer steps"})
     eval_batches: int | None = field(default=None, metadata={"help": "cap validation batches"})
@@ -381,6 +479,9 @@ class MethodArgs:
     vcycle_alpha: float = 0.5
     vcycle_small_lr_multiplier: float = 4.0
 
+    def __post_init__(self) -> None:
+        validate((self,))
+
 
 @dataclass
 class RunArgs:
@@ -399,6 +500,9 @@ class RunArgs:
                 setattr(group, name, preset[name])
         if self.train.run_dir is None:
             self.train.run_dir = f"runs/{self.model.preset}"
+        validate((self.model, self.data, self.train, self.schedule))
+        _check_counts(self.schedule.stage_steps, "stage_steps", "steps")
+        _check_counts(self.schedule.stage_tokens, "stage_tokens", "tokens")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

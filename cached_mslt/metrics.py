@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cached_mslt.rundir import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -95,7 +97,7 @@ class MetricsWriter:
                 json.loads(line).get("stage") == stage and json.loads(line).get("step", 0) > step
             )
         ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

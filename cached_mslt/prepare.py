@@ -273,6 +273,13 @@ def prepare_dataset(args: RunArgs, overwrite: bool = False) -> Path:
         max_documents=data.max_documents,
     )
     texts, dropped = clean_documents(corpus.documents)
+    if not texts and corpus.undecodable_lines:
+        raise DataError(
+            f"no text left in {[s['source'] for s in corpus.sources]}: "
+            f"{corpus.undecodable_lines} lines were skipped as not valid UTF-8; expected "
+            f"UTF-8 text. Re-encode the corpus (e.g. `iconv -f latin1 -t utf-8`), or rerun with "
+            f"--strict to see the first undecodable file and byte offset"
+        )
     if not texts:
         raise DataError(
             f"no text left after cleaning {[s['source'] for s in corpus.sources]} "
@@ -393,8 +400,44 @@ def _publish(staging: Path, target: Path) -> None:
         old.unlink()
 
 
-def load_prepared(prepared_dir: str | Path) -> PreparedData:
-    """Open a prepared directory: both splits in torch format, plus its manifest."""
+# What an example is (its length, masking and token ids): a run configured otherwise than
+# its prepared data would silently train on something else. (Split seed and validation share
+# only choose which documents validate; they are left to the data's own fingerprint.)
+SHAPING = ("seq_len", "mask_prob", "valid_mask_prob", "mask_seed", "views", "tokenizer")
+
+
+def check_settings(path: Path, manifest: dict[str, Any], data: DataArgs) -> None:
+    """Refuse, before any work, a run whose data settings differ from what was prepared."""
+
+    def same(name: str) -> bool:
+        want, have = getattr(data, name), manifest.get(name)
+        if name == "tokenizer" and want not in ("train", "bundled") and have is not None:
+            return Path(want).resolve() == Path(have).resolve()
+        return want == have
+
+    diffs = [n for n in SHAPING if not same(n)]
+    if diffs:
+        found = ", ".join(
+            f"--{n} {manifest.get(n)!r} (run asks {getattr(data, n)!r})" for n in diffs
+        )
+        flags = " ".join(f"--{n} {getattr(data, n)}" for n in diffs)
+        raise DataError(
+            f"{path} was prepared with {found}; expected the run's settings. Prepare data with "
+            f"them: `python pipelines/prepare_data.py --prepared_dir <new dir> {flags}` and pass "
+            f"that --prepared_dir, or run with the prepared values"
+        )
+
+
+def check_prepared(data: DataArgs) -> None:
+    """`check_settings` from the manifest alone: cheap enough to run before anything else."""
+    manifest = prepared_manifest(data.prepared_dir)
+    if manifest is not None:
+        check_settings(Path(data.prepared_dir), manifest, data)
+
+
+def load_prepared(prepared_dir: str | Path, expected: DataArgs | None = None) -> PreparedData:
+    """Open a prepared directory: both splits in torch format, plus its manifest. With
+    `expected`, refuse data prepared with other example settings (`check_settings`)."""
     path = Path(prepared_dir)
     manifest = prepared_manifest(path)
     if manifest is None:
@@ -402,6 +445,8 @@ def load_prepared(prepared_dir: str | Path) -> PreparedData:
             f"{path} is not a complete prepared dataset (no readable {MANIFEST}); run "
             f"`python pipelines/prepare_data.py --prepared_dir {path}`"
         )
+    if expected is not None:
+        check_settings(path, manifest, expected)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{path} was prepared by format version {manifest.get('format_version')}, this code "

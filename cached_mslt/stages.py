@@ -16,7 +16,8 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from cached_mslt import __version__
 from cached_mslt.blocks import PreparedBlocks
 from cached_mslt.budget import PhaseShare
 from cached_mslt.cache import CacheRequest, build_cache
-from cached_mslt.config import RunArgs
+from cached_mslt.config import ConfigError, RunArgs
+from cached_mslt.corpora import DataError
 from cached_mslt.flops import layer_forward_flops, step_flops
 from cached_mslt.metrics import (
     MetricsWriter,
@@ -42,9 +44,27 @@ from cached_mslt.metrics import (
 )
 from cached_mslt.model import build_model, check_tied, frozen_modules, grow
 from cached_mslt.plan import Stage, StagePlan
-from cached_mslt.prepare import load_prepared, prepared_manifest
-from cached_mslt.trainer import Phase, train_phase
-from storage import ActivationStore, BlockDataset, check_reachable, fingerprint_module
+from cached_mslt.prepare import check_prepared, load_prepared, prepared_manifest
+from cached_mslt.rundir import (
+    LOCK_FILE,
+    DiskFullError,
+    RunLockedError,
+    saving,
+    stage_lock,
+    write_atomic,
+)
+from cached_mslt.trainer import DivergenceError, Phase, train_phase
+from storage import (
+    ActivationStore,
+    BlockDataset,
+    CorruptStoreError,
+    IncompleteStoreError,
+    StaleStoreError,
+    StoreError,
+    StoreExistsError,
+    check_reachable,
+    fingerprint_module,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +81,11 @@ RUN_IDENTITY = {
 
 class StageError(RuntimeError):
     """A stage cannot run as asked (missing previous stage, mismatched config...)."""
+
+
+# Refusals whose message already says what was expected, what was found and what to run:
+# entry points print them as one line of text, not a traceback.
+USER_ERRORS = (ConfigError, DataError, StageError, StoreError, RunLockedError, DiskFullError)
 
 
 def stage_dir(args: RunArgs, index: int) -> Path:
@@ -100,8 +125,21 @@ def check_run_config(args: RunArgs, accelerator: Accelerator) -> None:
             )
     elif accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+        write_atomic(path, json.dumps(current, indent=2, sort_keys=True))
     accelerator.wait_for_everyone()
+
+
+def check_same_data(args: RunArgs, index: int, previous: dict | None, fingerprint: str) -> None:
+    """Every stage of a run trains on the same prepared data (same fingerprint)."""
+    if previous is None or previous["fingerprints"]["data"] == fingerprint:
+        return
+    raise StageError(
+        f"stage {index - 1} trained on prepared data with fingerprint "
+        f"{previous['fingerprints']['data'][:12]}, but {args.data.prepared_dir} now holds "
+        f"{fingerprint[:12]}; expected the same data for every stage of a run. Restore that "
+        f"data (`python pipelines/prepare_data.py --config {Path(args.train.run_dir) / 'config.json'}"
+        f" --overwrite`, if the corpus is unchanged) or start a new run with another --run_dir"
+    )
 
 
 def block_rows_for(batch_size: int) -> int:
@@ -200,25 +238,48 @@ def run_stage(
     accelerator: Accelerator | None = None,
     extra: dict[str, Any] | None = None,
     share: PhaseShare | None = None,
+    rebuild_cache: bool = False,
 ) -> dict[str, Any]:
     """Run stage `index` of the plan: nothing if it is done, resume if it was interrupted.
     `extra` is added to every metrics line (the comparison harness adds `method`). With
-    `share`, the stage trains until that share of a comparison's budget is spent."""
+    `share`, the stage trains until that share of a comparison's budget is spent. With
+    `rebuild_cache`, the stage's store is built anew: a finished stage rebuilds only its
+    store (from its saved model, whose bottom is the frozen bottom it trained on)."""
     plan = StagePlan.from_args(args)
     stage = plan[index]
+    check_prepared(args.data)  # data settings first: nothing written for a mismatched run
     check_cache_location(args, plan)
     accelerator = accelerator or make_accelerator(args)
+    # One owner per run and stage, from before it reads its own state to its manifest.
+    where = f"{stage.name} of {args.train.run_dir}"
+    with stage_lock(accelerator, stage_dir(args, index) / LOCK_FILE, where):
+        return _run_stage_locked(args, index, plan, stage, accelerator, extra, share, rebuild_cache)
+
+
+def _run_stage_locked(
+    args: RunArgs,
+    index: int,
+    plan: StagePlan,
+    stage: Stage,
+    accelerator: Accelerator,
+    extra: dict[str, Any] | None,
+    share: PhaseShare | None,
+    rebuild_cache: bool,
+) -> dict[str, Any]:
     check_run_config(args, accelerator)
     done = read_manifest(args, index)
+    if done is not None and rebuild_cache:
+        return rebuild_stage_store(args, index, stage, accelerator, done)
     if done is not None:
         accelerator.print(
             f"{stage.name}: already done ({stage_dir(args, index) / MANIFEST}), skipping"
         )
         return done
 
-    data = load_prepared(args.data.prepared_dir)
+    data = load_prepared(args.data.prepared_dir, args.data)
     tokenizer = data.tokenizer()  # saved with every checkpoint: the ids are its ids
     previous = read_manifest(args, index - 1) if index > 1 else None
+    check_same_data(args, index, previous, data.manifest["fingerprint"])
     clock = RunClock(**previous["clock"]) if previous else RunClock()
     set_seed(args.train.seed + index)  # a stage's randomness does not depend on how it was launched
     model = load_stage_model(args, stage, data.manifest["vocab_size"])
@@ -249,25 +310,14 @@ def run_stage(
     build: dict[str, Any] = {"build_s": 0.0, "reused": False}
     if cached:
         watch = Stopwatch(clock)
-        store, build = build_cache(
-            model,
-            CacheRequest(
-                url=cache_url(args, index),
-                frozen_layers=stage.frozen_layers,
-                dtype=args.schedule.cache_dtype,
-                codec=args.schedule.cache_codec,
-                rows_per_chunk=block_rows,
-                data_fingerprint=data.manifest["fingerprint"],
-                mask_seed=data.manifest["mask_seed"],
-                seq_len=args.data.seq_len,
-                num_rows=rows,
-                stage=index,
-                storage_options=args.schedule.storage_options(),
-            ),
-            data.train,
-            source=source,
-            overwrite=args.schedule.overwrite_cache,
-        )
+        with store_repair_hint(args, index, source):
+            store, build = build_cache(
+                model,
+                cache_request(args, index, stage, data, rows),
+                data.train,
+                source=source,
+                overwrite=args.schedule.overwrite_cache or rebuild_cache,
+            )
         # Every process waited for the slowest at the build's barriers: charge that wall time.
         watch.tick()
         clock.flops += build_flops(model.config, args.data.seq_len, build, stage, source)
@@ -303,7 +353,16 @@ def run_stage(
         extra=dict(extra or {}),
     )
     metrics = MetricsWriter(args.train.run_dir, accelerator)
-    stats = train_phase(accelerator, phase, args, clock, metrics, data.valid)
+    try:
+        with store_repair_hint(args, index, None):
+            stats = train_phase(accelerator, phase, args, clock, metrics, data.valid)
+    except DivergenceError as e:
+        # The saved optimizer state carries the old learning rate: resume cannot lower it.
+        raise StageError(
+            f"{e}\nfix: rm -rf {phase.checkpoint_dir} && accelerate launch pipelines/stage.py "
+            f"--config {Path(args.train.run_dir) / 'config.json'} --stage {index} "
+            f"--learning_rate {lower_learning_rate(args.train.learning_rate):g}"
+        ) from e
 
     bottom_after = fingerprint_module(
         torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers))
@@ -325,6 +384,78 @@ def run_stage(
         "version": __version__,
     }
     save_stage(accelerator, model, tokenizer, stage_dir(args, index), manifest)
+    return manifest
+
+
+def lower_learning_rate(rate: float) -> float:
+    return rate / 10 if math.isfinite(rate) and rate > 0 else 1e-4
+
+
+def cache_request(args: RunArgs, index: int, stage: Stage, data, rows: int) -> CacheRequest:
+    return CacheRequest(
+        url=cache_url(args, index),
+        frozen_layers=stage.frozen_layers,
+        dtype=args.schedule.cache_dtype,
+        codec=args.schedule.cache_codec,
+        rows_per_chunk=block_rows_for(args.train.batch_size),
+        data_fingerprint=data.manifest["fingerprint"],
+        mask_seed=data.manifest["mask_seed"],
+        seq_len=args.data.seq_len,
+        num_rows=rows,
+        stage=index,
+        storage_options=args.schedule.storage_options(),
+    )
+
+
+def repair_command(args: RunArgs, index: int) -> str:
+    return (
+        f"accelerate launch pipelines/stage.py --config "
+        f"{Path(args.train.run_dir) / 'config.json'} --stage {index} --rebuild_cache"
+    )
+
+
+@contextmanager
+def store_repair_hint(args: RunArgs, index: int, source: ActivationStore | None) -> Iterator[None]:
+    """A store that cannot be used (stale, corrupt, half-written by another build) is
+    repaired by one command: rebuilding the store it is, this stage's or the source's."""
+    try:
+        yield
+    except (StaleStoreError, CorruptStoreError, IncompleteStoreError, StoreExistsError) as e:
+        owner = index
+        if source is not None and str(source.url) in str(e):
+            owner = index - 1  # the previous stage's store, read by an incremental build
+        # Same type (callers act on it), with the command added.
+        raise type(e)(f"{e}\nfix: {repair_command(args, owner)}") from e
+
+
+def rebuild_stage_store(
+    args: RunArgs, index: int, stage: Stage, accelerator: Accelerator, manifest: dict
+) -> dict[str, Any]:
+    """Rebuild a finished stage's store in full; its training is untouched."""
+    if manifest["mode"] != "cached":
+        accelerator.print(f"{stage.name}: trained live, it has no store to rebuild")
+        return manifest
+    data = load_prepared(args.data.prepared_dir, args.data)
+    model = BertForMaskedLM.from_pretrained(
+        stage_dir(args, index) / "model", attn_implementation=args.model.attn_implementation
+    )
+    bottom = fingerprint_module(torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers)))
+    if bottom != manifest["fingerprints"]["frozen_bottom"]:
+        raise StageError(
+            f"{stage_dir(args, index) / 'model'}: its first {stage.frozen_layers} layers are not "
+            f"the frozen bottom {stage.name} trained on (fingerprint {bottom[:12]}, manifest "
+            f"{manifest['fingerprints']['frozen_bottom'][:12]}); rerun the stage from "
+            f"scratch: `rm -rf {stage_dir(args, index)}` and {repair_command(args, index)}"
+        )
+    rows = train_rows(args, len(data.train))
+    _, build = build_cache(
+        model, cache_request(args, index, stage, data, rows), data.train, overwrite=True
+    )
+    manifest = {**manifest, "cache": {**build, "url": cache_url(args, index)}}
+    if accelerator.is_main_process:
+        write_atomic(stage_dir(args, index) / MANIFEST, json.dumps(manifest, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.print(f"{stage.name}: store rebuilt in full at {cache_url(args, index)}")
     return manifest
 
 
@@ -369,13 +500,14 @@ def save_stage(accelerator: Accelerator, model, tokenizer, directory: Path, mani
     if accelerator.is_main_process:
         tmp = directory / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with saving(tmp, "model"):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         final = directory / "model"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         shutil.rmtree(directory / "checkpoint", ignore_errors=True)
-        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
     accelerator.wait_for_everyone()
 
 

@@ -31,9 +31,14 @@ from cached_mslt.model import (
     freeze_bottom,
     frozen_modules,
 )
+from cached_mslt.rundir import saving
 from storage import make_block_loader
 
 TRAINER_STATE = "trainer_state.json"
+
+
+class DivergenceError(RuntimeError):
+    """Training produced non-finite losses or gradients for too many steps in a row."""
 
 
 @dataclass
@@ -114,10 +119,12 @@ def _save_checkpoint(accelerator: Accelerator, directory: Path, state: dict) -> 
     """save_state into a temporary dir, then swap it in: a crash mid-save leaves the
     previous checkpoint intact."""
     tmp = directory.with_name(directory.name + ".tmp")
-    accelerator.save_state(str(tmp))
+    with saving(tmp, "checkpoint"):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank has written its RNG state before the swap
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(state))
+        with saving(tmp, "checkpoint"):
+            (tmp / TRAINER_STATE).write_text(json.dumps(state))
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)
@@ -185,8 +192,10 @@ def train_phase(
         start = saved["clock_at_start"]
         for k, v in saved["clock"].items():
             setattr(clock, k, v)
-        metrics.truncate_after(phase.name, clock.step)
         accelerator.print(f"{phase.name}: resumed at step {step}/{phase.steps}")
+    # Lines past where this phase starts (or resumes) are from an attempt that crashed: they
+    # will be written again, so each step is logged at most once.
+    metrics.truncate_after(phase.name, clock.step)
 
     watch = Stopwatch(clock)
 
@@ -204,6 +213,7 @@ def train_phase(
     )
     running_loss, running_n = 0.0, 0
     last_val = None
+    window_finite, nonfinite_run = True, 0
     budget = phase.share.budget if phase.share else None
     watches_time = t.max_wall_s is not None or (budget and (budget.wall_s or budget.cpu_s))
     stopping = (t.max_wall_s is not None and clock.wall_s >= t.max_wall_s) or (
@@ -223,18 +233,28 @@ def train_phase(
                 inputs = _phase_inputs(model, phase, batch)
                 loss, n_masked = trainable(batch["labels"], batch["attention_mask"], **inputs)
                 accelerator.backward(loss)
+                # Reduced before the step so every rank takes the same skip decision.
+                counts = accelerator.reduce(
+                    torch.tensor(
+                        [int(batch["attention_mask"].sum()), n_masked, loss.item() * n_masked],
+                        dtype=torch.float64,
+                        device=accelerator.device,
+                    ),
+                    reduction="sum",
+                )
+                window_finite = window_finite and math.isfinite(float(counts[2]))
+                grad_norm = None
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
+                    grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
+                    # Under fp16 the loss scaler skips overflowing steps itself and inf norms
+                    # while it calibrates are expected: only the loss counts there.
+                    if accelerator.scaler is None:
+                        window_finite = window_finite and math.isfinite(grad_norm)
+                # A non-finite step is skipped, never applied: one bad batch does not poison
+                # the weights, and `nonfinite_patience` bad steps in a row stop the stage.
+                if window_finite or not accelerator.sync_gradients:
+                    optimizer.step()
                 optimizer.zero_grad()
-            counts = accelerator.reduce(
-                torch.tensor(
-                    [int(batch["attention_mask"].sum()), n_masked, loss.item() * n_masked],
-                    dtype=torch.float64,
-                    device=accelerator.device,
-                ),
-                reduction="sum",
-            )
             clock.tokens += int(counts[0])
             running_loss += float(counts[2])
             running_n += int(counts[1])
@@ -247,6 +267,10 @@ def train_phase(
             step += 1
             clock.step += 1
             bar.update(1)
+            nonfinite_run = 0 if window_finite else nonfinite_run + 1
+            window_finite = True
+            if nonfinite_run >= t.nonfinite_patience:
+                raise _diverged(phase, step, nonfinite_run, float(counts[2]), grad_norm, args)
             if watches_time:
                 # Every rank takes the slowest rank's clock, so all see the same progress and
                 # stop at the same step (else the next all-reduce would hang).
@@ -289,6 +313,8 @@ def train_phase(
                 phase.checkpoint_dir is not None
                 and step % t.checkpoint_every == 0
                 and step < phase.steps
+                and nonfinite_run == 0
+                and _all_finite(params)  # never checkpoint weights a resume cannot use
             ):
                 watch.tick()
                 _save_checkpoint(
@@ -321,6 +347,23 @@ def train_phase(
     stats["tokens_per_s"] = stats["tokens"] / stats["train_s"] if stats["train_s"] > 0 else None
     accelerator.free_memory()  # fresh model/optimizer/loader objects for the next phase
     return stats
+
+
+def _all_finite(params: list[nn.Parameter]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def _diverged(
+    phase: Phase, step: int, run: int, loss_sum: float, grad_norm: float | None, args: RunArgs
+) -> DivergenceError:
+    norm = "not measured (--max_grad_norm 0)" if grad_norm is None else f"{grad_norm}"
+    return DivergenceError(
+        f"{phase.name} diverged: {run} consecutive optimizer steps up to step {step} had a "
+        f"non-finite loss or gradient norm (last loss sum {loss_sum}, gradient norm {norm}); "
+        f"expected finite values (--nonfinite_patience {args.train.nonfinite_patience}). The "
+        f"phase is not marked done; retrain it with a lower --learning_rate (now "
+        f"{args.train.learning_rate})."
+    )
 
 
 def _phase_inputs(model: nn.Module, phase: Phase, batch: dict) -> dict[str, torch.Tensor]:

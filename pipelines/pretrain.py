@@ -7,15 +7,14 @@ Finished stages are skipped and an interrupted one resumes, so re-running contin
 import sys
 
 from cached_mslt.config import parse_args
-from cached_mslt.stages import run_all
-from storage import StoreUnreachableError
+from cached_mslt.stages import USER_ERRORS, run_all
 
 
 def main() -> None:
-    args, _ = parse_args(description=__doc__)
     try:
+        args, _ = parse_args(description=__doc__)
         run_all(args)
-    except StoreUnreachableError as e:  # a message, not a traceback: nothing ran yet
+    except USER_ERRORS as e:  # a message that says what to run, not a traceback
         sys.exit(f"error: {e}")
 
 

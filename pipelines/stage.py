@@ -8,20 +8,26 @@ import sys
 from dataclasses import dataclass, field
 
 from cached_mslt.config import parse_args
-from cached_mslt.stages import run_stage
-from storage import StoreUnreachableError
+from cached_mslt.stages import USER_ERRORS, run_stage
 
 
 @dataclass
 class StageArgs:
     stage: int = field(metadata={"help": "1-based stage index of the plan"})
+    rebuild_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "build the stage's store anew (stale or corrupt); a finished stage "
+            "rebuilds only its store"
+        },
+    )
 
 
 def main() -> None:
-    args, (stage_args,) = parse_args(extra=(StageArgs,), description=__doc__)
     try:
-        run_stage(args, stage_args.stage)
-    except StoreUnreachableError as e:  # a message, not a traceback: nothing ran yet
+        args, (stage_args,) = parse_args(extra=(StageArgs,), description=__doc__)
+        run_stage(args, stage_args.stage, rebuild_cache=stage_args.rebuild_cache)
+    except USER_ERRORS as e:  # a message that says what to run, not a traceback
         sys.exit(f"error: {e}")
 
 

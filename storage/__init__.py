@@ -7,6 +7,7 @@ from storage.dataset import BlockDataset, BlockSampler, make_block_loader
 from storage.errors import (
     CorruptStoreError,
     IncompleteStoreError,
+    NonFiniteActivationsError,
     StaleStoreError,
     StoreError,
     StoreExistsError,
@@ -27,6 +28,7 @@ __all__ = [
     "BlockSampler",
     "CorruptStoreError",
     "IncompleteStoreError",
+    "NonFiniteActivationsError",
     "StaleStoreError",
     "StoreError",
     "StoreExistsError",

@@ -43,5 +43,10 @@ class StoreWriteError(StoreError):
     """A write was refused (wrong shape or dtype) or failed (disk full, I/O error)."""
 
 
+class NonFiniteActivationsError(StoreWriteError):
+    """Activations handed to a store hold NaN or inf: refused, so a store never holds them and
+    the fill value of never-written data (NaN) keeps meaning "missing"."""
+
+
 class StoreUnreachableError(StoreError, ConnectionError):
     """The store's location cannot be used at all: endpoint down, bucket missing, access denied."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from storage.errors import StoreWriteError
+from storage.errors import NonFiniteActivationsError, StoreWriteError
 from storage.spec import StoreSpec
 
 INT_DTYPES = {"attention_mask": np.uint8, "labels": np.int32, "row_index": np.int64}
@@ -48,7 +48,23 @@ def hidden_to_numpy(
         )
     if arr.shape != shape:
         raise StoreWriteError(f"{where}: hidden has shape {tuple(arr.shape)}, expected {shape}")
+    check_finite(arr, spec, where)
     return arr
+
+
+def check_finite(arr: np.ndarray, spec: StoreSpec, where: str) -> None:
+    """Refuse NaN/inf before a shard is written: one vectorised pass over data the builder
+    just computed (cheap beside the forward that made it)."""
+    # bfloat16 is stored as raw bits: an exponent of all ones is inf or NaN.
+    bad = (arr & 0x7F80) == 0x7F80 if spec.dtype == "bfloat16" else ~np.isfinite(arr)
+    if bad.any():
+        first_row = int(np.argwhere(bad.reshape(bad.shape[0], -1).any(axis=1))[0][0])
+        raise NonFiniteActivationsError(
+            f"{where}: refused {int(bad.sum())} non-finite values (NaN or inf; first in row "
+            f"{first_row} of the shard). A store never holds them: the weights that computed "
+            f"these activations have diverged. Retrain the stage that produced those weights "
+            f"with a lower learning rate; this shard stays not-done."
+        )
 
 
 def ints_to_numpy(

@@ -13,6 +13,7 @@ from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from storage.errors import CorruptStoreError
 from storage.spec import StoreSpec
 
 FORMAT = "cached-mslt-activations"
@@ -61,7 +62,19 @@ def read_root_metadata(store: Store) -> dict[str, Any] | None:
         buf = sync(store.get("zarr.json", default_buffer_prototype()))
     except FileNotFoundError:  # a read-only LocalStore whose directory does not exist
         return None
-    return None if buf is None else json.loads(buf.to_bytes())
+    if buf is None:
+        return None
+    try:
+        meta = json.loads(buf.to_bytes())
+    except (ValueError, UnicodeDecodeError) as e:  # truncated, emptied, overwritten
+        raise CorruptStoreError(
+            f"{store}/zarr.json (the store's root metadata) is corrupt: expected JSON, found "
+            f"{len(buf.to_bytes())} bytes that do not parse ({e}). The store cannot be trusted: "
+            f"rebuild it"
+        ) from e
+    if not isinstance(meta, dict):
+        raise CorruptStoreError(f"{store}/zarr.json is corrupt: expected a JSON object; rebuild it")
+    return meta
 
 
 def initialize(

@@ -71,6 +71,13 @@ REBUILD_HINT = (
 RESUME_HINT = "rerun the same cache build (ActivationStore.create with the same spec and fingerprint) to resume"
 
 
+def _arrays_present(store: Store) -> list[str]:
+    try:
+        return sorted(set(sync(_list_dir(store))) & {*ROW_ARRAYS, MARKERS})
+    except (FileNotFoundError, OSError):
+        return []
+
+
 def _normalize_fingerprint(fingerprint: dict[str, Any]) -> dict[str, str]:
     out = {}
     for key, value in fingerprint.items():
@@ -129,6 +136,11 @@ class ActivationStore:
         # Look read-only first: a writable LocalStore creates its directory on first use.
         reader = open_zarr_store(self.url, read_only=True, storage_options=self.storage_options)
         meta = read_root_metadata(reader)
+        if meta is None and (found := _arrays_present(reader)):
+            raise CorruptStoreError(
+                f"{self.url}/zarr.json (the store's root metadata) is missing, but the store "
+                f"holds {found}: it is corrupt, not absent. Rebuild it"
+            )
         if meta is None or meta.get("attributes", {}).get("format") != FORMAT:
             what = "nothing" if meta is None else "a Zarr group that is not an activation store"
             raise StoreNotFoundError(
@@ -154,10 +166,10 @@ class ActivationStore:
         strict = StrictStore(reader)
         if self._meta_attrs.get("complete") and not writable:
             strict = StrictStore(ShardIndexCache(reader))
-        self._readers = {n: zarr.open_array(strict, path=n, mode="r") for n in ROW_ARRAYS}
+        self._readers = {n: self._open_array(strict, n, "r") for n in ROW_ARRAYS}
         # Marker reads use the plain store: an absent marker chunk legitimately means 0.
         self._kept: dict[str, np.ndarray] | None = None  # see _small_arrays
-        self._markers = zarr.open_array(self._store, path=MARKERS, mode="r+" if writable else "r")
+        self._markers = self._open_array(self._store, MARKERS, "r+" if writable else "r")
         self._writers = {}
         if writable:
             # write_empty_chunks is per handle and not saved (NOTES.md): without it a shard
@@ -168,6 +180,18 @@ class ActivationStore:
                 )
                 for n in ROW_ARRAYS
             }
+
+    def _open_array(self, store: Store, name: str, mode: str) -> zarr.Array:
+        """An array of this store; its metadata missing or unparsable is corruption."""
+        try:
+            return zarr.open_array(store, path=name, mode=mode)
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+            # zarr raises ArrayNotFoundError (a FileNotFoundError) or JSONDecodeError
+            raise CorruptStoreError(
+                f"{self.url}/{name}/zarr.json (the {name!r} array's metadata) is missing or "
+                f"corrupt ({type(e).__name__}: {e}); expected the array the root metadata lists. "
+                f"Rebuild the store"
+            ) from e
 
     # ---------------------------------------------------------------- construction
 
@@ -198,13 +222,21 @@ class ActivationStore:
         store = open_zarr_store(where, read_only=False, storage_options=storage_options)
         top = sorted(set(sync(_list_dir(store))) - {LOCK_KEY})
         if top and "zarr.json" not in top and not overwrite:
+            if (holder := read_lock(store)) is not None and not holder.is_stale():
+                # A build that started an instant earlier is laying the store out.
+                raise locked_error(where, holder)
             raise StoreExistsError(
                 f"{where} is not empty and holds no activation store (found {top[:5]}); "
                 f"choose another location, or pass overwrite=True to delete its contents"
             )
         acquire_lock(store, where)
         try:
-            meta = read_root_metadata(store)
+            try:
+                meta = read_root_metadata(store)
+            except CorruptStoreError:
+                if not overwrite:
+                    raise
+                meta = None  # wiped below
             found = None if meta is None else meta.get("attributes", {})
             if found is not None and found.get("format") == FORMAT:
                 problems = _dict_diff(spec.to_dict(), found["spec"]) + _dict_diff(

@@ -122,7 +122,7 @@ def gather(opts: InspectOptions) -> Report:
 def analyse(report: Report, opts: InspectOptions) -> None:
     if opts.verify:
         for label in list(report.stores):
-            _guarded(report, label, lambda s: sum(1 for _ in iter_blocks(s, block_ranges(s))))
+            _guarded(report, label, verify_store)
     if opts.stats:
         for label in list(report.stores):
             if (
@@ -146,6 +146,22 @@ def analyse(report: Report, opts: InspectOptions) -> None:
         from cached_mslt.inspect.plots import write_plots  # matplotlib only when asked
 
         report.plots = [str(p) for p in write_plots(opts.plots, report.stats, report.similarity)]
+
+
+def verify_store(store: ActivationStore) -> int:
+    """Read every block (checksums) and check it is finite: stores written before builds
+    refused non-finite activations may hold a diverged model's NaN. Returns blocks read."""
+    ranges = block_ranges(store)
+    for (start, stop), block in zip(ranges, iter_blocks(store, ranges), strict=True):
+        finite = block["hidden"].isfinite()
+        if not bool(finite.all()):
+            first = start + int((~finite.flatten(1).all(1)).nonzero()[0, 0])
+            raise CorruptStoreError(
+                f"{store.url}: rows {start}-{stop} hold {int((~finite).sum())} non-finite hidden "
+                f"values (NaN or inf, first in row {first}); expected finite activations. The "
+                f"model that built it diverged: rebuild the store from finite weights"
+            )
+    return len(ranges)
 
 
 def _guarded(report: Report, label: str, work) -> Any:

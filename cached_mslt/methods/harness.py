@@ -187,7 +187,7 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
         kwargs_handlers=handlers,
     )
     set_seed(args.train.seed)
-    data = load_prepared(args.data.prepared_dir)
+    data = load_prepared(args.data.prepared_dir, args.data)
     ctx = MethodContext(name, args, method, accelerator, data, run_dir)
     started = time.time()
     settings = run_settings(args, method, data.manifest["fingerprint"])

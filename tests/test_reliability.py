@@ -1,0 +1,399 @@
+"""Fault tests (docs/reliability.md): DESIGN.md invariant 8 (a stage is done only if it trained
+with finite losses; one owner per run and stage; a store never holds non-finite activations)
+and the refusals and recovery commands around the store."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from unittest.mock import patch
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertForMaskedLM
+
+from cached_mslt import trainer
+from cached_mslt.config import ConfigError, parse_args
+from cached_mslt.corpora import DataError
+from cached_mslt.metrics import read_metrics
+from cached_mslt.rundir import LOCK_FILE, DiskFullError, RunLockedError, write_atomic
+from cached_mslt.stages import MANIFEST, StageError, run_stage, stage_dir
+from storage import (
+    ActivationStore,
+    CorruptStoreError,
+    NonFiniteActivationsError,
+    StaleStoreError,
+    StoreLockedError,
+    StoreSpec,
+)
+from tests.conftest import small_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_stage_with_nonfinite_loss_fails_and_is_never_done(prepared_dir, tmp_path, monkeypatch):
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="8", nonfinite_patience=2)
+    real = trainer._phase_inputs
+
+    def poisoned_from_step_3(model, phase, batch, calls=[0]):  # noqa: B006 - a call counter
+        calls[0] += 1
+        out = real(model, phase, batch)
+        if calls[0] >= 3:
+            out = {k: v * float("nan") if v.is_floating_point() else v for k, v in out.items()}
+            if "input_ids" in out:
+                model.bert.embeddings.word_embeddings.weight.data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer, "_phase_inputs", poisoned_from_step_3)
+    with pytest.raises(
+        StageError, match=r"(?s)stage-1 diverged: 2 consecutive .*--stage 1 --learning_rate 0.0001"
+    ):
+        run_stage(args, 1)
+    assert not (stage_dir(args, 1) / MANIFEST).exists()
+    assert not (stage_dir(args, 1) / "model").exists()
+    # The one checkpoint it kept is from before the divergence (step 2; none at step 4).
+    saved = json.loads((stage_dir(args, 1) / "checkpoint" / trainer.TRAINER_STATE).read_text())
+    assert saved["step"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_store_never_commits_nonfinite_activations(tmp_path, dtype):
+    spec = StoreSpec(
+        num_rows=8, seq_len=4, hidden_size=2, dtype=dtype, rows_per_chunk=4, chunks_per_shard=1
+    )
+    store = ActivationStore.create(str(tmp_path / "s"), spec, fingerprint={"w": "1"})
+    hidden = torch.zeros(4, 4, 2, dtype=spec.torch_dtype)
+    hidden[2, 1, 0] = float("nan")
+    ints = np.zeros((4, 4), dtype=np.int64)
+    with pytest.raises(NonFiniteActivationsError, match="first in row 2 of the shard"):
+        store.write_shard(
+            0, hidden=hidden, attention_mask=ints, labels=ints, row_index=np.arange(4)
+        )
+    assert store.pending_shards(0, 1) == list(range(store.spec.num_shards))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--stage_steps", "0.5"],
+        ["--stage_steps", "6,0"],
+        ["--stage_tokens", "1e3.5"],
+        ["--max_wall_s", "0"],
+        ["--max_wall_s", "-1"],
+        ["--batch_size", "0"],
+        ["--learning_rate", "inf"],
+        ["--learning_rate", "nan"],
+        ["--nonfinite_patience", "0"],
+        ["--gradient_accumulation_steps", "0"],
+        ["--warmup_fraction", "1.5"],
+        ["--mixed_precision", "fp8"],
+    ],
+)
+def test_every_bad_budget_or_count_is_refused_at_parse_time(flags):
+    with pytest.raises(ConfigError, match=rf"--{flags[0][2:]} .*(expected|choose|whole number)"):
+        parse_args(flags)
+
+
+def test_fractional_count_flag_is_refused_not_truncated():
+    with pytest.raises(SystemExit):  # argparse: "invalid int value"
+        parse_args(["--checkpoint_every", "0.5"])
+
+
+def test_data_settings_are_checked_against_the_prepared_data_first(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "run", seq_len=64)
+    with pytest.raises(DataError, match=r"--seq_len 32 \(run asks 64\).*prepare_data.py"):
+        run_stage(args, 1)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_stages_of_one_run_share_the_prepared_data(prepared_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    args = small_run(data, tmp_path / "run", stage_steps="2")
+    run_stage(args, 1)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))
+    with pytest.raises(StageError, match="stage 1 trained on prepared data with fingerprint"):
+        run_stage(args, 2)
+
+
+def test_one_owner_per_run_and_stage_a_second_command_is_refused(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = stage_dir(args, 1) / LOCK_FILE
+        lock.parent.mkdir(parents=True)
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid}))
+        with pytest.raises(
+            RunLockedError, match=rf"stage-1 of .* is already running: pid {sleeper.pid}"
+        ):
+            run_stage(args, 1)
+        assert lock.exists()  # the owner's lock is left alone
+        assert not (stage_dir(args, 1) / MANIFEST).exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Its owner gone (SIGKILL), the lock is stale: the next command takes it over and finishes.
+    with pytest.warns(UserWarning, match="taking over"):
+        run_stage(args, 1)
+    assert (stage_dir(args, 1) / MANIFEST).exists() and not lock.exists()
+
+
+def test_full_disk_while_writing_a_manifest_keeps_the_old_one_and_says_so(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with patch("os.fsync", side_effect=full), pytest.raises(DiskFullError, match="manifest.json"):
+        write_atomic(path, "new")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+
+
+def test_manifest_writes_are_atomic(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+    with pytest.raises(ZeroDivisionError), patch("os.replace", side_effect=ZeroDivisionError):
+        write_atomic(path, "new")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    write_atomic(path, "new")
+    assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]
+
+
+def test_corrupt_store_of_a_finished_stage_is_repaired_by_the_command_its_error_names(
+    prepared_dir, tmp_path
+):
+    args = small_run(
+        prepared_dir, tmp_path / "run", num_layers=3, stage_layers="1,2,3", stage_steps="2"
+    )
+    run_stage(args, 1)
+    run_stage(args, 2)
+    shard = tmp_path / "run" / "cache" / "stage-2" / "hidden" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0x01
+    shard.write_bytes(bytes(data))
+    # Stage 3 builds incrementally from stage 2's store and hits the flipped byte.
+    with pytest.raises(CorruptStoreError, match=r"(?s)crc32c.*fix: .* --stage 2 --rebuild_cache$"):
+        run_stage(args, 3)
+    assert (stage_dir(args, 2) / MANIFEST).exists()
+    rebuilt = run_stage(args, 2, rebuild_cache=True)  # only the store; training untouched
+    assert rebuilt["cache"]["how"] == "full"
+    assert (
+        ActivationStore.open(str(tmp_path / "run" / "cache" / "stage-2")).attrs["built"] == "full"
+    )
+    done = run_stage(args, 3)
+    built = ActivationStore.open(done["cache"]["url"]).attrs["built"]
+    assert built.startswith("incremental from") and done["cache"]["how"] == built
+
+
+def test_store_attributes_say_how_it_was_actually_built(prepared_dir, tmp_path, monkeypatch):
+    """An incremental build that stopped half way, rerun as a full build, is rebuilt as one."""
+    args = small_run(
+        prepared_dir, tmp_path / "run", num_layers=3, stage_layers="1,2,3", stage_steps="2"
+    )
+    run_stage(args, 1)
+    run_stage(args, 2)
+    real = ActivationStore.write_shard
+
+    def crash_after_first_shard(self, shard, **rows):
+        real(self, shard, **rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ActivationStore, "write_shard", crash_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(args, 3)
+    monkeypatch.setattr(ActivationStore, "write_shard", real)
+    store = ActivationStore.open(
+        str(tmp_path / "run" / "cache" / "stage-3"), require_complete=False
+    )
+    assert store.attrs["built"].startswith("incremental from")
+    full = small_run(
+        prepared_dir,
+        tmp_path / "run",
+        num_layers=3,
+        stage_layers="1,2,3",
+        stage_steps="2",
+        cache_rebuild="full",
+    )
+    done = run_stage(full, 3)
+    assert ActivationStore.open(done["cache"]["url"]).attrs["built"] == "full"
+
+
+def test_stale_store_error_names_the_command_and_that_command_works(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
+    run_stage(args, 1)
+    model = BertForMaskedLM.from_pretrained(stage_dir(args, 1) / "model")
+    run_stage(args, 2)
+    shutil.rmtree(stage_dir(args, 2))  # stage 2 reruns over the store stage 1 no longer matches
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.bias.add_(1.0)
+    model.save_pretrained(stage_dir(args, 1) / "model")
+    with pytest.raises(StaleStoreError) as err:
+        run_stage(args, 2)
+    command = str(err.value).rsplit("fix: ", 1)[1]
+    assert command.endswith("--stage 2 --rebuild_cache")
+    # The command as printed, run as a real process (python in place of accelerate launch).
+    argv = [sys.executable, *command.split()[2:]]
+    done = subprocess.run(
+        argv, cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env()
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (stage_dir(args, 2) / MANIFEST).exists()
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ("delete-root", "zarr.json (the store's root metadata) is missing"),
+        ("truncate-root", "zarr.json (the store's root metadata) is corrupt"),
+        ("delete-array", "hidden/zarr.json (the 'hidden' array's metadata) is missing or corrupt"),
+        (
+            "truncate-array",
+            "hidden/zarr.json (the 'hidden' array's metadata) is missing or corrupt",
+        ),
+    ],
+)
+def test_missing_or_truncated_metadata_is_corrupt_and_names_the_file(tmp_path, damage, named):
+    from cached_mslt.inspect.summary import summarize_store
+    from storage.synthetic import build_synthetic_store, write_synthetic_shards
+
+    spec = StoreSpec(num_rows=8, seq_len=4, hidden_size=2, rows_per_chunk=4, chunks_per_shard=1)
+    url = str(tmp_path / "s")
+    build_synthetic_store(url, spec, fingerprint={"w": "1"})
+    meta = tmp_path / "s" / ("zarr.json" if damage.endswith("root") else "hidden/zarr.json")
+    if damage.startswith("delete"):
+        meta.unlink()
+    else:
+        meta.write_bytes(meta.read_bytes()[:40])
+    with pytest.raises(CorruptStoreError, match=re.escape(named)):
+        ActivationStore.open(url)
+    assert summarize_store(url).status == "corrupt"
+    # The repair path works on it: a build with overwrite wipes and rebuilds.
+    store = ActivationStore.create(url, spec, fingerprint={"w": "1"}, overwrite=True)
+    write_synthetic_shards(store, list(range(store.num_shards)))
+    store.commit()
+    assert ActivationStore.open(url).is_complete
+
+
+def test_full_disk_during_checkpoint_names_path_and_free_space_and_leaves_no_tmp(
+    prepared_dir, tmp_path, monkeypatch
+):
+    from accelerate import Accelerator
+
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="4")
+
+    def short_write(self, output_dir, **kwargs):  # what torch.save says on a full disk
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 64 vs 40")
+
+    monkeypatch.setattr(Accelerator, "save_state", short_write)
+    with pytest.raises(
+        DiskFullError, match=r"checkpoint into .*stage-1 failed: no space left.*MiB free"
+    ):
+        run_stage(args, 1)
+    assert sorted(p.name for p in stage_dir(args, 1).iterdir()) == []
+    monkeypatch.undo()
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(BertForMaskedLM, "save_pretrained", full)
+    with pytest.raises(DiskFullError, match="saving the model into"):
+        run_stage(args, 1)
+    assert not (stage_dir(args, 1) / "model.tmp").exists()
+    assert not (stage_dir(args, 1) / MANIFEST).exists()
+
+
+def test_metrics_hold_each_step_once_after_a_crash_before_the_first_checkpoint(
+    prepared_dir, tmp_path, monkeypatch
+):
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="6", checkpoint_every=100)
+    real = trainer._phase_inputs
+
+    def crash_at_step_4(model, phase, batch, calls=[0]):  # noqa: B006 - a call counter
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real(model, phase, batch)
+
+    monkeypatch.setattr(trainer, "_phase_inputs", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(args, 1)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    monkeypatch.undo()
+    run_stage(args, 1)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"budget_wall_s": 0}, {"budget_tokens": -1}, {"learning_rates": [1e-3, float("inf")]}],
+)
+def test_comparison_budgets_are_checked_at_parse_time(option):
+    from cached_mslt.config import MethodArgs
+
+    with pytest.raises(ConfigError, match=f"--{next(iter(option))} .*expected"):
+        MethodArgs(**option)
+
+
+def test_a_corpus_that_is_not_utf8_is_named_as_such(tmp_path):
+    from cached_mslt.config import run_args
+    from cached_mslt.prepare import prepare_dataset
+
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n\nna\xefve\n".encode("latin1"))
+    args = run_args("tiny", corpus=[str(corpus)], prepared_dir=str(tmp_path / "p"), num_proc=1)
+    with pytest.raises(DataError, match="lines were skipped as not valid UTF-8.*--strict"):
+        prepare_dataset(args)
+
+
+def test_build_started_an_instant_later_is_told_locked_not_to_overwrite(tmp_path):
+    """The loser of two simultaneous builds sees the winner's half-laid-out store."""
+    url = tmp_path / "s"
+    (url / "hidden").mkdir(parents=True)  # the winner wrote an array, not yet the root
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {
+            "host": socket.gethostname(),
+            "pid": sleeper.pid,
+            "build_id": "x",
+            "created_at": "t",
+        }
+        (url / "build.lock").write_text(json.dumps(holder))
+        spec = StoreSpec(num_rows=8, seq_len=4, hidden_size=2, rows_per_chunk=4)
+        with pytest.raises(StoreLockedError, match=f"is being built by pid {sleeper.pid}"):
+            ActivationStore.create(str(url), spec, fingerprint={"w": "1"})
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_verify_reports_a_store_written_with_nan_before_builds_refused_it(tmp_path, monkeypatch):
+    import storage.inputs
+    from cached_mslt.inspect.report import verify_store
+
+    spec = StoreSpec(num_rows=8, seq_len=4, hidden_size=2, rows_per_chunk=4, chunks_per_shard=1)
+    monkeypatch.setattr(storage.inputs, "check_finite", lambda *a: None)  # an older writer
+    store = ActivationStore.create(str(tmp_path / "s"), spec, fingerprint={"w": "1"})
+    ints = np.zeros((4, 4), dtype=np.int64)
+    for shard in range(2):
+        hidden = torch.full((4, 4, 2), float("nan") if shard else 1.0, dtype=spec.torch_dtype)
+        rows = np.arange(4) + 4 * shard
+        store.write_shard(shard, hidden=hidden, attention_mask=ints, labels=ints, row_index=rows)
+    store.commit()
+    with pytest.raises(
+        CorruptStoreError, match="hold 32 non-finite hidden values .*first in row 4"
+    ):
+        verify_store(ActivationStore.open(str(tmp_path / "s")))

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# Two real ranks over gloo, one thread each (DATA: `--cpu --num_processes 2` alone starts
+# Two real ranks over gloo, one thread each (docs/library-facts.md: `--cpu --num_processes 2` alone starts
 # one process): the distributed cache build and DDP run as on N GPUs, and one rank per
 # core does not stall like two threads of one process do on a busy core. --batch_size 4
 # per rank keeps the tiny regime's global batch of 8 (docs/levers.md).

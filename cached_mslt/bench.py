@@ -1,7 +1,7 @@
 """Training-side benchmarks: what caching buys per step, measured as ratios in one run.
 
 Each figure is a dict `{"name", "value", "unit", ...}` with `model_ratio` where
-DESIGN.md's cost model (as counted by `cached_mslt.flops`) predicts it. Timings are
+the cost model of docs/design.md (as counted by `cached_mslt.flops`) predicts it. Timings are
 medians over interleaved repeats, so a noisy neighbour slows both sides of a ratio.
 """
 

@@ -4,7 +4,7 @@ over every process (shard s belongs to process s % world_size), resumable.
 Incremental rebuild: when stage k's store exists, stage k+1's store is that store pushed
 through only the layers stage k trained, so each layer's forward runs once per example
 over the whole schedule. In float32 this gives the same bytes as a full rebuild from
-token ids (the layer math does not depend on batch composition here, NOTES.md).
+token ids (the layer math does not depend on batch composition here, docs/library-facts.md).
 """
 
 from __future__ import annotations

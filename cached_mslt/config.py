@@ -404,7 +404,7 @@ class ScheduleArgs:
 
 @dataclass
 class MethodArgs:
-    """The comparison methods' parameters, with the published defaults (PAPERS.md)."""
+    """The comparison methods' parameters, with the published defaults (docs/methods.md)."""
 
     methods: list[str] = field(
         default_factory=lambda: ["full", "mslt-cached"],

@@ -4,7 +4,7 @@ The model is always a plain `transformers.BertForMaskedLM`; the split is a way o
 running it, not a different architecture. `bottom = embeddings + layer[:F]`,
 `top = layer[F:] + MLM head`. Running the two halves with the mask that
 `create_bidirectional_mask` builds gives logits bitwise equal to `model(...)`
-(measured in ../shared/NOTES.md), which is what lets the top train from cached
+(measured in docs/library-facts.md), which is what lets the top train from cached
 hidden states.
 """
 
@@ -85,7 +85,7 @@ def mlm_head_loss(
     model: BertForMaskedLM, hidden: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
     """MLM loss on masked positions only: gather them before the head, so the 30k-way
-    decoder runs on ~15% of the tokens (3.3x faster steps on tiny, NOTES.md).
+    decoder runs on ~15% of the tokens (3.3x faster steps on tiny, docs/library-facts.md).
 
     Returns the mean loss and the number of masked tokens it averages over.
     """
@@ -148,7 +148,7 @@ def freeze_bottom(model: BertForMaskedLM, frozen: int) -> list[nn.Parameter]:
     The tied decoder weight is the word-embedding matrix, so it freezes with the
     embeddings; the head transform and the decoder bias keep training. Freezing the tied
     weight is also what makes cached training exact: a trainable embedding would get
-    gradient through the input path too, which a cache cannot reproduce (NOTES.md).
+    gradient through the input path too, which a cache cannot reproduce (docs/library-facts.md).
     """
     if not 0 <= frozen <= model.config.num_hidden_layers:
         raise ValueError(

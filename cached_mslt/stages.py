@@ -199,7 +199,7 @@ def decide_cache(
     layer forwards of every choice (start caching at a later stage, or never), counting
     builds (`rows` per newly frozen layer, the first one from `incremental_from` layers
     if a store of that depth exists) against the frozen bottom run live on every row a
-    stage reads (`reads(stage)`; DESIGN.md cost model). Looking ahead matters: a store
+    stage reads (`reads(stage)`; docs/design.md cost model). Looking ahead matters: a store
     built now makes every later build incremental, so a stage that reads under one epoch
     can still be worth caching. Store I/O and setup are not counted, so the rule is
     optimistic near break-even (docs/methods.md)."""

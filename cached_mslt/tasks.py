@@ -1,6 +1,6 @@
 """Downstream classification tasks: read, deduplicate, split with a seed, save with a manifest.
 
-Two tasks ship offline (../shared/DATA.md):
+Two tasks ship offline (docs/evaluation.md):
 
 - `sentiment`: movie-review snippets inside the vaderSentiment 3.3.2 sdist, fetched once with
   `pip download` (the package registry is the only source on these machines). Label = sign

@@ -1,5 +1,5 @@
 """Benchmarks: one JSON object per line, `{"name", "value", "unit", ...}` plus `model_ratio`
-where DESIGN.md's cost model predicts the figure. Measures, never asserts.
+where the cost model of docs/design.md predicts the figure. Measures, never asserts.
 
     python pipelines/bench.py --quick          # tiny preset, under 5 minutes on 2 cores
     python pipelines/bench.py                  # tiny and mini, bert-base storage shapes

@@ -60,7 +60,7 @@ class StrictStore(WrapperStore[Store]):
     """Read-side wrapper that raises on missing chunk data instead of inventing it.
 
     Zarr 3.1.6 reads a deleted shard, and also a 0-byte shard file, as the fill value with
-    no error and no option to raise (NOTES.md, zarr). Every chunk key under `<array>/c/`
+    no error and no option to raise (docs/library-facts.md, zarr). Every chunk key under `<array>/c/`
     that the store cannot deliver (None, or no bytes) raises `MissingChunkError` here.
     """
 

@@ -1,7 +1,7 @@
 """Feeding training from a store: chunk-aligned blocks, shuffled deterministically.
 
 An item is a block of whole chunks (one contiguous read; reading one row costs as much as
-its whole chunk, NOTES.md). A batch concatenates `rows_per_batch // block_rows` blocks
+its whole chunk, docs/library-facts.md). A batch concatenates `rows_per_batch // block_rows` blocks
 drawn in a seeded random order, so rows are shuffled over blocks and mixed within a
 window of one batch. The order depends only on (seed, epoch): every process of a
 distributed run computes the same order and `accelerator.prepare` hands each one

@@ -1,4 +1,4 @@
-"""Content hashes that tell a valid cache from a stale one (DESIGN.md invariant 5).
+"""Content hashes that tell a valid cache from a stale one (docs/design.md invariant 5).
 
 All three return a sha256 hex digest that depends only on content, never on object
 identity, file modification times, dict order or the process that computed it.

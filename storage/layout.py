@@ -57,7 +57,7 @@ def _package_version() -> str:
 
 
 def read_root_metadata(store: Store) -> dict[str, Any] | None:
-    """The root `zarr.json`, parsed fresh: Zarr handles keep stale attrs (NOTES.md)."""
+    """The root `zarr.json`, parsed fresh: Zarr handles keep stale attrs (docs/library-facts.md)."""
     try:
         buf = sync(store.get("zarr.json", default_buffer_prototype()))
     except FileNotFoundError:  # a read-only LocalStore whose directory does not exist

@@ -114,7 +114,7 @@ class StoreSpec:
 
     def compressors(self) -> list[BytesBytesCodec]:
         """Codec chain per chunk. crc32c goes last so it checks the bytes as stored on disk:
-        without it a flipped byte decodes as wrong numbers, silently (NOTES.md, zarr)."""
+        without it a flipped byte decodes as wrong numbers, silently (docs/library-facts.md, zarr)."""
         compress: list[BytesBytesCodec] = {
             "none": [],
             "zstd": [ZstdCodec(level=1)],

@@ -1,6 +1,6 @@
-"""`ActivationStore`: one Zarr v3 group of cached hidden states (DESIGN.md, "Store layout").
+"""`ActivationStore`: one Zarr v3 group of cached hidden states (docs/cache-format.md).
 
-Build protocol (DESIGN.md, "Distributed protocol"): rank 0 calls `create` (takes the
+Build protocol (docs/design.md, "Store layout and build protocol"): rank 0 calls `create` (takes the
 build lock), every rank then `open(mode="r+")`s it and writes `pending_shards(rank,
 world)`, each shard whole, then marks it done; after a barrier rank 0 calls `commit`,
 which checks every marker and every shard file and only then sets `complete`.
@@ -172,7 +172,7 @@ class ActivationStore:
         self._markers = self._open_array(self._store, MARKERS, "r+" if writable else "r")
         self._writers = {}
         if writable:
-            # write_empty_chunks is per handle and not saved (NOTES.md): without it a shard
+            # write_empty_chunks is per handle and not saved (docs/library-facts.md): without it a shard
             # that equals the fill value is never written and later looks missing.
             self._writers = {
                 n: zarr.open_array(self._store, path=n, mode="r+").with_config(
@@ -422,7 +422,7 @@ class ActivationStore:
         try:
             with _file_size_limit_as_oserror():
                 # One call per array for the whole shard: Zarr rewrites a shard whole, so
-                # partial writes from two processes to one shard lose data (NOTES.md).
+                # partial writes from two processes to one shard lose data (docs/library-facts.md).
                 for name, values in data.items():
                     self._writers[name][start:stop] = values
                 self._markers[shard] = 1  # last: a set marker means every array is written

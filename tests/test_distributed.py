@@ -1,4 +1,4 @@
-"""Two real ranks over gloo on the CPU (DATA.md: `--cpu --num_processes 2` alone starts one
+"""Two real ranks over gloo on the CPU (docs/library-facts.md: `--cpu --num_processes 2` alone starts one
 process, so the launch says --multi_gpu with ACCELERATE_USE_CPU=1)."""
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ def test_stack_double_copies_layers_exactly() -> None:
         assert all(top[k].data_ptr() != bottom[k].data_ptr() for k in top)
     for i, layer in enumerate(doubled.bert.encoder.layer):
         assert layer.attention.self.layer_idx == i
-        assert layer.attention.self.config is doubled.config  # NOTES.md: one shared config
+        # one shared config object (docs/library-facts.md, growth)
+        assert layer.attention.self.config is doubled.config
     assert_same_values(outside_encoder(doubled), outside_encoder(model))
     emb = doubled.bert.embeddings.word_embeddings.weight
     assert doubled.cls.predictions.decoder.weight is emb

@@ -1,4 +1,4 @@
-"""The model split, freezing and growth (DESIGN.md invariants 1, 2 and 7 at the module level)."""
+"""The model split, freezing and growth (docs/design.md invariants 1, 2 and 7 at the module level)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Fault tests (docs/reliability.md): DESIGN.md invariant 8 (a stage is done only if it trained
+"""Fault tests (docs/reliability.md): docs/design.md invariant 8 (a stage is done only if it trained
 with finite losses; one owner per run and stage; a store never holds non-finite activations)
 and the refusals and recovery commands around the store."""
 

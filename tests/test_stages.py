@@ -1,4 +1,4 @@
-"""Staged training end to end on a small model: DESIGN.md invariants 1, 2, 4, 5 and 7 at the
+"""Staged training end to end on a small model: docs/design.md invariants 1, 2, 4, 5 and 7 at the
 level of whole stages, plus resume and the entry points' refusals."""
 
 from __future__ import annotations

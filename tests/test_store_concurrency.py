@@ -1,4 +1,4 @@
-"""No write is lost (DESIGN.md invariant 6): concurrent writers, real ranks, kill and resume."""
+"""No write is lost (docs/design.md invariant 6): concurrent writers, real ranks, kill and resume."""
 
 from __future__ import annotations
 

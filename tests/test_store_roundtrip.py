@@ -32,7 +32,7 @@ def small_spec(**kw) -> StoreSpec:
 
 def special_values(hidden: torch.Tensor) -> torch.Tensor:
     """Put the values a careless round trip loses into the first row (finite ones: a store
-    refuses NaN and inf, DESIGN.md invariant 8)."""
+    refuses NaN and inf, docs/design.md invariant 8)."""
     out = hidden.clone()
     specials = torch.tensor([-0.0, 0.0, 1e-40, -65504.0, 65504.0, 6e-8, -6e-8])
     out[0, 0, : len(specials)] = specials.to(hidden.dtype)

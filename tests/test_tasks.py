@@ -1,4 +1,4 @@
-"""Downstream tasks: the shipped data reads as DATA.md counts it, splits are deterministic,
+"""Downstream tasks: the shipped data reads as docs/evaluation.md counts it, splits are deterministic,
 stratified and disjoint, bad task files fail with a clear error, and overlap is warned about."""
 
 from __future__ import annotations

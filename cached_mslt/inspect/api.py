@@ -1,6 +1,6 @@
 """Read-only access to an activation store for notebooks and for the inspect tools.
 
-Everything here reads whole chunks: one row costs as much as its chunk (NOTES.md), so
+Everything here reads whole chunks: one row costs as much as its chunk (docs/library-facts.md), so
 blocks are chunk-aligned and samples are made of whole chunks spread over the store.
 
     store = open_store("runs/tiny/cache/stage-2")

@@ -1,6 +1,6 @@
 """Linear probe: what each stage's frozen bottom encodes about BBC news topics.
 
-Each BBC article (DATA.md; read, deduplicated and split by `cached_mslt.tasks`) is
+Each BBC article (docs/evaluation.md; read, deduplicated and split by `cached_mslt.tasks`) is
 tokenized to 128 tokens and run through the frozen bottom of every stage; a multinomial
 logistic regression on the mean-pooled hidden states predicts its topic. Probe accuracy
 per stage is a quick read of how much topic information the frozen layers already carry.

@@ -1,6 +1,6 @@
 """Encoder-layer surgery shared by the structural operators.
 
-All operators work on `transformers.BertForMaskedLM` (module names in NOTES.md):
+All operators work on `transformers.BertForMaskedLM` (module names in docs/library-facts.md):
 the encoder layers live in `model.bert.encoder.layer`, a `ModuleList`.
 """
 
@@ -17,7 +17,7 @@ def copy_layer(layer: nn.Module, config: PretrainedConfig) -> nn.Module:
     """Deep copy of one encoder layer that still points at the model's `config` object.
 
     A plain deepcopy gives the copy its own config, so a later
-    `model.set_attn_implementation(...)` would miss it (NOTES.md, "Growth").
+    `model.set_attn_implementation(...)` would miss it (docs/library-facts.md, "Growth").
     """
     return copy.deepcopy(layer, memo={id(config): config})
 

@@ -26,7 +26,7 @@ from transformers import BertForMaskedLM
 
 from cached_mslt.methods._layers import clone_model, copy_layer, set_encoder_layers
 
-DEFAULT_ALPHA = 0.5  # the BERT/GPT examples of the reference code (PAPERS.md)
+DEFAULT_ALPHA = 0.5  # the BERT/GPT examples of the reference code (docs/methods.md)
 
 Groups = Sequence[Sequence[int]]
 

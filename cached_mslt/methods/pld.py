@@ -1,6 +1,6 @@
 """Progressive layer dropping (Zhang & He, NeurIPS 2020, arXiv 2010.13369).
 
-Schedules (PAPERS.md; DeepSpeed `runtime/progressive_layer_drop.py`):
+Schedules (docs/methods.md; DeepSpeed `runtime/progressive_layer_drop.py`):
 
 - over time, the keep probability theta(t) = (1 - theta_bar) * exp(-gamma * t) + theta_bar;
 - over depth, layer i of L (0-indexed) is kept with p_i = 1 - i * (1 - theta) / L, so

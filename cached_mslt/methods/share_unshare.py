@@ -2,7 +2,7 @@
 
 Phase 1 trains an encoder whose L positions all run one block (one parameter set,
 ALBERT-style cross-layer sharing); at the switch point the block is untied into L
-independent copies, each starting equal to it, and training continues (PAPERS.md: no
+independent copies, each starting equal to it, and training continues (docs/methods.md: no
 public code; the switch point and the optimizer hand-over are this project's choice).
 
 The optimizer hand-over: `unshare_optimizer_state` gives every untied copy its own

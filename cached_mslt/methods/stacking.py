@@ -3,7 +3,7 @@
 Following `double.py` in gonglinyuan/StackingBERT, layer l of an L-layer encoder is
 copied to position l + L, so the new top half is an exact copy of the trained stack;
 embeddings and the MLM head are kept as they are. Every layer trains after a doubling
-and the published run resets the optimizer state (PAPERS.md); the loop builds a fresh
+and the published run resets the optimizer state (docs/methods.md); the loop builds a fresh
 optimizer for the new phase.
 """
 

@@ -85,7 +85,7 @@ def sweep_learning_rate(
         shutil.rmtree(run_dir / "final", ignore_errors=True)
         shutil.copytree(trial_dir / "final", run_dir / "final")
         result = {**result, "final_model": str(run_dir / "final")}
-    fingerprint = load_prepared(args.data.prepared_dir).manifest["fingerprint"]
+    fingerprint = prepared_manifest(args.data.prepared_dir)["fingerprint"]  # the trials loaded it
     result.update(learning_rate_sweep=sweep, settings=run_settings(args, method, fingerprint))
     (run_dir / RESULT).write_text(json.dumps(result, indent=2, default=str))
     return result
@@ -280,6 +280,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
     ]
     columns += sorted({k for r in rows for k in r if k.endswith((" acc %", " probe %"))})
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
+    sweeps = sweep_lines(root, methods)
     text = "\n".join(
         [
             f"# Method comparison: preset `{args.model.preset}`, {method_budget(method).describe()} each",
@@ -295,7 +296,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
             "",
             "Unigram loss of the validation targets (token frequencies alone): "
             + (f"{unigram:.3f}." if unigram is not None else "not recorded by this prepared data."),
-            *([""] + sweep_lines(root, methods) if sweep_lines(root, methods) else []),
+            *([""] + sweeps if sweeps else []),
             *([""] + failures if failures else []),
             "",
         ]

@@ -12,6 +12,7 @@ from typing import Any
 
 from accelerate import PartialState
 
+from cached_mslt.budget import MEASURES
 from cached_mslt.config import ConfigError, MethodArgs, RunArgs
 from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
 from cached_mslt.linear_probe import PROBE_FILE, linear_probe
@@ -61,34 +62,70 @@ def run_comparison(
 def sweep_learning_rate(
     name: str, args: RunArgs, method: MethodArgs, run_dir: Path
 ) -> dict[str, Any]:
-    """Run `name` once per learning rate in `method.learning_rates` (into run_dir/lr-<x>/)
-    and make the best (lowest final validation loss) the method's run: its metrics, result
-    and final checkpoint are copied to `run_dir`, and the sweep is recorded beside them, so
-    no method is compared at a learning rate that handicaps it."""
+    """Run `name` once per learning rate in `method.learning_rates` and make the best
+    (lowest final validation loss) the method's run: its metrics, result and final
+    checkpoint are copied to `run_dir`, and the sweep is recorded beside them, so no method
+    is compared at a learning rate that handicaps it. With `sweep_budget_fraction` < 1 the
+    trials run on that share of the budget (in run_dir/sweep/) and the winner alone then
+    runs on the whole budget."""
+    short = method.sweep_budget_fraction < 1
+    trial_method = scaled_budget(method, method.sweep_budget_fraction) if short else method
     sweep, best = [], None
     for lr in method.learning_rates:
-        trial_dir = run_dir / f"lr-{lr:g}"
-        trial_args = replace(args, train=replace(args.train, learning_rate=lr))
-        result = run_method(name, trial_args, method, trial_dir)
-        records = [r for r in read_metrics(trial_dir) if r.get("val_loss") is not None]
-        final = records[-1]["val_loss"] if records and result["status"] == "ok" else None
+        trial_dir = run_dir / "sweep" / f"lr-{lr:g}" if short else run_dir / f"lr-{lr:g}"
+        final, result = _trial(name, args, trial_method, trial_dir, lr)
         sweep.append({"learning_rate": lr, "status": result["status"], "final val loss": final})
         if final is not None and (best is None or final < best[1]):
-            best = (trial_dir, final, result)
+            best = (trial_dir, final, result, lr)
+    if short and best is not None:
+        trial_dir = run_dir / f"lr-{best[3]:g}"
+        final, result = _trial(name, args, method, trial_dir, best[3])
+        best = (trial_dir, final, result, best[3]) if final is not None else None
     if not PartialState().is_main_process:
         return best[2] if best else {"status": "failed"}
     if best is None:
         result = {"method": name, "status": "failed", "error": "every learning rate failed"}
     else:
-        trial_dir, _, result = best
+        trial_dir, _, result, _ = best
         shutil.copy(trial_dir / METRICS_FILE, run_dir / METRICS_FILE)
         shutil.rmtree(run_dir / "final", ignore_errors=True)
         shutil.copytree(trial_dir / "final", run_dir / "final")
         result = {**result, "final_model": str(run_dir / "final")}
     fingerprint = prepared_manifest(args.data.prepared_dir)["fingerprint"]  # the trials loaded it
-    result.update(learning_rate_sweep=sweep, settings=run_settings(args, method, fingerprint))
+    result.update(
+        learning_rate_sweep=sweep,
+        sweep_budget_fraction=method.sweep_budget_fraction,
+        settings=run_settings(args, method, fingerprint),
+    )
     (run_dir / RESULT).write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _trial(
+    name: str, args: RunArgs, method: MethodArgs, run_dir: Path, lr: float
+) -> tuple[float | None, dict[str, Any]]:
+    """One run of `name` at learning rate `lr`: its final validation loss (None if it
+    failed) and its result."""
+    result = run_method(
+        name, replace(args, train=replace(args.train, learning_rate=lr)), method, run_dir
+    )
+    records = [r for r in read_metrics(run_dir) if r.get("val_loss") is not None]
+    final = records[-1]["val_loss"] if records and result["status"] == "ok" else None
+    return final, result
+
+
+def scaled_budget(method: MethodArgs, fraction: float) -> MethodArgs:
+    """The same comparison settings on `fraction` of the budget, in every measure given."""
+    budget = method_budget(method)
+    return replace(
+        method,
+        **{
+            f"budget_{measure}": None
+            if getattr(budget, measure) is None
+            else getattr(budget, measure) * fraction
+            for measure in MEASURES
+        },
+    )
 
 
 def finished_run(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:

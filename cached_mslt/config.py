@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+GROWTH_INITS = ("copy", "fresh", "identity")
+
 # What a preset means: the default of every option it sets and the user left unset.
 # All three are 12-layer BERTs; `tiny` is the CPU default, and its values are the regime
 # measured in docs/levers.md (where pretraining gets well past word frequencies on 2 cores).
@@ -118,6 +120,7 @@ RANGES: dict[str, tuple[Any, str, str]] = {
         "1e-3 3e-3",
     ),
     "mslt_joint_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.1"),
+    "sweep_budget_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a fraction in (0, 1]", "0.25"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "attn_implementation": ("sdpa", "eager"),
@@ -217,7 +220,7 @@ class DataArgs:
     valid_mask_prob: float = field(
         default=0.15,
         metadata={
-            "help": "masking rate of the validation split: fixed (BERT's 15%) so validation "
+            "help": "masking rate of the validation split: fixed (BERT's 0.15) so validation "
             "losses compare across training masking rates"
         },
     )
@@ -339,7 +342,14 @@ class ScheduleArgs:
     lr_schedule: str = field(
         default="linear", metadata={"help": "linear or cosine decay per stage"}
     )
-    growth_init: str = field(default="copy", metadata={"help": "copy (top layers) or fresh"})
+    growth_init: str = field(
+        default="copy",
+        metadata={
+            "help": "new layers: copy (of the top layers), fresh (random) or identity "
+            "(copies whose residual branches start at zero: the grown model computes "
+            "what the previous one did)"
+        },
+    )
     cache: str = field(default="auto", metadata={"help": "auto, always or never"})
     cache_dtype: str = field(default="float16", metadata={"help": "float32, float16 or bfloat16"})
     cache_codec: str = field(default="none", metadata={"help": "none, zstd or blosc"})
@@ -368,7 +378,7 @@ class ScheduleArgs:
     def __post_init__(self) -> None:
         choices = {
             "lr_schedule": ("linear", "cosine"),
-            "growth_init": ("copy", "fresh"),
+            "growth_init": GROWTH_INITS,
             "cache": ("auto", "always", "never"),
             "cache_dtype": ("float32", "float16", "bfloat16"),
             "cache_codec": ("none", "zstd", "blosc"),
@@ -440,6 +450,13 @@ class MethodArgs:
             "help": "sweep: run every method at each of these learning rates and compare each "
             "at its best (the sweep is kept in result.json and the report); default: "
             "--learning_rate only"
+        },
+    )
+    sweep_budget_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "below 1, the sweep's trials run at this share of the budget and only the "
+            "best rate then runs at the whole budget (a short-horizon sweep)"
         },
     )
     compare_dir: str | None = field(

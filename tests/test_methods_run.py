@@ -136,3 +136,41 @@ def test_learning_rate_sweep_keeps_each_method_at_its_best(prepared_dir, tmp_pat
     assert kept == read_metrics(root / "full" / f"lr-{best:g}")
     assert (root / "full" / "final" / "config.json").exists()
     assert "learning-rate sweep" in report and f"| full | ok | {best:g} |" in report
+
+
+def test_short_horizon_sweep_runs_only_the_winner_on_the_whole_budget(prepared_dir, tmp_path):
+    from cached_mslt.compare import run_comparison
+
+    args = small_run(prepared_dir, tmp_path / "unused", eval_every=2)
+    root = tmp_path / "cmp"
+    budget = 8 * 32 * 8
+    method = MethodArgs(
+        methods=["full"],
+        budget_tokens=budget,
+        learning_rates=[1e-5, 3e-3],
+        sweep_budget_fraction=0.5,
+        compare_dir=str(root),
+    )
+    run_comparison(args, method)
+    result = json.loads((root / "full" / "result.json").read_text())
+    tried = {t["learning_rate"]: t["final val loss"] for t in result["learning_rate_sweep"]}
+    best = min(tried, key=tried.get)
+    trials = {lr: read_metrics(root / "full" / "sweep" / f"lr-{lr:g}") for lr in tried}
+    assert all(0 < m[-1]["tokens"] <= budget / 2 for m in trials.values())  # half the budget
+    assert tried[best] == [r for r in trials[best] if r.get("val_loss")][-1]["val_loss"]
+    kept = read_metrics(root / "full")
+    assert kept == read_metrics(root / "full" / f"lr-{best:g}")  # the winner, rerun in full
+    assert budget / 2 < kept[-1]["tokens"] <= budget
+    assert not (root / "full" / f"lr-{max(tried, key=tried.get):g}").exists()
+
+
+def test_mslt_splits_the_budget_in_the_plans_stage_proportions(prepared_dir, tmp_path):
+    from cached_mslt.methods.mslt import stage_weights
+
+    args = small_run(prepared_dir, tmp_path / "unused", stage_steps=None, stage_tokens="3072,1024")
+    assert stage_weights(args) == [3072.0, 1024.0]
+    method = MethodArgs(methods=["mslt-live"], budget_tokens=4096)
+    run_method("mslt-live", args, method, tmp_path / "mslt")
+    per_step = 8 * 32  # batch x seq_len
+    stage1 = [r["tokens"] for r in read_metrics(tmp_path / "mslt") if r["stage"] == "stage-1"]
+    assert 3072 <= max(stage1) < 3072 + per_step  # stage 1 ends on the step that spends 3/4

@@ -119,7 +119,7 @@ RANGES: dict[str, tuple[Any, str, str]] = {
         "finite rates > 0",
         "1e-3 3e-3",
     ),
-    "mslt_joint_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.1"),
+    "mslt_joint_fraction": (lambda v: _finite(v) and 0 < v < 1, "a fraction in (0, 1)", "0.1"),
     "sweep_budget_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a fraction in (0, 1]", "0.25"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -418,7 +418,10 @@ class MethodArgs:
 
     methods: list[str] = field(
         default_factory=lambda: ["full", "mslt-cached"],
-        metadata={"help": "full stacking mslt-live mslt-cached pld share-unshare multilevel"},
+        metadata={
+            "help": "full stacking mslt-live mslt-cached mslt-live-joint mslt-cached-joint pld "
+            "share-unshare multilevel"
+        },
     )
     budget_tokens: float | None = field(
         default=None,
@@ -475,10 +478,10 @@ class MethodArgs:
         },
     )
     mslt_joint_fraction: float = field(
-        default=0.0,
+        default=0.1,
         metadata={
-            "help": "mslt-live / mslt-cached: share of the budget for a final joint phase "
-            "(every layer trains, live); the stages split the rest"
+            "help": "mslt-live-joint / mslt-cached-joint: share of the budget for the final "
+            "joint phase (every layer trains, live); the stages split the rest"
         },
     )
     # progressive stacking: 3 -> 6 -> 12; shares of the budget before each doubling

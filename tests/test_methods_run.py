@@ -174,3 +174,16 @@ def test_mslt_splits_the_budget_in_the_plans_stage_proportions(prepared_dir, tmp
     per_step = 8 * 32  # batch x seq_len
     stage1 = [r["tokens"] for r in read_metrics(tmp_path / "mslt") if r["stage"] == "stage-1"]
     assert 3072 <= max(stage1) < 3072 + per_step  # stage 1 ends on the step that spends 3/4
+
+
+def test_joint_variant_ends_with_every_layer_training_on_its_share(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "unused", stage_steps=None, stage_tokens="1024,1024")
+    method = MethodArgs(budget_tokens=4096, mslt_joint_fraction=0.25)
+    result = run_method("mslt-live-joint", args, method, tmp_path / "joint")
+    assert result["status"] == "ok", result.get("traceback")
+    assert [p["phase"] for p in result["phases"]] == ["stage-1", "stage-2", "joint"]
+    records = read_metrics(tmp_path / "joint")
+    staged = max(r["tokens"] for r in records if r["stage"] != "joint")
+    assert 3072 <= staged < 3072 + 8 * 32  # the stages share 3/4, the joint phase the rest
+    plain = run_method("mslt-live", args, method, tmp_path / "plain")
+    assert [p["phase"] for p in plain["phases"]] == ["stage-1", "stage-2"]

@@ -143,6 +143,8 @@ def _method(name: str):
         "stacking": stacking.run,
         "mslt-live": mslt.run_live,
         "mslt-cached": mslt.run_cached,
+        "mslt-live-joint": mslt.run_live_joint,
+        "mslt-cached-joint": mslt.run_cached_joint,
         "pld": pld.run,
         "share-unshare": share_unshare.run,
         "multilevel": multilevel.run,
@@ -152,7 +154,17 @@ def _method(name: str):
     return registry[name]
 
 
-METHODS = ("full", "stacking", "mslt-live", "mslt-cached", "pld", "share-unshare", "multilevel")
+METHODS = (
+    "full",
+    "stacking",
+    "mslt-live",
+    "mslt-cached",
+    "mslt-live-joint",
+    "mslt-cached-joint",
+    "pld",
+    "share-unshare",
+    "multilevel",
+)
 
 
 # Method options that say how a comparison is run, not what a method trains.

@@ -2,8 +2,8 @@
 (`cache: always`). The stages split the comparison's budget in the proportions of the
 plan's `stage_tokens` (the `tiny` preset's 5M, 2M, 2M, 2M gives stage 1 5/11 of it; equal
 stage tokens split it evenly), so a comparison runs the plan `pretrain.py` runs, scaled
-to the budget. With `mslt_joint_fraction`, a final joint phase (every layer trains, live)
-takes that share of the budget and the stages split the rest."""
+to the budget. The `-joint` variants end with a joint phase (every layer trains, live) on
+`mslt_joint_fraction` of the budget; the stages split the rest."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from cached_mslt.plan import StagePlan
 from cached_mslt.stages import read_manifest, run_stage, stage_dir
 
 
-def _run(ctx, cache: str) -> PreTrainedModel:
-    budget, joint = ctx.budget, ctx.method.mslt_joint_fraction
+def _run(ctx, cache: str, with_joint: bool = False) -> PreTrainedModel:
+    budget = ctx.budget
+    joint = ctx.method.mslt_joint_fraction if with_joint else 0.0
     weights = stage_weights(ctx.args)
     # Shares end the phases. A stage's token count then only informs `--cache auto`, which
     # mslt-live and mslt-cached do not use (they fix the mode): its part of a token budget,
@@ -73,3 +74,11 @@ def run_live(ctx) -> PreTrainedModel:
 
 def run_cached(ctx) -> PreTrainedModel:
     return _run(ctx, "always")
+
+
+def run_live_joint(ctx) -> PreTrainedModel:
+    return _run(ctx, "never", with_joint=True)
+
+
+def run_cached_joint(ctx) -> PreTrainedModel:
+    return _run(ctx, "always", with_joint=True)

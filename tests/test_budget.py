@@ -65,11 +65,13 @@ def test_every_method_stops_within_one_step_of_a_flop_budget(prepared_dir, tmp_p
     assert flops[-1] >= budget > flops[-2], "must stop on the first step that reaches it"
 
 
-def test_a_wall_clock_budget_ends_the_run_within_one_step(prepared_dir, tmp_path):
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_ends_within_one_step_of_a_wall_clock_budget(prepared_dir, tmp_path, name):
     args = small_run(prepared_dir, tmp_path / "unused", eval_every=1000)
-    result = run_method("full", args, MethodArgs(budget_wall_s=3.0), tmp_path / "full")
+    method = MethodArgs(budget_wall_s=3.0, stacking_layers="1,2,4")
+    result = run_method(name, args, method, tmp_path / name)
     assert result["status"] == "ok", result.get("traceback")
-    wall = [w for _, w in _steps(read_metrics(tmp_path / "full"))]
+    wall = [w for _, w in _steps(read_metrics(tmp_path / name))]
     assert wall[-1] >= 3.0 >= wall[-2]  # metrics keep 3 decimals
 
 

@@ -236,8 +236,16 @@ def sweep_lines(root: Path, methods: list[str]) -> list[str]:
     return lines
 
 
-def summarize(root: Path, methods: list[str], unigram: float | None = None) -> list[dict[str, Any]]:
-    """One row per method from its result.json and metrics.jsonl."""
+def report_clock(method: MethodArgs) -> str:
+    """The time a comparison is read in: CPU seconds when the budget was given in them
+    (a shared machine, where wall-clock also counts the neighbours), else wall-clock."""
+    return "cpu_s" if method.budget_cpu_s is not None else "wall_s"
+
+
+def summarize(
+    root: Path, methods: list[str], unigram: float | None = None, clock: str = "wall_s"
+) -> list[dict[str, Any]]:
+    """One row per method from its result.json and metrics.jsonl; times in `clock`."""
     rows, curves = [], {}
     for name in methods:
         result_path = root / name / "result.json"
@@ -264,23 +272,28 @@ def summarize(root: Path, methods: list[str], unigram: float | None = None) -> l
         )
     base = next((r for r in rows if r["method"] == BASELINE), None)
     target = base["final val loss"] if base else None
+    base_time = base and base[_COLUMN[clock]]
     for row in rows:
-        if base and base["wall s"] and row["wall s"] is not None:
+        if base_time and row["wall s"] is not None:
             row["wall / full"] = row["wall s"] / base["wall s"]
             row["cpu / full"] = row["cpu s"] / base["cpu s"]
         records = curves[row["method"]]
-        row["s to baseline loss"] = time_to_loss(records, target, "wall_s")
-        if row["s to baseline loss"] is not None and base and base["wall s"]:
-            row["x baseline wall"] = row["s to baseline loss"] / base["wall s"]
-            row["x baseline cpu"] = time_to_loss(records, target, "cpu_s") / base["cpu s"]
-        if base and base["wall s"]:  # the loss each method had when half the time was gone
-            row["val loss @ half"] = loss_at(records, base["wall s"] / 2, "wall_s")
+        row["s to baseline loss"] = time_to_loss(records, target, clock)
+        if row["s to baseline loss"] is not None and base_time:
+            row["x baseline"] = row["s to baseline loss"] / base_time
+        if base_time:  # the loss each method had when half the baseline's time was gone
+            row["val loss @ half"] = loss_at(records, base_time / 2, clock)
     return rows
+
+
+_COLUMN = {"wall_s": "wall s", "cpu_s": "cpu s"}
+_CLOCK_NAME = {"wall_s": "wall-clock", "cpu_s": "CPU seconds"}
 
 
 def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodArgs) -> str:
     unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
-    rows = summarize(root, methods, unigram)
+    clock = report_clock(method)
+    rows = summarize(root, methods, unigram, clock)
     curves = {name: read_metrics(root / name) for name in methods}
     plot_curves(
         curves,
@@ -290,6 +303,15 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "wall-clock seconds (cache builds included, evaluation excluded)",
         unigram=unigram,
     )
+    if clock == "cpu_s":
+        plot_curves(
+            curves,
+            "cpu_s",
+            root / "val_loss_vs_cpu.png",
+            "validation loss vs CPU seconds",
+            "CPU seconds of the process (cache builds included, evaluation excluded)",
+            unigram=unigram,
+        )
     plot_curves(
         curves,
         "flops",
@@ -312,24 +334,26 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "final val loss",
         "below unigram %",
         "s to baseline loss",
-        "x baseline wall",
-        "x baseline cpu",
+        "x baseline",
     ]
     columns += sorted({k for r in rows for k in r if k.endswith((" acc %", " probe %"))})
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
     sweeps = sweep_lines(root, methods)
+    time = _CLOCK_NAME[clock]
+    plots = ["val_loss_vs_wall.png", "val_loss_vs_flops.png"]
+    plots += ["val_loss_vs_cpu.png"] if clock == "cpu_s" else []
     text = "\n".join(
         [
             f"# Method comparison: preset `{args.model.preset}`, {method_budget(method).describe()} each",
             "",
             markdown_table(rows, columns),
             "",
-            f"`wall / full`, `cpu / full`: the method's whole pretraining time over `{BASELINE}`'s. "
-            f"`val loss @ half`: validation loss at half `{BASELINE}`'s wall-clock. "
-            f"`s to baseline loss`: wall-clock when the method's validation loss first reached `{BASELINE}`'s "
-            "final validation loss, interpolated between evaluations (`-`: never, within the "
-            "budget); `x baseline wall` / `cpu`: that time over the baseline's whole run. Plots: "
-            "`val_loss_vs_wall.png`, `val_loss_vs_flops.png` (dashed: the unigram loss).",
+            f"Times are {time}. `wall / full`, `cpu / full`: the method's whole pretraining "
+            f"time over `{BASELINE}`'s. `val loss @ half`: validation loss at half `{BASELINE}`'s "
+            f"time. `s to baseline loss`: when the method's validation loss first reached "
+            f"`{BASELINE}`'s final validation loss, interpolated between evaluations (`-`: "
+            "never, within the budget); `x baseline`: that time over the baseline's whole run. "
+            f"Plots: {', '.join(f'`{p}`' for p in plots)} (dashed: the unigram loss).",
             "",
             "Unigram loss of the validation targets (token frequencies alone): "
             + (f"{unigram:.3f}." if unigram is not None else "not recorded by this prepared data."),

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
 from transformers import get_scheduler
@@ -133,3 +135,28 @@ def test_a_cpu_seconds_budget_ends_the_run_within_one_step(prepared_dir, tmp_pat
     assert result["status"] == "ok", result.get("traceback")
     cpu = [r["cpu_s"] for r in read_metrics(tmp_path / "full") if "train_loss" in r]
     assert cpu[-1] >= 2.0 >= cpu[-2]  # metrics keep 3 decimals: 1.9996 shows as 2.0
+
+
+def test_a_cpu_budget_comparison_is_read_in_cpu_seconds(tmp_path):
+    from cached_mslt.compare import report_clock, summarize
+
+    # On a shared machine the other method's wall-clock also counted its neighbours.
+    curves = {
+        "full": [(10.0, 10.0, 7.0), (20.0, 20.0, 6.0)],
+        "other": [(30.0, 5.0, 6.5), (60.0, 10.0, 5.9)],
+    }
+    for name, points in curves.items():
+        (tmp_path / name).mkdir()
+        lines = [
+            {"wall_s": w, "cpu_s": c, "val_loss": v, "flops": 1.0, "tokens": 1}
+            for w, c, v in points
+        ]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    assert report_clock(MethodArgs(budget_cpu_s=20.0)) == "cpu_s"
+    assert report_clock(MethodArgs(budget_wall_s=20.0)) == "wall_s"
+    rows = {r["method"]: r for r in summarize(tmp_path, ["full", "other"], clock="cpu_s")}
+    assert rows["other"]["s to baseline loss"] == pytest.approx(5 + 5 * 0.5 / 0.6)
+    assert rows["other"]["x baseline"] == pytest.approx((5 + 5 * 0.5 / 0.6) / 20)
+    assert rows["other"]["val loss @ half"] == pytest.approx(5.9)
+    walled = {r["method"]: r for r in summarize(tmp_path, ["full", "other"], clock="wall_s")}
+    assert walled["other"]["x baseline"] == pytest.approx(1.5 + 1.5 * 0.5 / 0.6)

@@ -4,12 +4,11 @@ rate follows its progress through its share of the budget."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import json
 
 import pytest
 import torch

@@ -211,6 +211,36 @@ def loss_at(records: list[dict[str, Any]], when: float, x: str = "wall_s") -> fl
     return points[-1][1] if points and points[-1][0] == when else None
 
 
+def lower_share(
+    records: list[dict[str, Any]], other: list[dict[str, Any]], after: float, x: str
+) -> tuple[int, int]:
+    """At how many of its evaluations past `after` (in `x`) a run's validation loss was
+    below `other`'s at the same time (interpolated), out of how many both runs cover."""
+    lower = total = 0
+    for r in records:
+        if r.get("val_loss") is None or r[x] <= after:
+            continue
+        theirs = loss_at(other, r[x], x)
+        if theirs is not None:
+            total += 1
+            lower += r["val_loss"] < theirs
+    return lower, total
+
+
+def cache_gain_line(root: Path, clock: str) -> list[str]:
+    """mslt-cached against mslt-live once stage 1 is over (the stages are the same until
+    then): the cache's own gain, when both ran."""
+    cached, live = read_metrics(root / "mslt-cached"), read_metrics(root / "mslt-live")
+    stage_one = [r[clock] for r in cached + live if r.get("stage") == "stage-1"]
+    if not cached or not live or not stage_one:
+        return []
+    lower, total = lower_share(cached, live, max(stage_one), clock)
+    return [
+        f"After stage 1, `mslt-cached`'s validation loss was below `mslt-live`'s at {lower} "
+        f"of its {total} evaluations (same {_CLOCK_NAME[clock]})."
+    ]
+
+
 def chosen_learning_rate(result: dict[str, Any]) -> float | None:
     """The learning rate a method ran at: the best of its sweep, else the run's own."""
     tried = [t for t in result.get("learning_rate_sweep", []) if t["final val loss"] is not None]
@@ -357,6 +387,11 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
             "",
             "Unigram loss of the validation targets (token frequencies alone): "
             + (f"{unigram:.3f}." if unigram is not None else "not recorded by this prepared data."),
+            *(
+                [""] + cache_gain_line(root, clock)
+                if {"mslt-cached", "mslt-live"} <= set(methods)
+                else []
+            ),
             *([""] + sweeps if sweeps else []),
             *([""] + failures if failures else []),
             "",

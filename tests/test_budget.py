@@ -159,3 +159,16 @@ def test_a_cpu_budget_comparison_is_read_in_cpu_seconds(tmp_path):
     assert rows["other"]["val loss @ half"] == pytest.approx(5.9)
     walled = {r["method"]: r for r in summarize(tmp_path, ["full", "other"], clock="wall_s")}
     assert walled["other"]["x baseline"] == pytest.approx(1.5 + 1.5 * 0.5 / 0.6)
+
+
+def test_lower_share_counts_evaluations_below_the_other_curve():
+    from cached_mslt.compare import lower_share
+
+    other = [{"cpu_s": t, "val_loss": 7.0 - 0.1 * t} for t in (0.0, 10.0, 20.0)]  # 7 -> 5
+    run = [
+        {"cpu_s": 5.0, "val_loss": 6.0},  # before `after`: not counted
+        {"cpu_s": 12.0, "val_loss": 5.5},  # other: 5.8 -> lower
+        {"cpu_s": 15.0, "val_loss": 5.6},  # other: 5.5 -> not lower
+        {"cpu_s": 25.0, "val_loss": 4.0},  # past the other run's end: not comparable
+    ]
+    assert lower_share(run, other, after=10.0, x="cpu_s") == (1, 2)

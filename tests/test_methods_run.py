@@ -61,7 +61,9 @@ def test_compare_writes_report_and_plots(prepared_dir, tmp_path):
 
     args = small_run(prepared_dir, tmp_path / "unused", eval_every=2)
     method = MethodArgs(
-        methods=["full", "mslt-cached"], budget_tokens=8 * 32 * 8, compare_dir=str(tmp_path / "cmp")
+        methods=["full", "mslt-live", "mslt-cached"],
+        budget_tokens=8 * 32 * 8,
+        compare_dir=str(tmp_path / "cmp"),
     )
     text = run_comparison(args, method)
     root = tmp_path / "cmp"
@@ -72,6 +74,7 @@ def test_compare_writes_report_and_plots(prepared_dir, tmp_path):
     assert rows["full"]["status"] == rows["mslt-cached"]["status"] == "ok"
     assert rows["full"]["s to baseline loss"] is not None  # the baseline reaches its own loss
     assert "| mslt-cached |" in text
+    assert "After stage 1, `mslt-cached`'s validation loss was below `mslt-live`'s" in text
 
 
 def test_report_adds_finetune_accuracy_columns(tmp_path):

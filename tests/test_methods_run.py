@@ -4,6 +4,7 @@ and a loadable final checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -190,3 +191,19 @@ def test_joint_variant_ends_with_every_layer_training_on_its_share(prepared_dir,
     assert 3072 <= staged < 3072 + 8 * 32  # the stages share 3/4, the joint phase the rest
     plain = run_method("mslt-live", args, method, tmp_path / "plain")
     assert [p["phase"] for p in plain["phases"]] == ["stage-1", "stage-2"]
+
+
+def test_under_a_time_budget_auto_weighs_the_stage_tokens_stage_one_predicts(
+    prepared_dir, tmp_path
+):
+    from cached_mslt.methods.mslt import estimated_stage_tokens
+
+    args = small_run(prepared_dir, tmp_path / "unused", stage_steps=None, stage_tokens="300,100")
+    # Stage 1 trains 2 layers (cost 3 x 2 a token); stage 2 runs 2 frozen + 2 trained (2 + 6).
+    assert estimated_stage_tokens(args, [300.0, 100.0], 3000) == "3000,750"
+    result = run_method("mslt-cached", args, MethodArgs(budget_flops=1e10), tmp_path / "m")
+    assert result["status"] == "ok", result.get("traceback")
+    decision = result["phases"][1]["cache_decision"]
+    stage_two = result["phases"][0]["tokens"] / 3 * 6 / 8
+    reads = math.ceil(stage_two / (8 * 32)) * 8  # whole batches of 8 rows of 32 tokens
+    assert f"never {2 * reads:,})" in decision, decision  # 2 frozen layers on every row read

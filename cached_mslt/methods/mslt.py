@@ -22,9 +22,10 @@ def _run(ctx, cache: str, with_joint: bool = False) -> PreTrainedModel:
     budget = ctx.budget
     joint = ctx.method.mslt_joint_fraction if with_joint else 0.0
     weights = stage_weights(ctx.args)
-    # Shares end the phases. A stage's token count then only informs `--cache auto`, which
-    # mslt-live and mslt-cached do not use (they fix the mode): its part of a token budget,
-    # or the plan's own proportions under other budgets.
+    # Shares end the phases. A stage's token count then only informs `--cache auto`'s
+    # decision, which mslt-live and mslt-cached record but do not follow (they fix the
+    # mode): its part of a token budget; under other budgets, the plan's proportions until
+    # stage 1 has shown what the budget buys (`estimated_stage_tokens`).
     total = budget.tokens * (1 - joint) if budget.tokens else sum(weights)
     stage_tokens = ",".join(f"{total * w / sum(weights):.0f}" for w in weights)
     schedule = replace(
@@ -55,6 +56,9 @@ def _run(ctx, cache: str, with_joint: bool = False) -> PreTrainedModel:
         done = stage.index
         if ctx.out_of_budget:
             break
+        if stage.index == 1 and not budget.tokens:
+            estimates = estimated_stage_tokens(args, weights, manifest["train"]["tokens"])
+            args = replace(args, schedule=replace(schedule, stage_tokens=estimates))
     assert read_manifest(args, done) is not None
     return AutoModelForMaskedLM.from_pretrained(stage_dir(args, done) / "model")
 
@@ -66,6 +70,22 @@ def stage_weights(args: RunArgs) -> list[float]:
     if any(s.tokens is None for s in stages):
         return [1.0] * len(stages)
     return [float(s.tokens) for s in stages]
+
+
+def estimated_stage_tokens(args: RunArgs, weights: list[float], stage_one_tokens: int) -> str:
+    """What each stage will read under a time or FLOP budget, run live: stage 1's tokens
+    scaled by the stage's share and by its live cost per token relative to stage 1's
+    (frozen layers count one forward, trained ones three: docs/design.md cost model)."""
+    stages = [s for s in StagePlan.from_args(args).stages if not s.joint]
+
+    def live_cost(stage) -> int:
+        return stage.frozen_layers + 3 * (stage.num_layers - stage.frozen_layers)
+
+    first = live_cost(stages[0])
+    return ",".join(
+        f"{max(1.0, stage_one_tokens * w / weights[0] * first / live_cost(s)):.0f}"
+        for s, w in zip(stages, weights)
+    )
 
 
 def run_live(ctx) -> PreTrainedModel:

@@ -139,6 +139,14 @@ class SplitStream:
         total = self.views * self.shards_per_view
         return out / f"data-{view * self.shards_per_view + j:05d}-of-{total:05d}.arrow"
 
+    def shard_paths(self, out: Path) -> list[Path]:
+        """Every output shard, in row order."""
+        return [
+            self.shard_path(out, view, j)
+            for view in range(self.views)
+            for j in range(self.shards_per_view)
+        ]
+
     def tokens(self, first: int, stop: int) -> np.ndarray:
         """Packed sequences `first:stop`: [CLS], seq_len - 2 stream tokens, [SEP]."""
         body = self.seq_len - 2
@@ -205,13 +213,8 @@ def _write_arrow(columns: dict[str, np.ndarray], feats: Features, path: Path) ->
 def write_dataset_files(stream: SplitStream, out: Path, fingerprint: str) -> None:
     """state.json and dataset_info.json as `save_to_disk` writes them, naming every shard."""
     feats = features(stream.seq_len)
-    names = [
-        stream.shard_path(out, view, j).name
-        for view in range(stream.views)
-        for j in range(stream.shards_per_view)
-    ]
     state = {
-        "_data_files": [{"filename": name} for name in names],
+        "_data_files": [{"filename": path.name} for path in stream.shard_paths(out)],
         "_fingerprint": fingerprint[:16],
         "_format_columns": sorted(feats),
         "_format_kwargs": {},

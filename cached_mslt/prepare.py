@@ -314,12 +314,11 @@ def _build(
         token_counts[split] = sum(c for c in results if c is not None)
         write_dataset_files(streams[split], out, fingerprint)
     log_p = unigram_log_probs(token_counts["train"], tokenizer.all_special_ids)
-    valid = [
-        streams["valid"].shard_path(partial / "valid", *t[2:4])
-        for t in shard_tasks(streams["valid"], partial / "valid")
-    ]
+    valid_loss = loss_on_labels(
+        shard_labels(streams["valid"].shard_paths(partial / "valid")), log_p
+    )
     manifest = _manifest(fingerprint, corpus, counts, ordered, split_counts, tokenizer, data)
-    manifest["unigram_loss"] = loss_on_labels(shard_labels(valid), log_p)
+    manifest["unigram_loss"] = valid_loss
     shutil.rmtree(partial / "work")
     # The manifest is written last: its presence marks the directory as complete.
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))

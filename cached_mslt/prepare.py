@@ -201,7 +201,7 @@ def prepare_dataset(args: RunArgs, overwrite: bool = False, shard_bytes: int = S
         given = None if data.tokenizer == TRAINED else corpus_tokenizer(data, ordered)
         key = _resume_key(ordered, data, given.get_vocab() if given else None)
         partial = target.with_name(f".{target.name}.partial-{key[:16]}")
-        tokenizer = given or _trained_tokenizer(data, ordered, partial)
+        tokenizer = given if given is not None else _trained_tokenizer(data, ordered, partial)
         fingerprint = data_fingerprint(ordered, tokenizer, data)
         if _reuse_or_refuse(target, fingerprint, overwrite):
             shutil.rmtree(partial, ignore_errors=True)

@@ -24,8 +24,9 @@ import json
 import logging
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,26 @@ def load_corpus(
     max_documents: int | None = None,
 ) -> Corpus:
     """Read every spec in order and return its raw documents (at most `max_documents`)."""
+    corpus = Corpus()
+    corpus.documents.extend(
+        iter_corpus(
+            specs, corpus, text_column=text_column, strict=strict, max_documents=max_documents
+        )
+    )
+    return corpus
+
+
+def iter_corpus(
+    specs: list[str],
+    corpus: Corpus,
+    *,
+    text_column: str = "text",
+    strict: bool = False,
+    max_documents: int | None = None,
+) -> Iterator[str]:
+    """Yield the raw documents of every spec in order (at most `max_documents`), one file
+    line at a time: memory holds one document, not the corpus. `corpus` receives the
+    per-source counts and undecodable lines as they are read (its `documents` stay empty)."""
     sources = [s for spec in specs for s in (DEFAULT if spec == "default" else (spec,))]
     # Check every path before reading any, so a typo in the last one fails fast.
     for spec in sources:
@@ -72,23 +93,20 @@ def load_corpus(
                 f"corpus path {spec} does not exist; pass existing .txt/.jsonl/.parquet files, "
                 "folders, saved datasets, or 'default'"
             )
-    corpus = Corpus()
-    limit = float("inf") if max_documents is None else max_documents
+    read, limit = 0, float("inf") if max_documents is None else max_documents
     with tqdm(desc="Reading corpus", unit=" docs", total=max_documents) as bar:
         for spec in sources:
             for kind, name, texts in _expand(spec, text_column, strict, corpus):
-                before = len(corpus.documents)
+                before = read
                 for text in texts:
-                    if len(corpus.documents) >= limit:
+                    if read >= limit:
                         break
-                    corpus.documents.append(text)
+                    yield text
+                    read += 1
                     bar.update()
-                corpus.sources.append(
-                    {"source": name, "kind": kind, "documents": len(corpus.documents) - before}
-                )
-                if len(corpus.documents) >= limit:
-                    return corpus
-    return corpus
+                corpus.sources.append({"source": name, "kind": kind, "documents": read - before})
+                if read >= limit:
+                    return
 
 
 def _expand(
@@ -135,16 +153,27 @@ def _expand(
 def _read_file(path: Path, text_column: str, strict: bool, corpus: Corpus) -> Iterator[str]:
     if path.suffix == ".parquet":
         return _parquet(path, text_column)
-    lines = _decode_lines(path.read_bytes(), str(path), strict, corpus)
+    lines = _file_lines(path, strict, corpus)
     return _jsonl(lines, path, text_column) if path.suffix == ".jsonl" else _paragraphs(lines)
 
 
-def _decode_lines(data: bytes, name: str, strict: bool, corpus: Corpus) -> list[str]:
-    """Split bytes into UTF-8 lines; an undecodable line is skipped (counted) or fatal."""
-    lines, skipped, offset = [], 0, 0
-    for raw in data.splitlines(keepends=True):
+def _file_lines(path: Path, strict: bool, corpus: Corpus) -> Iterator[str]:
+    """The file's UTF-8 lines, read one at a time (a corpus file may be larger than RAM).
+    Each `\\n`-terminated piece is split again by `bytes.splitlines`, so lines break exactly
+    where `path.read_bytes().splitlines()` would break them (a lone `\\r` too)."""
+    with path.open("rb") as f:
+        pieces = (line for raw in f for line in raw.splitlines(keepends=True))
+        yield from _decode_lines(pieces, str(path), strict, corpus)
+
+
+def _decode_lines(
+    raw_lines: Iterable[bytes], name: str, strict: bool, corpus: Corpus
+) -> Iterator[str]:
+    """Decode lines as UTF-8; an undecodable line is skipped (counted) or fatal."""
+    skipped, offset = 0, 0
+    for raw in raw_lines:
         try:
-            lines.append(raw.decode("utf-8"))
+            yield raw.decode("utf-8")
         except UnicodeDecodeError as e:
             if strict:
                 raise DataError(
@@ -158,12 +187,11 @@ def _decode_lines(data: bytes, name: str, strict: bool, corpus: Corpus) -> list[
             "%s: skipped %d lines that are not valid UTF-8 (--strict fails)", name, skipped
         )
         corpus.undecodable_lines += skipped
-    return lines
 
 
-def _paragraphs(lines: list[str]) -> Iterator[str]:
+def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
     block: list[str] = []
-    for line in [*lines, ""]:
+    for line in chain(lines, [""]):
         if line.strip():
             block.append(line)
         elif block:
@@ -171,7 +199,7 @@ def _paragraphs(lines: list[str]) -> Iterator[str]:
             block = []
 
 
-def _jsonl(lines: list[str], path: Path, text_column: str) -> Iterator[str]:
+def _jsonl(lines: Iterable[str], path: Path, text_column: str) -> Iterator[str]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -257,6 +285,10 @@ def _brown(strict: bool, corpus: Corpus) -> Iterator[str]:
             if not (member.isfile() and _BROWN_SAMPLE.fullmatch(member.name)):
                 continue
             data = tar.extractfile(member).read()
-            lines = _decode_lines(data, f"{BROWN_TGZ}:{member.name}", strict, corpus)
+            lines = list(
+                _decode_lines(
+                    data.splitlines(keepends=True), f"{BROWN_TGZ}:{member.name}", strict, corpus
+                )
+            )
             words = (token.rsplit("/", 1)[0] for line in lines for token in line.split())
             yield " ".join(_BROWN_QUOTES.get(w, w) for w in words)

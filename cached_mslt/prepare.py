@@ -1,19 +1,25 @@
 """Offline data preparation: text corpora -> packed, statically masked MLM examples on disk.
 
-read -> clean -> deduplicate -> split by document -> (fit a WordPiece vocabulary to the
-training split) -> tokenize -> pack -> K masked views -> `save_to_disk`, all
-deterministic, so the output is a function of the fingerprint (documents, tokenizer
-vocabulary and settings). The fingerprint is computed before the
-heavy work: a re-run with the same fingerprint reuses the existing directory.
+read -> clean -> order by seeded hash -> deduplicate -> split by document -> (fit a
+WordPiece vocabulary to the training split) -> tokenize -> pack -> K masked views ->
+shards, all deterministic, so the output is a function of the fingerprint (documents,
+tokenizer vocabulary and settings). Every step streams: documents and tokens live in
+files on disk (`cached_mslt/documents.py`, `cached_mslt/packing.py`), memory holds a
+bounded slice of them, and the heavy steps run in `--num_proc` processes. Neither
+`num_proc` nor the shard size changes a single output byte (docs/data.md).
 
-On disk, `prepared_dir/` holds `train/` and `valid/` (datasets saved with
-`save_to_disk`), `tokenizer/` (the tokenizer the ids belong to, trained or bundled: every
-checkpoint of a run is saved with it) and `manifest.json`, written last. The manifest
-records the unigram loss of the validation targets (`unigram_loss`): the loss of a model
-that knows token frequencies and nothing else, the reference every validation loss is
-shown beside. Everything is built in a hidden
-temporary directory next to the target and renamed into place when whole, so a crash
-never leaves a directory that looks complete.
+On disk, `prepared_dir/` holds `train/` and `valid/` (datasets in `save_to_disk`'s
+layout, one or more `data-*.arrow` shards each), `tokenizer/` (the tokenizer the ids
+belong to, trained or bundled: every checkpoint of a run is saved with it) and
+`manifest.json`, written last. The manifest records the unigram loss of the validation
+targets (`unigram_loss`): the loss of a model that knows token frequencies and nothing
+else, the reference every validation loss is shown beside.
+
+Everything is built in a hidden directory next to the target, `.<name>.partial-<key>`,
+named after the documents and settings, and renamed into place when whole, so a crash
+never leaves a directory that looks complete. An interrupted run leaves that directory
+behind: its trained vocabulary, token streams and finished shards are reused when the
+same command runs again. Bad input (a `DataError`) removes it.
 
 Each split's columns: `input_ids` (int32, masked), `labels` (int32, -100 where not
 masked), `attention_mask` (int8, all ones: packing leaves no padding), `sequence` and
@@ -26,24 +32,48 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
-from tqdm.auto import tqdm
+from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from cached_mslt.config import ConfigError, DataArgs, RunArgs
-from cached_mslt.corpora import Corpus, DataError, load_corpus
-from cached_mslt.masking import MaskingSpec, apply_static_masking
-from cached_mslt.tokenizer import TRAINED, check_vocab, load_tokenizer, train_wordpiece
+from cached_mslt.corpora import Corpus, DataError, iter_corpus
+from cached_mslt.documents import (
+    DocumentCounts,
+    OrderedDocuments,
+    order_documents,
+    text_digest,
+    write_read_files,
+)
+from cached_mslt.masking import MaskingSpec
+from cached_mslt.packing import (
+    ROW_BYTES_PER_TOKEN,
+    SplitStream,
+    encoder,
+    loss_on_labels,
+    run_tasks,
+    shard_labels,
+    shard_tasks,
+    tokenize_piece,
+    unigram_log_probs,
+    write_dataset_files,
+    write_shard,
+)
+from cached_mslt.tokenizer import (
+    TRAINED,
+    TokenizerError,
+    check_vocab,
+    load_tokenizer,
+    train_wordpiece,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +83,9 @@ FORMAT_VERSION = 2  # 2: tokenizer/ saved beside the splits, unigram_loss in the
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "valid")
+# Text per read/ordered file, and about the bytes per output shard: what one process
+# holds in memory at a time (a few times this), whatever the corpus size.
+SHARD_BYTES = 64 << 20
 
 
 @dataclass
@@ -74,49 +107,6 @@ class PreparedData:
         return load_tokenizer(str(self.path / TOKENIZER_DIR))
 
 
-def clean_documents(texts: Iterable[str]) -> tuple[list[str], dict[str, int]]:
-    """Normalise whitespace, drop empty documents and exact duplicates (first one kept)."""
-    kept: list[str] = []
-    seen: set[bytes] = set()
-    counts = {"empty_dropped": 0, "duplicates_dropped": 0}
-    for text in tqdm(texts, desc="Cleaning", unit=" docs"):
-        text = " ".join(text.split())
-        if not text:
-            counts["empty_dropped"] += 1
-            continue
-        key = hashlib.blake2b(text.encode(), digest_size=16).digest()
-        if key in seen:
-            counts["duplicates_dropped"] += 1
-            continue
-        seen.add(key)
-        kept.append(text)
-    return kept, counts
-
-
-def split_documents(
-    texts: list[str], valid_fraction: float, split_seed: int
-) -> dict[str, list[str]]:
-    """Split by document on a seeded hash of its text, so packing never crosses the split.
-
-    Documents are ordered by that hash too: a deterministic shuffle, independent of input
-    order, that mixes the sources so a windowed shuffle downstream still sees all of them.
-    The documents hashing below `valid_fraction` go to validation (at least one).
-    """
-    if len(texts) < 2:
-        raise DataError(
-            f"the corpus has {len(texts)} document(s) after cleaning; a train/validation "
-            "split needs at least 2: add text to --corpus"
-        )
-
-    def position(text: str) -> float:
-        digest = hashlib.blake2b(f"{split_seed}\0{text}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2**64
-
-    ranked = sorted((position(t), t) for t in texts)
-    n_valid = min(len(texts) - 1, max(1, sum(p < valid_fraction for p, _ in ranked)))
-    return {"train": [t for _, t in ranked[n_valid:]], "valid": [t for _, t in ranked[:n_valid]]}
-
-
 def _example_settings(data: DataArgs) -> dict[str, Any]:
     """The options the prepared examples depend on: fingerprinted, and kept in the manifest."""
     return {
@@ -130,12 +120,15 @@ def _example_settings(data: DataArgs) -> dict[str, Any]:
     }
 
 
-def corpus_tokenizer(data: DataArgs, splits: dict[str, list[str]]) -> PreTrainedTokenizerBase:
+def corpus_tokenizer(data: DataArgs, ordered: OrderedDocuments) -> PreTrainedTokenizerBase:
     """The tokenizer the data is prepared with: a WordPiece vocabulary fitted to the
-    training split (`--tokenizer train`; validation text never shapes the vocabulary), or
-    the bundled / a local one, checked against `--vocab_size` when that is given."""
+    training split (`--tokenizer train`; validation text never shapes the vocabulary),
+    streamed from the ordered documents, or the bundled / a local one, checked against
+    `--vocab_size` when that is given."""
     if data.tokenizer == TRAINED:
-        return train_wordpiece(splits["train"], data.vocab_size, data.vocab_min_frequency)
+        return train_wordpiece(
+            lambda: ordered.batches("train"), data.vocab_size, data.vocab_min_frequency
+        )
     tokenizer = load_tokenizer(data.tokenizer)
     if data.vocab_size is not None:
         check_vocab(tokenizer, data.vocab_size, source="model config (--vocab_size)")
@@ -146,26 +139,23 @@ def unigram_loss(train: Dataset, valid: Dataset, vocab_size: int, special_ids: l
     """Cross-entropy (nats) on the validation targets of a model that predicts every masked
     token from the training split's token frequencies alone (add-one smoothed, special
     tokens excluded): the level a model reaches by counting words. A loss is only
-    meaningful beside it. Reads both splits in batches (no split is held in memory)."""
-    counts = np.zeros(vocab_size, dtype=np.float64)
+    meaningful beside it. Reads both splits in batches (no split is held in memory);
+    `prepare_dataset` computes the same from its shards (`packing.py`)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
     for batch in train.with_format("numpy").iter(batch_size=4096):
         first_view = batch["view"] == 0  # every view holds the same tokens
         labels, ids = batch["labels"][first_view], batch["input_ids"][first_view]
         original = np.where(labels >= 0, labels, ids)  # masking changed only labelled places
         counts += np.bincount(original.ravel(), minlength=vocab_size)
-    counts[special_ids] = 0
-    log_p = np.log((counts + 1.0) / (counts.sum() + vocab_size))
-    total, n = 0.0, 0
-    for batch in valid.with_format("numpy").iter(batch_size=4096):
-        targets = batch["labels"][batch["labels"] >= 0]
-        total, n = total - log_p[targets].sum(), n + targets.size
-    return total / max(n, 1)
+    batches = (b["labels"] for b in valid.with_format("numpy").iter(batch_size=4096))
+    return loss_on_labels(batches, unigram_log_probs(counts, special_ids))
 
 
 def data_fingerprint(
-    splits: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, data: DataArgs
+    ordered: OrderedDocuments, tokenizer: PreTrainedTokenizerBase, data: DataArgs
 ) -> str:
-    """sha256 over everything the prepared examples depend on (not num_proc: it must not matter)."""
+    """sha256 over everything the prepared examples depend on (not num_proc: it must not
+    matter), the documents streamed from disk in order."""
     h = hashlib.sha256()
     settings = {
         "format_version": FORMAT_VERSION,
@@ -174,153 +164,224 @@ def data_fingerprint(
         "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
-    for split in SPLITS:
-        h.update(f"\0{split}\0{len(splits[split])}".encode())
-        for text in splits[split]:
-            raw = text.encode()
-            h.update(len(raw).to_bytes(8, "little") + raw)  # length prefix: no ambiguous joins
+    text_digest(ordered, SPLITS, h)
     return h.hexdigest()
 
 
-def group_texts(
-    examples: dict[str, list[Any]], seq_len: int, cls_id: int, sep_id: int
-) -> dict[str, np.ndarray]:
-    """Pack documents, each closed by [SEP], into `[CLS] t1..t_{seq_len-2} [SEP]` blocks.
+def _resume_key(ordered: OrderedDocuments, data: DataArgs, vocab: dict | None) -> str:
+    """Names the partial directory: the documents and every setting the output depends on
+    (for a given tokenizer, its vocabulary; for a trained one, how it is trained)."""
+    settings = {
+        "format_version": FORMAT_VERSION,
+        **_example_settings(data),
+        "tokenizer": data.tokenizer,
+        "training": [data.vocab_size, data.vocab_min_frequency],
+        "vocab": sorted(vocab.items(), key=lambda kv: kv[1]) if vocab else None,
+    }
+    return hashlib.sha256(f"{json.dumps(settings)}\0{ordered.content}".encode()).hexdigest()
 
-    run_mlm's idiom, but called on a whole split as one batch (`batch_size=None`): per
-    1000-document batch, as run_mlm does, would drop a partial block per batch; here only
-    the final partial block is dropped.
-    """
-    stream = np.fromiter(
-        chain.from_iterable((*ids, sep_id) for ids in examples["input_ids"]), dtype=np.int32
+
+def prepare_dataset(args: RunArgs, overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Prepare `args.data.corpus` into `args.data.prepared_dir` (or reuse it); return the path.
+
+    `shard_bytes` sizes the files the work is divided into (see SHARD_BYTES); it changes
+    how many there are, never what they hold."""
+    data = args.data
+    if not 0.0 < data.valid_fraction < 1.0:
+        raise ConfigError(f"valid_fraction must be in (0, 1), got {data.valid_fraction}")
+    if data.views < 1:
+        raise ConfigError(f"views must be at least 1, got {data.views}")
+    target = Path(data.prepared_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_name(f".{target.name}.read-{uuid.uuid4().hex[:8]}")
+    scratch.mkdir()
+    partial: Path | None = None
+    try:
+        corpus, counts, ordered = _read_documents(data, scratch, shard_bytes)
+        given = None if data.tokenizer == TRAINED else corpus_tokenizer(data, ordered)
+        key = _resume_key(ordered, data, given.get_vocab() if given else None)
+        partial = target.with_name(f".{target.name}.partial-{key[:16]}")
+        tokenizer = given if given is not None else _trained_tokenizer(data, ordered, partial)
+        fingerprint = data_fingerprint(ordered, tokenizer, data)
+        if _reuse_or_refuse(target, fingerprint, overwrite):
+            shutil.rmtree(partial, ignore_errors=True)
+            return target
+        _build(partial, ordered, tokenizer, data, shard_bytes, fingerprint, corpus, counts)
+        _publish(partial, target)
+    except (ConfigError, DataError, TokenizerError):
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)  # the input is wrong: nothing to resume
+        raise
+    except BaseException:
+        if partial is not None and partial.exists():
+            logger.warning("interrupted: %s keeps the finished work; rerun to resume", partial)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("wrote %s", target)
+    return target
+
+
+def _read_documents(
+    data: DataArgs, scratch: Path, shard_bytes: int
+) -> tuple[Corpus, DocumentCounts, OrderedDocuments]:
+    """Read, clean, order and deduplicate the corpus into `scratch`; refuse too little text."""
+    corpus = Corpus()
+    texts = iter_corpus(
+        data.corpus,
+        corpus,
+        text_column=data.text_column,
+        strict=data.strict,
+        max_documents=data.max_documents,
     )
-    body = seq_len - 2
-    blocks = stream[: len(stream) // body * body].reshape(-1, body)
-    edge = np.ones((len(blocks), 1), dtype=np.int32)
-    return {"tokens": np.hstack([edge * cls_id, blocks, edge * sep_id])}
+    read_files, counts = write_read_files(texts, data.split_seed, scratch, shard_bytes)
+    if counts.read == counts.empty_dropped:
+        sources = [s["source"] for s in corpus.sources]
+        if corpus.undecodable_lines:
+            raise DataError(
+                f"no text left in {sources}: {corpus.undecodable_lines} lines were skipped as "
+                "not valid UTF-8; expected UTF-8 text. Re-encode the corpus (e.g. `iconv -f "
+                "latin1 -t utf-8`), or rerun with --strict to see the first undecodable file "
+                "and byte offset"
+            )
+        raise DataError(
+            f"no text left after cleaning {sources} ({counts.read} documents read, all empty "
+            "or duplicates); check --corpus and --text_column"
+        )
+    ordered = order_documents(read_files, counts, scratch, shard_bytes, data.valid_fraction)
+    for path in read_files:
+        path.unlink()  # the ordered files hold everything now
+    if ordered.total < 2:
+        raise DataError(
+            f"the corpus has {ordered.total} document(s) after cleaning; a train/validation "
+            "split needs at least 2: add text to --corpus"
+        )
+    return corpus, counts, ordered
 
 
-def _tokenize(batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
-    ids = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False)[
-        "input_ids"
+def _trained_tokenizer(
+    data: DataArgs, ordered: OrderedDocuments, partial: Path
+) -> PreTrainedTokenizerBase:
+    """Fit the vocabulary, or load the one an interrupted run of the same data fitted."""
+    saved = partial / TOKENIZER_DIR
+    if saved.is_dir():
+        logger.info("resuming %s: its vocabulary is trained already", partial)
+        return load_tokenizer(str(saved))
+    tokenizer = corpus_tokenizer(data, ordered)
+    partial.mkdir(exist_ok=True)
+    _save_tokenizer(tokenizer, saved)
+    return tokenizer
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tokenizer.save_pretrained(str(tmp))
+    os.replace(tmp, path)
+
+
+def _build(
+    partial: Path,
+    ordered: OrderedDocuments,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataArgs,
+    shard_bytes: int,
+    fingerprint: str,
+    corpus: Corpus,
+    counts: DocumentCounts,
+) -> None:
+    """Tokenize both splits, refuse a split too small for one sequence, then pack, mask
+    and write every shard; the manifest goes last."""
+    partial.mkdir(exist_ok=True)
+    if not (partial / TOKENIZER_DIR).is_dir():
+        _save_tokenizer(tokenizer, partial / TOKENIZER_DIR)
+    rows = max(1, shard_bytes // (data.seq_len * ROW_BYTES_PER_TOKEN + 8))
+    streams = {
+        s: _tokenize_split(s, ordered, tokenizer, data, partial / "work", rows) for s in SPLITS
+    }
+    split_counts = {s: _split_counts(s, streams[s], ordered.documents(s), data) for s in SPLITS}
+    state = dict(
+        cls_id=tokenizer.cls_token_id,
+        sep_id=tokenizer.sep_token_id,
+        vocab_size=len(tokenizer),
+        masking={s: _masking(s, tokenizer, data) for s in SPLITS},
+    )
+    token_counts = {}
+    for split in SPLITS:
+        out = partial / split
+        out.mkdir(exist_ok=True)
+        tasks = shard_tasks(streams[split], out)
+        results = run_tasks(write_shard, tasks, data.num_proc, f"Masking {split}", **state)
+        token_counts[split] = sum(c for c in results if c is not None)
+        write_dataset_files(streams[split], out, fingerprint)
+    log_p = unigram_log_probs(token_counts["train"], tokenizer.all_special_ids)
+    valid_loss = loss_on_labels(
+        shard_labels(streams["valid"].shard_paths(partial / "valid")), log_p
+    )
+    manifest = _manifest(fingerprint, corpus, counts, ordered, split_counts, tokenizer, data)
+    manifest["unigram_loss"] = valid_loss
+    shutil.rmtree(partial / "work")
+    # The manifest is written last: its presence marks the directory as complete.
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _masking(split: str, tokenizer: PreTrainedTokenizerBase, data: DataArgs) -> MaskingSpec:
+    # Validation is masked at its own rate (BERT's 15% by default), so losses stay
+    # comparable between runs that train at different masking rates.
+    rate = data.mask_prob if split == "train" else data.valid_mask_prob
+    return MaskingSpec.for_tokenizer(tokenizer, data.mask_seed, rate)
+
+
+def _tokenize_split(
+    split: str,
+    ordered: OrderedDocuments,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataArgs,
+    work: Path,
+    rows_per_shard: int,
+) -> SplitStream:
+    work.mkdir(exist_ok=True)
+    tasks = [
+        (seg, str(work / f"{split}-{k:05d}.npy")) for k, seg in enumerate(ordered.segments(split))
     ]
-    return {"input_ids": ids, "length": [len(x) for x in ids]}
+    lengths = run_tasks(
+        tokenize_piece,
+        tasks,
+        data.num_proc,
+        f"Tokenizing {split}",
+        encoder=encoder(tokenizer),
+        sep_id=tokenizer.sep_token_id,
+    )
+    starts = np.cumsum([0, *lengths]).tolist()
+    files = tuple(out for _, out in tasks)
+    return SplitStream(split, files, tuple(starts), data.seq_len, data.views, rows_per_shard)
 
 
-def _build_split(
-    split: str, texts: list[str], tokenizer: PreTrainedTokenizerBase, data: DataArgs
-) -> tuple[Dataset, dict[str, int]]:
-    docs = Dataset.from_dict({"text": texts})
-    tokenized = docs.map(
-        _tokenize,
-        batched=True,
-        num_proc=min(data.num_proc, len(docs)),
-        remove_columns=["text"],
-        fn_kwargs={"tokenizer": tokenizer},
-        desc=f"Tokenizing {split}",
-    )
-    tokens = sum(tokenized["length"])
-    packed = tokenized.map(
-        group_texts,
-        batched=True,
-        batch_size=None,  # the whole split: see group_texts
-        remove_columns=tokenized.column_names,
-        features=Features({"tokens": List(Value("int32"), length=data.seq_len)}),
-        fn_kwargs={
-            "seq_len": data.seq_len,
-            "cls_id": tokenizer.cls_token_id,
-            "sep_id": tokenizer.sep_token_id,
-        },
-        desc=f"Packing {split}",
-    )
-    n = len(packed)
+def _split_counts(
+    split: str, stream: SplitStream, documents: int, data: DataArgs
+) -> dict[str, int]:
+    tokens = stream.starts[-1] - documents  # the stream holds one [SEP] per document
+    n = stream.sequences
     if n == 0:
         raise DataError(
             f"the {split} split has {tokens} tokens, less than one sequence of seq_len="
             f"{data.seq_len}; add text to --corpus or {'raise' if split == 'valid' else 'lower'} "
             "--valid_fraction"
         )
-    views = concatenate_datasets([packed] * data.views)
-    views = views.add_column("sequence", np.tile(np.arange(n, dtype=np.int32), data.views))
-    views = views.add_column("view", np.repeat(np.arange(data.views, dtype=np.int32), n))
-    # Validation is masked at its own rate (BERT's 15% by default), so losses stay
-    # comparable between runs that train at different masking rates.
-    rate = data.mask_prob if split == "train" else data.valid_mask_prob
-    spec = MaskingSpec.for_tokenizer(tokenizer, data.mask_seed, rate)
-    masked = apply_static_masking(views, spec, split, num_proc=min(data.num_proc, len(views)))
-    counts = {
-        "documents": len(texts),
+    return {
+        "documents": documents,
         "tokens": tokens,
         "sequences": n,
-        "examples": len(masked),
+        "examples": n * data.views,
         # The stream is tokens plus one [SEP] per document; this tail did not fill a block.
-        "remainder_tokens": tokens + len(texts) - n * (data.seq_len - 2),
+        "remainder_tokens": stream.starts[-1] - n * (data.seq_len - 2),
     }
-    return masked, counts
-
-
-def prepare_dataset(args: RunArgs, overwrite: bool = False) -> Path:
-    """Prepare `args.data.corpus` into `args.data.prepared_dir` (or reuse it); return the path."""
-    data = args.data
-    if not 0.0 < data.valid_fraction < 1.0:
-        raise ConfigError(f"valid_fraction must be in (0, 1), got {data.valid_fraction}")
-    if data.views < 1:
-        raise ConfigError(f"views must be at least 1, got {data.views}")
-    corpus = load_corpus(
-        data.corpus,
-        text_column=data.text_column,
-        strict=data.strict,
-        max_documents=data.max_documents,
-    )
-    texts, dropped = clean_documents(corpus.documents)
-    if not texts and corpus.undecodable_lines:
-        raise DataError(
-            f"no text left in {[s['source'] for s in corpus.sources]}: "
-            f"{corpus.undecodable_lines} lines were skipped as not valid UTF-8; expected "
-            f"UTF-8 text. Re-encode the corpus (e.g. `iconv -f latin1 -t utf-8`), or rerun with "
-            f"--strict to see the first undecodable file and byte offset"
-        )
-    if not texts:
-        raise DataError(
-            f"no text left after cleaning {[s['source'] for s in corpus.sources]} "
-            f"({len(corpus.documents)} documents read, all empty or duplicates); check --corpus "
-            f"and --text_column"
-        )
-    splits = split_documents(texts, data.valid_fraction, data.split_seed)
-    tokenizer = corpus_tokenizer(data, splits)
-    fingerprint = data_fingerprint(splits, tokenizer, data)
-
-    target = Path(data.prepared_dir)
-    if _reuse_or_refuse(target, fingerprint, overwrite):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-        split_counts, built = {}, {}
-        for split in SPLITS:
-            built[split], split_counts[split] = _build_split(split, splits[split], tokenizer, data)
-            built[split].save_to_disk(str(staging / split))
-        tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-        unigram = unigram_loss(
-            built["train"], built["valid"], len(tokenizer), tokenizer.all_special_ids
-        )
-        manifest = _manifest(fingerprint, corpus, dropped, split_counts, tokenizer, data)
-        manifest["unigram_loss"] = unigram
-        # The manifest is written last: its presence marks the directory as complete.
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info("wrote %s", target)
-    return target
 
 
 def _manifest(
     fingerprint: str,
     corpus: Corpus,
-    dropped: dict[str, int],
+    counts: DocumentCounts,
+    ordered: OrderedDocuments,
     split_counts: dict[str, dict[str, int]],
     tokenizer: PreTrainedTokenizerBase,
     data: DataArgs,
@@ -331,10 +392,11 @@ def _manifest(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "sources": corpus.sources,
         "documents": {
-            "read": len(corpus.documents),
-            **dropped,
+            "read": counts.read,
+            "empty_dropped": counts.empty_dropped,
+            "duplicates_dropped": counts.duplicates_dropped,
             "undecodable_lines_skipped": corpus.undecodable_lines,
-            "kept": sum(c["documents"] for c in split_counts.values()),
+            "kept": ordered.total,
         },
         "splits": split_counts,
         **_example_settings(data),

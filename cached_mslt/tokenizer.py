@@ -10,8 +10,9 @@ fitted to the corpus spends its ids on the corpus' own words (docs/levers.md).
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -75,13 +76,19 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, source: str
 
 
 def train_wordpiece(
-    texts: Sequence[str], vocab_size: int, min_frequency: int = 2, lowercase: bool = True
+    texts: Sequence[str] | Callable[[], Iterable[Sequence[str]]],
+    vocab_size: int,
+    min_frequency: int = 2,
+    lowercase: bool = True,
 ) -> PreTrainedTokenizerFast:
     """A BERT WordPiece tokenizer fitted to `texts` with Hugging Face `tokenizers`.
 
-    Deterministic: the same texts and settings give the same vocabulary and ids. The result
-    saves with `save_pretrained` and loads back with `AutoTokenizer.from_pretrained`; it
-    adds [CLS] ... [SEP] like bert-base-uncased's tokenizer.
+    `texts` is a list of texts, or a function returning a fresh iterator over batches of
+    texts: it is read twice, streamed both times (`train_from_iterator`), so the corpus
+    never has to fit in memory. Deterministic: the same texts and settings give the same
+    vocabulary and ids, however they are batched. The result saves with `save_pretrained`
+    and loads back with `AutoTokenizer.from_pretrained`; it adds [CLS] ... [SEP] like
+    bert-base-uncased's tokenizer.
     """
     from tokenizers import BertWordPieceTokenizer
 
@@ -90,19 +97,16 @@ def train_wordpiece(
             f"vocab_size={vocab_size} is too small for a WordPiece vocabulary (it needs the "
             "characters of the corpus plus word pieces); use at least a few thousand"
         )
+    batches = texts if callable(texts) else lambda: [texts]
     trainer = BertWordPieceTokenizer(lowercase=lowercase)
     # tokenizers 0.23 numbers the word-continuation pieces ("##e") in hash-map order, and
     # breaks ties between equally frequent merges by those numbers: the same corpus gave a
     # different vocabulary in 1 of 5 runs (tokenizers issue #1794; docs/levers.md). Naming
     # every continuation piece up front, in sorted order, fixes their numbers and with them
     # every tie. They are dropped as special tokens again when the tokenizer is rebuilt.
-    normalize, split = trainer.normalizer.normalize_str, trainer.pre_tokenizer.pre_tokenize_str
-    continuations: set[str] = set()
-    for text in texts:
-        for word, _ in split(normalize(text)):
-            continuations.update(word[1:])
+    continuations = _continuation_characters(trainer, batches())
     trainer.train_from_iterator(
-        texts,
+        batches(),
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         special_tokens=[*SPECIAL_TOKENS, *(f"##{c}" for c in sorted(continuations))],
@@ -125,3 +129,20 @@ def train_wordpiece(
     )
     tokenizer.model_max_length = int(1e12)  # packing controls length
     return tokenizer
+
+
+def _continuation_characters(trainer: Any, batches: Iterable[Sequence[str]]) -> set[str]:
+    """Every character that follows another inside a word, as the trainer splits words.
+
+    The words are counted by a word-level trainer with the WordPiece trainer's own
+    normalizer and pre-tokenizer (in Rust, streamed), so the set is exactly what splitting
+    every text in Python would give, at the cost of one pass and the distinct words."""
+    from tokenizers import Tokenizer, models, trainers
+
+    words = Tokenizer(models.WordLevel(unk_token=SPECIAL_TOKENS[1]))
+    words.normalizer, words.pre_tokenizer = trainer.normalizer, trainer.pre_tokenizer
+    everything = trainers.WordLevelTrainer(
+        vocab_size=2**63, min_frequency=0, special_tokens=[], show_progress=False
+    )
+    words.train_from_iterator(batches, trainer=everything)
+    return {c for word in words.get_vocab() for c in word[1:]}

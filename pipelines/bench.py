@@ -4,15 +4,18 @@ where the cost model of docs/design.md predicts the figure. Measures, never asse
     python pipelines/bench.py --quick          # tiny preset, under 5 minutes on 2 cores
     python pipelines/bench.py                  # tiny and mini, bert-base storage shapes
     python pipelines/bench.py --quick --s3     # plus stores on an S3 API on loopback (moto)
+    python pipelines/bench.py --data           # data preparation only: 2 GB under 3 GiB (docs/data.md)
 """
 
 import argparse
 import json
 import platform
+from pathlib import Path
 
 import torch
 
 from cached_mslt.bench import all_benchmarks
+from cached_mslt.data_bench import ROOT, data_benchmarks
 
 
 def main() -> None:
@@ -23,13 +26,29 @@ def main() -> None:
     parser.add_argument(
         "--s3", action="store_true", help="also stores on a loopback S3 API (dev extra: moto)"
     )
+    data = parser.add_argument_group("data preparation (--data)")
+    data.add_argument("--data", action="store_true", help="only the data-preparation benchmark")
+    data.add_argument("--data_bytes", type=float, default=2e9, help="synthetic corpus size")
+    data.add_argument("--data_procs", type=int, nargs="+", default=[1, 2], help="--num_proc values")
+    data.add_argument("--data_limit_gib", type=float, default=3.0, help="RLIMIT_AS; 0: none")
+    data.add_argument("--data_dir", default=None, help="scratch folder (default: system temp)")
+    data.add_argument(
+        "--data_repo", default=str(ROOT), help="a checkout whose prepare_data.py to measure"
+    )
     args = parser.parse_args()
     machine = {
         "machine": platform.machine(),
         "cpus": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    for figure in all_benchmarks(quick=args.quick, s3=args.s3):
+    if args.data:
+        limit = int(args.data_limit_gib * 2**30)
+        figures = data_benchmarks(
+            args.data_dir, int(args.data_bytes), tuple(args.data_procs), limit, Path(args.data_repo)
+        )
+    else:
+        figures = all_benchmarks(quick=args.quick, s3=args.s3)
+    for figure in figures:
         print(json.dumps({**figure, **machine}), flush=True)
 
 

@@ -9,7 +9,7 @@ import time
 
 from cached_mslt.config import ConfigError, parse_args
 from cached_mslt.corpora import DataError
-from cached_mslt.prepare import PrepareArgs, load_prepared, prepare_dataset, summary
+from cached_mslt.prepare import PrepareArgs, prepare_dataset, prepared_manifest, summary
 from cached_mslt.tokenizer import TokenizerError
 
 
@@ -19,9 +19,10 @@ def main() -> None:
     try:
         args, (prepare_args,) = parse_args(extra=(PrepareArgs,), description=__doc__)
         path = prepare_dataset(args, overwrite=prepare_args.overwrite)
+        manifest = prepared_manifest(path)  # the manifest only: the splits may not fit in memory
     except (ConfigError, DataError, TokenizerError) as e:
         raise SystemExit(f"error: {e}") from None  # a message for the user, not a traceback
-    print(summary(path, load_prepared(path).manifest))
+    print(summary(path, manifest))
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 

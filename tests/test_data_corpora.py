@@ -123,3 +123,17 @@ def test_parquet_without_the_text_column_is_refused(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match=r"no column 'text' \(found \['body'\]\)"):
         load_corpus([str(tmp_path / "a.parquet")])
+
+
+def test_files_stream_into_the_lines_a_whole_read_gives(tmp_path):
+    # Read one line at a time, but broken exactly where bytes.splitlines breaks them.
+    data = b"one\r\ntwo\rthree\n\nfour\r\r\nfive\n\n\nsix"
+    (tmp_path / "a.txt").write_bytes(data)
+    blocks, block = [], []
+    for line in [*(raw.decode() for raw in data.splitlines(keepends=True)), ""]:
+        if line.strip():
+            block.append(line)
+        elif block:
+            blocks.append("".join(block))
+            block = []
+    assert load_corpus([str(tmp_path / "a.txt")]).documents == blocks

@@ -1,5 +1,6 @@
 """prepare_dataset: packing, splitting, fingerprints, reuse and clean failure."""
 
+import hashlib
 import json
 import logging
 import runpy
@@ -12,7 +13,7 @@ import pytest
 from cached_mslt.config import run_args
 from cached_mslt.corpora import DataError
 from cached_mslt.masking import IGNORE_INDEX
-from cached_mslt.prepare import load_prepared, prepare_dataset, split_documents
+from cached_mslt.prepare import load_prepared, prepare_dataset
 from cached_mslt.tokenizer import TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,19 @@ def corpus(tmp_path_factory, doc_words) -> tuple[Path, list[str]]:
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path, texts
+
+
+def split_documents(texts: list[str], valid_fraction: float, split_seed: int) -> dict:
+    """The split rule, as the list-based pipeline applied it before it streamed: documents
+    ordered by a seeded hash of their text, those hashing below `valid_fraction` validate."""
+
+    def position(text: str) -> float:
+        digest = hashlib.blake2b(f"{split_seed}\0{text}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64
+
+    ranked = sorted((position(t), t) for t in texts)
+    n_valid = min(len(texts) - 1, max(1, sum(p < valid_fraction for p, _ in ranked)))
+    return {"train": [t for _, t in ranked[n_valid:]], "valid": [t for _, t in ranked[:n_valid]]}
 
 
 def args_for(corpus_path, prepared_dir, **overrides):

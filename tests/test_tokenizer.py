@@ -76,3 +76,10 @@ def test_trained_tokenizer_round_trips_through_save_pretrained_and_auto(corpus_t
 def test_too_small_a_vocabulary_is_refused(corpus_texts):
     with pytest.raises(TokenizerError, match="too small"):
         train_wordpiece(corpus_texts, vocab_size=10)
+
+
+def test_vocabulary_streamed_in_batches_is_the_one_fitted_to_the_list(corpus_texts):
+    # prepare_dataset streams the training split from disk in batches, read twice.
+    batches = lambda: (corpus_texts[i : i + 7] for i in range(0, len(corpus_texts), 7))  # noqa: E731
+    streamed = train_wordpiece(batches, vocab_size=300)
+    assert streamed.get_vocab() == train_wordpiece(corpus_texts, vocab_size=300).get_vocab()

@@ -16,22 +16,18 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertForMaskedLM
 
 from cached_mslt.blocks import PreparedBlocks
-from cached_mslt.model import bottom_forward, frozen_modules, run_layers
+from cached_mslt.model import bottom_fingerprint, bottom_forward, frozen_modules, run_layers
 from storage import (
     ActivationStore,
     IncompleteStoreError,
     StoreError,
     StoreNotFoundError,
     StoreSpec,
-    fingerprint_module,
 )
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -52,9 +48,8 @@ class CacheRequest:
 
 def store_fingerprint(model: BertForMaskedLM, req: CacheRequest) -> dict[str, str]:
     """What a store's contents are a function of; any difference makes it stale."""
-    bottom = nn.ModuleList(frozen_modules(model, req.frozen_layers))
     return {
-        "weights": fingerprint_module(bottom),
+        "weights": bottom_fingerprint(model, req.frozen_layers),
         "frozen_layers": str(req.frozen_layers),
         "data": req.data_fingerprint,
         "mask_seed": str(req.mask_seed),
@@ -169,7 +164,7 @@ def build_cache(
     frozen = [m.to(device).eval() for m in frozen_modules(model, req.frozen_layers)]
     assert frozen, "a cache needs at least one frozen module"
     prepared = PreparedBlocks(prepared_train, block_rows=batch_rows, num_rows=req.num_rows)
-    dtype = TORCH_DTYPES[req.dtype]
+    dtype = spec.torch_dtype
     pending = store.pending_shards(state.process_index, state.num_processes)
     rows_total = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending)
     bar = tqdm(

@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from storage.spec import CODECS as STORE_CODECS
+from storage.spec import DTYPES as STORE_DTYPES
+
 # What a preset means: the default of every option it sets and the user left unset.
 # All three are 12-layer BERTs; `tiny` is the CPU default, and its values are the regime
 # measured in docs/levers.md (where pretraining gets well past word frequencies on 2 cores).
@@ -217,7 +220,7 @@ class DataArgs:
     valid_mask_prob: float = field(
         default=0.15,
         metadata={
-            "help": "masking rate of the validation split: fixed (BERT's 15%) so validation "
+            "help": "masking rate of the validation split: fixed (BERT's 15%%) so validation "
             "losses compare across training masking rates"
         },
     )
@@ -341,8 +344,8 @@ class ScheduleArgs:
     )
     growth_init: str = field(default="copy", metadata={"help": "copy (top layers) or fresh"})
     cache: str = field(default="auto", metadata={"help": "auto, always or never"})
-    cache_dtype: str = field(default="float16", metadata={"help": "float32, float16 or bfloat16"})
-    cache_codec: str = field(default="none", metadata={"help": "none, zstd or blosc"})
+    cache_dtype: str = field(default="float16", metadata={"help": f"one of {tuple(STORE_DTYPES)}"})
+    cache_codec: str = field(default="none", metadata={"help": f"one of {STORE_CODECS}"})
     cache_rebuild: str = field(
         default="incremental", metadata={"help": "incremental (from the previous store) or full"}
     )
@@ -370,8 +373,8 @@ class ScheduleArgs:
             "lr_schedule": ("linear", "cosine"),
             "growth_init": ("copy", "fresh"),
             "cache": ("auto", "always", "never"),
-            "cache_dtype": ("float32", "float16", "bfloat16"),
-            "cache_codec": ("none", "zstd", "blosc"),
+            "cache_dtype": tuple(STORE_DTYPES),
+            "cache_codec": STORE_CODECS,
             "cache_rebuild": ("incremental", "full"),
         }
         for name, allowed in choices.items():

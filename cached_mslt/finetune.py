@@ -42,6 +42,7 @@ from transformers.utils import logging as hf_logging
 from cached_mslt.config import ConfigError
 from cached_mslt.corpora import DataError, load_corpus
 from cached_mslt.metrics import MetricsWriter
+from cached_mslt.model import decay_param_groups
 from cached_mslt.tasks import DEFAULT_TASK_DIR, Task, check_overlap, corpus_hashes, prepare_task
 from cached_mslt.tokenizer import check_vocab, load_tokenizer
 
@@ -338,16 +339,9 @@ def _fit(
         DataLoader(data[s], batch_size=2 * args.finetune_batch_size, collate_fn=collate)
         for s in ("validation", "test")
     )
-    no_decay = ("bias", "LayerNorm.weight")
-    named = list(model.named_parameters())
-    groups = [
-        {
-            "params": [p for n, p in named if not n.endswith(no_decay)],
-            "weight_decay": args.finetune_weight_decay,
-        },
-        {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=args.finetune_lr)
+    optimizer = torch.optim.AdamW(
+        decay_param_groups(model, args.finetune_weight_decay), lr=args.finetune_lr
+    )
     # Counted before prepare, over all processes: the prepared scheduler steps once per
     # process for every optimizer step.
     total_steps = len(train_dl) * args.finetune_epochs

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import BertForMaskedLM
@@ -42,7 +41,7 @@ from cached_mslt.metrics import (
     plot_curves,
     read_metrics,
 )
-from cached_mslt.model import build_model, check_tied, frozen_modules, grow
+from cached_mslt.model import bottom_fingerprint, build_model, check_tied, grow
 from cached_mslt.plan import Stage, StagePlan
 from cached_mslt.prepare import check_prepared, load_prepared, prepared_manifest
 from cached_mslt.rundir import (
@@ -63,7 +62,6 @@ from storage import (
     StoreError,
     StoreExistsError,
     check_reachable,
-    fingerprint_module,
 )
 
 logger = logging.getLogger(__name__)
@@ -283,9 +281,7 @@ def _run_stage_locked(
     clock = RunClock(**previous["clock"]) if previous else RunClock()
     set_seed(args.train.seed + index)  # a stage's randomness does not depend on how it was launched
     model = load_stage_model(args, stage, data.manifest["vocab_size"])
-    bottom_before = fingerprint_module(
-        torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers))
-    )
+    bottom_before = bottom_fingerprint(model, stage.frozen_layers)
 
     rows = train_rows(args, len(data.train))
     steps = steps_for(stage, args, accelerator.num_processes)
@@ -364,9 +360,7 @@ def _run_stage_locked(
             f"--learning_rate {lower_learning_rate(args.train.learning_rate):g}"
         ) from e
 
-    bottom_after = fingerprint_module(
-        torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers))
-    )
+    bottom_after = bottom_fingerprint(model, stage.frozen_layers)
     if bottom_after != bottom_before:
         raise StageError(f"{stage.name}: the frozen bottom changed during training; this is a bug")
     check_tied(model)
@@ -439,7 +433,7 @@ def rebuild_stage_store(
     model = BertForMaskedLM.from_pretrained(
         stage_dir(args, index) / "model", attn_implementation=args.model.attn_implementation
     )
-    bottom = fingerprint_module(torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers)))
+    bottom = bottom_fingerprint(model, stage.frozen_layers)
     if bottom != manifest["fingerprints"]["frozen_bottom"]:
         raise StageError(
             f"{stage_dir(args, index) / 'model'}: its first {stage.frozen_layers} layers are not "
@@ -477,9 +471,7 @@ def previous_store(args: RunArgs, stage: Stage, model: BertForMaskedLM) -> Activ
         )
         return None
     depth = int(store.fingerprint["frozen_layers"])
-    if store.fingerprint["weights"] != fingerprint_module(
-        torch.nn.ModuleList(frozen_modules(model, depth))
-    ):
+    if store.fingerprint["weights"] != bottom_fingerprint(model, depth):
         logger.warning("previous store was built from other weights; building in full")
         return None
     return store

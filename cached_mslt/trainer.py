@@ -28,6 +28,7 @@ from cached_mslt.metrics import MetricsWriter, RunClock, Stopwatch
 from cached_mslt.model import (
     TopModel,
     bottom_forward,
+    decay_param_groups,
     freeze_bottom,
     frozen_modules,
 )
@@ -64,20 +65,6 @@ class Phase:
     optimizer: torch.optim.Optimizer | None = None  # set by train_phase: the one it trained with
     flops_per_step: Callable[[dict[str, int]], float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # written into every metrics line
-
-
-def param_groups(
-    params: list[nn.Parameter], named: dict[int, str], weight_decay: float
-) -> list[dict]:
-    """BERT's convention: no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for p in params:
-        name = named.get(id(p), "")
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def set_modes(model: nn.Module, frozen_layers: int) -> None:
@@ -148,13 +135,12 @@ def train_phase(
         torch.set_flush_denormal(True)
     model = phase.model
     params = freeze_bottom(model, phase.frozen_layers)
-    named = {id(p): n for n, p in model.named_parameters()}
     trainable = phase.trainable or TopModel(model, phase.frozen_layers)
     # Validation always runs the whole model: the trainable module itself when nothing is
     # frozen (it starts at token ids), else the same model seen from the embeddings.
     whole_model_loss = trainable if phase.frozen_layers == 0 else TopModel(model, 0)
     optimizer = torch.optim.AdamW(
-        param_groups(params, named, t.weight_decay),
+        decay_param_groups(model, t.weight_decay, params),
         lr=phase.learning_rate,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_epsilon,

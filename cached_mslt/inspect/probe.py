@@ -24,10 +24,9 @@ from torch.nn import functional as F
 from transformers import BertForMaskedLM
 
 from cached_mslt.inspect.text import mean_pool
-from cached_mslt.model import frozen_modules, layer_mask
+from cached_mslt.model import bottom_fingerprint, layer_mask
 from cached_mslt.tasks import DEFAULT_TASK_DIR, prepare_task
 from cached_mslt.tokenizer import load_tokenizer
-from storage import fingerprint_module
 
 SEQ_LEN = 128
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # chosen on the validation split
@@ -177,7 +176,7 @@ def probe_run(
     for stage, frozen, fp, ckpt in stages:
         if frozen == 0:
             continue
-        bottom = fingerprint_module(torch.nn.ModuleList(frozen_modules(final, frozen)))
+        bottom = bottom_fingerprint(final, frozen)
         (shared if bottom == fp else own).append((stage, frozen, ckpt))
     feats = features(final, sorted({0, depth, *(f for _, f, _ in shared)}))
 

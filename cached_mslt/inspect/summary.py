@@ -15,16 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import torch
 import zarr
 from transformers import BertForMaskedLM
 
-from cached_mslt.model import frozen_modules
+from cached_mslt.model import bottom_fingerprint
 from storage import (
     ActivationStore,
     StoreError,
     StoreNotFoundError,
-    fingerprint_module,
 )
 
 # Exit status of `pipelines/inspect_cache.py`: the worst store decides. Argparse errors use 2.
@@ -176,11 +174,11 @@ def prepared_dir_of(run_dir: Path) -> Path | None:
     return next((p for p in candidates if (p / "manifest.json").is_file()), None)
 
 
-def bottom_fingerprint(checkpoint: Path, frozen_layers: int) -> str:
+def checkpoint_bottom_fingerprint(checkpoint: Path, frozen_layers: int) -> str:
     """Fingerprint of the first `frozen_layers` layers (and embeddings) of a checkpoint,
     computed as the cache build computes it (cached_mslt.cache.store_fingerprint)."""
     model = BertForMaskedLM.from_pretrained(checkpoint)
-    return fingerprint_module(torch.nn.ModuleList(frozen_modules(model, frozen_layers)))
+    return bottom_fingerprint(model, frozen_layers)
 
 
 def check_validity(fingerprint: dict[str, str], stage: int | None, run_dir: Path) -> Validity:
@@ -191,7 +189,7 @@ def check_validity(fingerprint: dict[str, str], stage: int | None, run_dir: Path
     if stage is None or not (checkpoint / "config.json").is_file():
         out.checks["weights"] = f"unchecked: {checkpoint} does not exist (stage not finished)"
     else:
-        found = bottom_fingerprint(checkpoint, frozen)
+        found = checkpoint_bottom_fingerprint(checkpoint, frozen)
         out.checks["weights"] = _compare(
             fingerprint.get("weights"), found, f"stage-{stage}/model, {frozen} frozen layers"
         )

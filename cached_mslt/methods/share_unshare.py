@@ -22,7 +22,7 @@ import re
 import torch
 from transformers import BertForMaskedLM
 
-from cached_mslt.methods._layers import clone_model, copy_layer, set_encoder_layers
+from cached_mslt.model import clone_model, copy_layer, set_encoder_layers
 
 _LAYER_PREFIX = re.compile(r"^bert\.encoder\.layer\.\d+\.")
 

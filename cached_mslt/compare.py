@@ -15,15 +15,15 @@ from accelerate import PartialState
 from cached_mslt.config import ConfigError, MethodArgs, RunArgs
 from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
 from cached_mslt.linear_probe import PROBE_FILE, linear_probe
-from cached_mslt.methods.harness import RESULT, method_budget, run_method, run_settings
+from cached_mslt.methods.harness import method_budget, run_method, run_settings
 from cached_mslt.metrics import (
-    METRICS_FILE,
     below_unigram,
     markdown_table,
     plot_curves,
     read_metrics,
 )
 from cached_mslt.prepare import load_prepared, prepared_manifest
+from cached_mslt.run_layout import RunLayout
 
 BASELINE = "full"
 
@@ -81,13 +81,14 @@ def sweep_learning_rate(
         result = {"method": name, "status": "failed", "error": "every learning rate failed"}
     else:
         trial_dir, _, result = best
-        shutil.copy(trial_dir / METRICS_FILE, run_dir / METRICS_FILE)
-        shutil.rmtree(run_dir / "final", ignore_errors=True)
-        shutil.copytree(trial_dir / "final", run_dir / "final")
-        result = {**result, "final_model": str(run_dir / "final")}
+        trial, run = RunLayout(trial_dir), RunLayout(run_dir)
+        shutil.copy(trial.metrics, run.metrics)
+        shutil.rmtree(run.final_model, ignore_errors=True)
+        shutil.copytree(trial.final_model, run.final_model)
+        result = {**result, "final_model": str(run.final_model)}
     fingerprint = prepared_manifest(args.data.prepared_dir)["fingerprint"]  # the trials loaded it
     result.update(learning_rate_sweep=sweep, settings=run_settings(args, method, fingerprint))
-    (run_dir / RESULT).write_text(json.dumps(result, indent=2, default=str))
+    RunLayout(run_dir).result.write_text(json.dumps(result, indent=2, default=str))
     return result
 
 
@@ -95,10 +96,10 @@ def finished_run(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None
     """The result of a finished run with the `wanted` settings (`run_settings`), None if
     there is none to reuse (missing or failed); a run with other settings is an error,
     never silently replaced."""
-    path = run_dir / RESULT
-    if not path.exists():
+    path = RunLayout(run_dir).result
+    result = RunLayout(run_dir).read_result()
+    if result is None:
         return None
-    result = json.loads(path.read_text())
     if result.get("status") != "ok":
         return None
     recorded = result.get("settings")
@@ -124,7 +125,7 @@ def finished_run(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None
 def finetune_method(run_dir: Path, fargs: FinetuneArgs) -> None:
     """Fine-tune a method's final checkpoint on every task; results land in run_dir/finetune."""
     fargs = replace(fargs, output_dir=str(run_dir / "finetune"))
-    checkpoint = run_dir / "final"
+    checkpoint = RunLayout(run_dir).final_model
     for task in fargs.task:
         if "finetune" in fargs.evaluation:
             finetune(checkpoint, task, fargs)
@@ -186,8 +187,7 @@ def sweep_lines(root: Path, methods: list[str]) -> list[str]:
     """One line per swept method: every learning rate tried and the loss it ended at."""
     lines = []
     for name in methods:
-        path = root / name / RESULT
-        result = json.loads(path.read_text()) if path.exists() else {}
+        result = RunLayout(root / name).read_result() or {}
         tried = result.get("learning_rate_sweep")
         if tried:
             parts = [
@@ -203,10 +203,7 @@ def summarize(root: Path, methods: list[str], unigram: float | None = None) -> l
     """One row per method from its result.json and metrics.jsonl."""
     rows, curves = [], {}
     for name in methods:
-        result_path = root / name / "result.json"
-        result = (
-            json.loads(result_path.read_text()) if result_path.exists() else {"status": "missing"}
-        )
+        result = RunLayout(root / name).read_result() or {"status": "missing"}
         records = read_metrics(root / name)
         curves[name] = records
         evals = [r for r in records if r.get("val_loss") is not None]

@@ -43,6 +43,7 @@ from cached_mslt.config import ConfigError
 from cached_mslt.corpora import DataError, load_corpus
 from cached_mslt.metrics import MetricsWriter
 from cached_mslt.model import decay_param_groups
+from cached_mslt.run_layout import RunLayout
 from cached_mslt.tasks import DEFAULT_TASK_DIR, Task, check_overlap, corpus_hashes, prepare_task
 from cached_mslt.tokenizer import check_vocab, load_tokenizer
 
@@ -285,14 +286,10 @@ def tokenize_task(
 
 
 def run_corpus(checkpoint_dir: Path) -> list[str] | None:
-    """The --corpus of the run that wrote a checkpoint, if its config.json is found: the
-    trainer keeps it in runs/<preset>/, two levels above runs/<preset>/stage-K/model."""
-    for parent in checkpoint_dir.resolve().parents[:2]:
-        config = parent / "config.json"
-        data = json.loads(config.read_text()).get("data") if config.is_file() else None
-        if isinstance(data, dict) and data.get("corpus"):
-            return list(data["corpus"])
-    return None
+    """The --corpus of the run that wrote a checkpoint, if its config.json is found."""
+    run = RunLayout.of_checkpoint(checkpoint_dir)
+    data = run.read_config().get("data") if run else None
+    return list(data["corpus"]) if isinstance(data, dict) and data.get("corpus") else None
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,7 +13,6 @@ checkpoint is run.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +24,7 @@ from transformers import BertForMaskedLM
 
 from cached_mslt.inspect.text import mean_pool
 from cached_mslt.model import bottom_fingerprint, layer_mask
+from cached_mslt.run_layout import RunLayout
 from cached_mslt.tasks import DEFAULT_TASK_DIR, prepare_task
 from cached_mslt.tokenizer import load_tokenizer
 
@@ -129,20 +129,17 @@ def _subsample(ds, max_examples: int | None) -> tuple[list[str], list[int]]:
     return list(rows["text"]), list(rows["label"])
 
 
-def _stage_bottoms(run: Path) -> list[tuple[int, int, str, Path]]:
+def _stage_bottoms(run: RunLayout) -> list[tuple[int, int, str, Path]]:
     """(stage, frozen layers, recorded bottom fingerprint, checkpoint) of finished stages."""
-    out = []
-    for path in sorted(run.glob("stage-*/manifest.json")):
-        m = json.loads(path.read_text())
-        out.append(
-            (
-                m["stage"]["index"],
-                m["stage"]["frozen_layers"],
-                m["fingerprints"]["frozen_bottom"],
-                path.parent / "model",
-            )
+    return [
+        (
+            m["stage"]["index"],
+            m["stage"]["frozen_layers"],
+            m["fingerprints"]["frozen_bottom"],
+            run.model_dir(m["stage"]["index"]),
         )
-    return sorted(out)
+        for m in run.stages()
+    ]
 
 
 def probe_run(
@@ -153,10 +150,10 @@ def probe_run(
     max_examples: int | None = None,
 ) -> list[ProbeResult]:
     """Probe accuracy for the embeddings, every stage's frozen bottom and the final model."""
-    run = Path(run_dir)
+    run = RunLayout(run_dir)
     stages = _stage_bottoms(run)
     if not stages:
-        raise FileNotFoundError(f"{run} has no finished stage (no stage-K/manifest.json)")
+        raise FileNotFoundError(f"{run.root} has no finished stage (no stage-K/manifest.json)")
     final_ckpt = stages[-1][3]
     task = prepare_task("bbc", task_dir, verbose=False)
     tokenizer = load_tokenizer(str(final_ckpt))

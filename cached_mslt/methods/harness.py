@@ -26,10 +26,10 @@ from cached_mslt.flops import step_flops
 from cached_mslt.metrics import MetricsWriter, RunClock
 from cached_mslt.model import build_model
 from cached_mslt.prepare import PreparedData, load_prepared
+from cached_mslt.run_layout import RunLayout
 from cached_mslt.stages import UNBOUNDED_STEPS, block_rows_for, train_rows
 from cached_mslt.trainer import Phase, train_phase
 
-RESULT = "result.json"
 DEFAULT_BUDGET_TOKENS = 2_097_152
 
 
@@ -192,9 +192,10 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
     started = time.time()
     settings = run_settings(args, method, data.manifest["fingerprint"])
     result: dict[str, Any] = {"method": name, "settings": settings}
+    layout = RunLayout(run_dir)
     try:
         model = run(ctx)
-        final = run_dir / "final"
+        final = layout.final_model
         if accelerator.is_main_process:
             model.save_pretrained(final)
             data.tokenizer().save_pretrained(final)
@@ -207,6 +208,6 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
     accelerator.wait_for_everyone()
     result.update(clock=ctx.clock.to_dict(), phases=ctx.phases, elapsed_s=time.time() - started)
     if accelerator.is_main_process:
-        (run_dir / RESULT).write_text(json.dumps(result, indent=2, default=str))
+        layout.result.write_text(json.dumps(result, indent=2, default=str))
     accelerator.free_memory()
     return result

@@ -11,7 +11,8 @@ from transformers import AutoModelForMaskedLM, PreTrainedModel
 
 from cached_mslt.metrics import RunClock
 from cached_mslt.plan import StagePlan
-from cached_mslt.stages import read_manifest, run_stage, stage_dir
+from cached_mslt.run_layout import RunLayout
+from cached_mslt.stages import run_stage
 
 
 def _run(ctx, cache: str) -> PreTrainedModel:
@@ -48,8 +49,9 @@ def _run(ctx, cache: str) -> PreTrainedModel:
         done = stage.index
         if ctx.out_of_budget:
             break
-    assert read_manifest(args, done) is not None
-    return AutoModelForMaskedLM.from_pretrained(stage_dir(args, done) / "model")
+    layout = RunLayout.of(args)
+    assert layout.read_manifest(done) is not None
+    return AutoModelForMaskedLM.from_pretrained(layout.model_dir(done))
 
 
 def run_live(ctx) -> PreTrainedModel:

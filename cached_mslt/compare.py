@@ -13,8 +13,7 @@ from typing import Any
 from accelerate import PartialState
 
 from cached_mslt.config import ConfigError, MethodArgs, RunArgs
-from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
-from cached_mslt.linear_probe import PROBE_FILE, linear_probe
+from cached_mslt.evaluation import PROBE_FILE, RESULTS_FILE, FinetuneArgs, evaluate_checkpoint
 from cached_mslt.methods.harness import method_budget, run_method, run_settings
 from cached_mslt.metrics import (
     below_unigram,
@@ -52,7 +51,7 @@ def run_comparison(
         else:
             PartialState().print(f"{name}: reusing the finished run in {root / name}")
         if method.finetune and result["status"] == "ok":
-            finetune_method(root / name, finetune_args or FinetuneArgs())
+            evaluate_method(root / name, finetune_args or FinetuneArgs())
     if not PartialState().is_main_process:
         return ""
     return write_report(root, method.methods, args, method)
@@ -122,15 +121,9 @@ def finished_run(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None
     return result
 
 
-def finetune_method(run_dir: Path, fargs: FinetuneArgs) -> None:
-    """Fine-tune a method's final checkpoint on every task; results land in run_dir/finetune."""
-    fargs = replace(fargs, output_dir=str(run_dir / "finetune"))
-    checkpoint = RunLayout(run_dir).final_model
-    for task in fargs.task:
-        if "finetune" in fargs.evaluation:
-            finetune(checkpoint, task, fargs)
-        if "probe" in fargs.evaluation and PartialState().is_main_process:
-            linear_probe(checkpoint, task, fargs)
+def evaluate_method(run_dir: Path, fargs: FinetuneArgs) -> None:
+    """Evaluate a method's final checkpoint on every task; results land in run_dir/finetune."""
+    evaluate_checkpoint(RunLayout(run_dir).final_model, fargs, output_dir=run_dir / "finetune")
 
 
 def finetune_columns(run_dir: Path) -> dict[str, str]:

@@ -97,6 +97,12 @@ def mlm_head_loss(
     return F.cross_entropy(logits.float(), target), int(target.numel())
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[rows, T, H] -> [rows, H]: mean over real tokens, in float32."""
+    mask = attention_mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 def top_forward(
     model: BertForMaskedLM,
     hidden_states: torch.Tensor,

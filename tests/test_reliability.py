@@ -65,8 +65,8 @@ def test_stage_with_nonfinite_loss_fails_and_is_never_done(prepared_dir, tmp_pat
     assert not (RunLayout.of(args).stage_dir(1) / MANIFEST).exists()
     assert not (RunLayout.of(args).stage_dir(1) / "model").exists()
     # The one checkpoint it kept is from before the divergence (step 2; none at step 4).
-    saved = json.loads(
-        (RunLayout.of(args).stage_dir(1) / "checkpoint" / trainer.TRAINER_STATE).read_text()
+    saved = torch.load(
+        RunLayout.of(args).checkpoint_dir(1) / trainer.PROGRESS_FILE, weights_only=False
     )
     assert saved["step"] == 2
 
@@ -402,3 +402,12 @@ def test_verify_reports_a_store_written_with_nan_before_builds_refused_it(tmp_pa
         CorruptStoreError, match="hold 32 non-finite hidden values .*first in row 4"
     ):
         verify_store(ActivationStore.open(str(tmp_path / "s")))
+
+
+def test_checkpoint_of_the_old_format_is_refused_with_the_fix(tmp_path):
+    old = tmp_path / "checkpoint"
+    old.mkdir()
+    (old / trainer.LEGACY_TRAINER_STATE).write_text("{}")
+    with pytest.raises(trainer.OldCheckpointError, match=f"rm -rf {old}"):
+        trainer.has_checkpoint(old)
+    assert not trainer.has_checkpoint(tmp_path / "none") and not trainer.has_checkpoint(None)

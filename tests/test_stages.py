@@ -168,7 +168,7 @@ def test_stage_killed_mid_training_resumes_to_the_same_parameters(
     monkeypatch.setattr(trainer.MetricsWriter, "log", crash_after_checkpoint)
     with pytest.raises(Crash):
         run_stage(resumed, 2)
-    assert (RunLayout.of(resumed).stage_dir(2) / "checkpoint" / "trainer_state.json").exists()
+    assert (RunLayout.of(resumed).checkpoint_dir(2) / trainer.PROGRESS_FILE).exists()
     assert not (RunLayout.of(resumed).stage_dir(2) / "manifest.json").exists()
     monkeypatch.setattr(trainer.MetricsWriter, "log", real_log)
     run_stage(resumed, 2)

@@ -11,6 +11,7 @@ import math
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from cached_mslt.metrics import (
 )
 from cached_mslt.model import bottom_fingerprint, build_model, check_tied, grow
 from cached_mslt.plan import Stage, StagePlan
-from cached_mslt.prepare import check_prepared, load_prepared, prepared_manifest
+from cached_mslt.prepare import PreparedData, check_prepared, load_prepared, prepared_manifest
 from cached_mslt.run_layout import RunLayout
 from cached_mslt.rundir import (
     DiskFullError,
@@ -45,7 +46,7 @@ from cached_mslt.rundir import (
     stage_lock,
     write_atomic,
 )
-from cached_mslt.trainer import DivergenceError, Phase, train_phase
+from cached_mslt.trainer import DivergenceError, OldCheckpointError, Phase, train_phase
 from storage import (
     ActivationStore,
     BlockDataset,
@@ -56,6 +57,7 @@ from storage import (
     StoreExistsError,
     check_reachable,
 )
+from storage.dataset import Blocks
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,15 @@ class StageError(RuntimeError):
 
 # Refusals whose message already says what was expected, what was found and what to run:
 # entry points print them as one line of text, not a traceback.
-USER_ERRORS = (ConfigError, DataError, StageError, StoreError, RunLockedError, DiskFullError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    StageError,
+    StoreError,
+    RunLockedError,
+    DiskFullError,
+    OldCheckpointError,
+)
 
 
 def check_run_config(args: RunArgs, accelerator: Accelerator) -> None:
@@ -230,6 +240,32 @@ def run_stage(
         return _run_stage_locked(args, index, plan, stage, accelerator, extra, share, rebuild_cache)
 
 
+@dataclass
+class _StageRun:
+    """One stage being run: its place in the plan and what it has loaded so far."""
+
+    args: RunArgs
+    plan: StagePlan
+    stage: Stage
+    accelerator: Accelerator
+    data: PreparedData
+    clock: RunClock
+    model: BertForMaskedLM
+    bottom_before: str  # the frozen bottom's fingerprint before training
+    tokenizer: Any  # saved with every checkpoint: the ids are its ids
+
+    @property
+    def index(self) -> int:
+        return self.stage.index
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout.of(self.args)
+
+    def steps(self, stage: Stage) -> int:
+        return steps_for(stage, self.args, self.accelerator.num_processes)
+
+
 def _run_stage_locked(
     args: RunArgs,
     index: int,
@@ -241,80 +277,109 @@ def _run_stage_locked(
     rebuild_cache: bool,
 ) -> dict[str, Any]:
     check_run_config(args, accelerator)
-    done = RunLayout.of(args).read_manifest(index)
+    layout = RunLayout.of(args)
+    done = layout.read_manifest(index)
     if done is not None and rebuild_cache:
         return rebuild_stage_store(args, index, stage, accelerator, done)
     if done is not None:
-        accelerator.print(
-            f"{stage.name}: already done ({RunLayout.of(args).manifest(index)}), skipping"
-        )
+        accelerator.print(f"{stage.name}: already done ({layout.manifest(index)}), skipping")
         return done
+    run = _start_stage(args, plan, stage, accelerator)
+    cached, why, source = _choose_mode(run)
+    blocks, build = _stage_blocks(run, cached, source, rebuild_cache)
+    phase = _stage_phase(run, blocks, cached, share, extra)
+    stats = _train_stage(run, phase)
+    manifest = _stage_manifest(run, cached, why, build, stats)
+    save_stage(accelerator, run.model, run.tokenizer, layout, index, manifest)
+    return manifest
 
+
+def _start_stage(
+    args: RunArgs, plan: StagePlan, stage: Stage, accelerator: Accelerator
+) -> _StageRun:
+    """Load the data, the run's clock so far and the stage's starting model."""
+    index = stage.index
     data = load_prepared(args.data.prepared_dir, args.data)
-    tokenizer = data.tokenizer()  # saved with every checkpoint: the ids are its ids
+    tokenizer = data.tokenizer()
     previous = RunLayout.of(args).read_manifest(index - 1) if index > 1 else None
     check_same_data(args, index, previous, data.manifest["fingerprint"])
     clock = RunClock(**previous["clock"]) if previous else RunClock()
     set_seed(args.train.seed + index)  # a stage's randomness does not depend on how it was launched
     model = load_stage_model(args, stage, data.manifest["vocab_size"])
-    bottom_before = bottom_fingerprint(model, stage.frozen_layers)
+    bottom = bottom_fingerprint(model, stage.frozen_layers)
+    return _StageRun(args, plan, stage, accelerator, data, clock, model, bottom, tokenizer)
 
-    rows = train_rows(args, len(data.train))
-    steps = steps_for(stage, args, accelerator.num_processes)
-    source = (
-        previous_store(args, stage, model) if args.schedule.cache_rebuild == "incremental" else None
-    )
+
+def _choose_mode(run: _StageRun) -> tuple[bool, str, ActivationStore | None]:
+    """Cached or live (and why), and the previous store an incremental build starts from."""
+    args, stage, world = run.args, run.stage, run.accelerator.num_processes
+    incremental = args.schedule.cache_rebuild == "incremental"
+    source = previous_store(args, stage, run.model) if incremental else None
     cached, why = decide_cache(
-        plan,
+        run.plan,
         stage,
-        rows,
-        lambda s: (
-            steps_for(s, args, accelerator.num_processes)
-            * rows_per_step(args, accelerator.num_processes)
-        ),
+        train_rows(args, len(run.data.train)),
+        lambda s: run.steps(s) * rows_per_step(args, world),
         int(source.fingerprint["frozen_layers"]) if source else None,
     )
-    accelerator.print(
-        f"{stage.name}: {stage.num_layers} layers, {stage.frozen_layers} frozen, {steps} steps; {'cached' if cached else 'live'} ({why})"
+    run.accelerator.print(
+        f"{stage.name}: {stage.num_layers} layers, {stage.frozen_layers} frozen, "
+        f"{run.steps(stage)} steps; {'cached' if cached else 'live'} ({why})"
     )
+    return cached, why, source
 
+
+def _stage_blocks(
+    run: _StageRun, cached: bool, source: ActivationStore | None, rebuild_cache: bool
+) -> tuple[Blocks, dict[str, Any]]:
+    """What the stage reads: its store (built, resumed or reused here) or the token ids."""
+    args, stage = run.args, run.stage
+    rows = train_rows(args, len(run.data.train))
     block_rows = block_rows_for(args.train.batch_size)
-    build: dict[str, Any] = {"build_s": 0.0, "reused": False}
-    if cached:
-        watch = Stopwatch(clock)
-        with store_repair_hint(args, index, source):
-            store, build = build_cache(
-                model,
-                cache_request(args, index, stage, data, rows),
-                data.train,
-                source=source,
-                overwrite=args.schedule.overwrite_cache or rebuild_cache,
-            )
-        # Every process waited for the slowest at the build's barriers: charge that wall time.
-        watch.tick()
-        clock.flops += build_flops(model.config, args.data.seq_len, build, stage, source)
-        blocks = BlockDataset(store, block_rows=block_rows)
-    else:
-        blocks = PreparedBlocks(data.train, block_rows=block_rows, num_rows=rows)
+    if not cached:
+        blocks = PreparedBlocks(run.data.train, block_rows=block_rows, num_rows=rows)
+        return blocks, {"build_s": 0.0, "reused": False}
+    watch = Stopwatch(run.clock)
+    with store_repair_hint(args, run.index, source):
+        store, build = build_cache(
+            run.model,
+            cache_request(args, run.index, stage, run.data, rows),
+            run.data.train,
+            source=source,
+            overwrite=args.schedule.overwrite_cache or rebuild_cache,
+        )
+    # Every process waited for the slowest at the build's barriers: charge that wall time.
+    watch.tick()
+    run.clock.flops += build_flops(run.model.config, args.data.seq_len, build, stage, source)
+    return BlockDataset(store, block_rows=block_rows), build
 
+
+def _stage_phase(
+    run: _StageRun,
+    blocks: Blocks,
+    cached: bool,
+    share: PhaseShare | None,
+    extra: dict[str, Any] | None,
+) -> Phase:
+    args, stage, config = run.args, run.stage, run.model.config
     trained = stage.num_layers - stage.frozen_layers
     frozen_live = 0 if cached else stage.frozen_layers
-    phase = Phase(
+    return Phase(
         name=stage.name,
-        model=model,
+        model=run.model,
         frozen_layers=stage.frozen_layers,
         # Under a share of a budget the share ends the stage; the plan's steps only
-        # informed the cache decision above.
-        steps=steps if share is None else UNBOUNDED_STEPS,
+        # informed the cache decision.
+        steps=run.steps(stage) if share is None else UNBOUNDED_STEPS,
         blocks=blocks,
         cached=cached,
         learning_rate=args.train.learning_rate,
         warmup_fraction=args.schedule.warmup_fraction,
         share=share,
         lr_schedule=args.schedule.lr_schedule,
-        checkpoint_dir=RunLayout.of(args).checkpoint_dir(index),
+        checkpoint_dir=run.layout.checkpoint_dir(run.index),
         flops_per_step=lambda c: step_flops(
-            model.config,
+            config,
             tokens=c["tokens"],
             masked_tokens=c["masked"],
             trained_layers=trained,
@@ -324,37 +389,45 @@ def _run_stage_locked(
         ),
         extra=dict(extra or {}),
     )
-    metrics = MetricsWriter(args.train.run_dir, accelerator)
+
+
+def _train_stage(run: _StageRun, phase: Phase) -> dict[str, Any]:
+    args = run.args
+    metrics = MetricsWriter(args.train.run_dir, run.accelerator)
     try:
-        with store_repair_hint(args, index, None):
-            stats = train_phase(accelerator, phase, args, clock, metrics, data.valid)
+        with store_repair_hint(args, run.index, None):
+            return train_phase(run.accelerator, phase, args, run.clock, metrics, run.data.valid)
     except DivergenceError as e:
         # The saved optimizer state carries the old learning rate: resume cannot lower it.
         raise StageError(
             f"{e}\nfix: rm -rf {phase.checkpoint_dir} && accelerate launch pipelines/stage.py "
-            f"--config {RunLayout.of(args).config} --stage {index} "
+            f"--config {run.layout.config} --stage {run.index} "
             f"--learning_rate {lower_learning_rate(args.train.learning_rate):g}"
         ) from e
 
-    bottom_after = bottom_fingerprint(model, stage.frozen_layers)
-    if bottom_after != bottom_before:
+
+def _stage_manifest(
+    run: _StageRun, cached: bool, why: str, build: dict[str, Any], stats: dict[str, Any]
+) -> dict[str, Any]:
+    """The record of a finished stage, after checking its frozen bottom did not move."""
+    stage = run.stage
+    bottom_after = bottom_fingerprint(run.model, stage.frozen_layers)
+    if bottom_after != run.bottom_before:
         raise StageError(f"{stage.name}: the frozen bottom changed during training; this is a bug")
-    check_tied(model)
-    manifest = {
+    check_tied(run.model)
+    return {
         "stage": stage.to_dict(),
-        "plan": plan.to_list(),
+        "plan": run.plan.to_list(),
         "mode": "cached" if cached else "live",
         "cache_decision": why,
-        "cache": {**build, "url": RunLayout.of(args).store_url(index) if cached else None},
-        "fingerprints": {"frozen_bottom": bottom_after, "data": data.manifest["fingerprint"]},
+        "cache": {**build, "url": run.layout.store_url(run.index) if cached else None},
+        "fingerprints": {"frozen_bottom": bottom_after, "data": run.data.manifest["fingerprint"]},
         "timings": {"build_s": build.get("build_s", 0.0), "train_s": stats["train_s"]},
         "train": stats,
-        "clock": clock.to_dict(),
-        "num_processes": accelerator.num_processes,
+        "clock": run.clock.to_dict(),
+        "num_processes": run.accelerator.num_processes,
         "version": __version__,
     }
-    save_stage(accelerator, model, tokenizer, RunLayout.of(args), index, manifest)
-    return manifest
 
 
 def lower_learning_rate(rate: float) -> float:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from cached_mslt.methods import METHODS
 from storage.spec import CODECS as STORE_CODECS
 from storage.spec import DTYPES as STORE_DTYPES
 
@@ -411,7 +412,7 @@ class MethodArgs:
 
     methods: list[str] = field(
         default_factory=lambda: ["full", "mslt-cached"],
-        metadata={"help": "full stacking mslt-live mslt-cached pld share-unshare multilevel"},
+        metadata={"help": " ".join(METHODS)},
     )
     budget_tokens: float | None = field(
         default=None,

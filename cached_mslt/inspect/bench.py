@@ -49,7 +49,7 @@ def _median_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def measure(spec: StoreSpec, root: Path, repeats: int, with_similarity: bool) -> list[dict]:
+def measure_inspect(spec: StoreSpec, root: Path, repeats: int, with_similarity: bool) -> list[dict]:
     url = root / f"{spec.num_rows}x{spec.seq_len}x{spec.hidden_size}-{spec.dtype}"
     writer = ActivationStore.create(url, spec, fingerprint={"bench": "inspect"})
     write_synthetic_shards(writer, list(range(writer.num_shards)))
@@ -100,7 +100,7 @@ def inspect_benchmarks(
         for shape, (t, h) in SHAPES.items():
             spec = StoreSpec(num_rows=rows[shape], seq_len=t, hidden_size=h, dtype="float16")
             # CKA over H x H products is compute-bound at H=768; time it on tiny only.
-            figures += measure(spec, Path(tmp), repeats, with_similarity=shape == "tiny")
+            figures += measure_inspect(spec, Path(tmp), repeats, with_similarity=shape == "tiny")
     return figures
 
 

@@ -9,13 +9,14 @@ from dataclasses import replace
 
 from transformers import AutoModelForMaskedLM, PreTrainedModel
 
+from cached_mslt.methods.harness import MethodContext
 from cached_mslt.metrics import RunClock
 from cached_mslt.plan import StagePlan
 from cached_mslt.run_layout import RunLayout
 from cached_mslt.stages import run_stage
 
 
-def _run(ctx, cache: str) -> PreTrainedModel:
+def _run(ctx: MethodContext, cache: str) -> PreTrainedModel:
     budget, joint = ctx.budget, ctx.method.mslt_joint_fraction
     n = len([int(v) for v in ctx.args.schedule.stage_layers.split(",") if v.strip()])
     # Shares end the phases. A stage's token count then only informs `--cache auto`, which
@@ -54,9 +55,9 @@ def _run(ctx, cache: str) -> PreTrainedModel:
     return AutoModelForMaskedLM.from_pretrained(layout.model_dir(done))
 
 
-def run_live(ctx) -> PreTrainedModel:
+def run_live(ctx: MethodContext) -> PreTrainedModel:
     return _run(ctx, "never")
 
 
-def run_cached(ctx) -> PreTrainedModel:
+def run_cached(ctx: MethodContext) -> PreTrainedModel:
     return _run(ctx, "always")

@@ -25,6 +25,24 @@ from cached_mslt.prepare import load_prepared, prepared_manifest
 from cached_mslt.run_layout import RunLayout
 
 BASELINE = "full"
+# The report table's columns, then one per fine-tuned task.
+REPORT_COLUMNS = (
+    "method",
+    "status",
+    "lr",
+    "wall s",
+    "cpu s",
+    "wall / full",
+    "cpu / full",
+    "PFLOPs",
+    "tokens",
+    "val loss @ half",
+    "final val loss",
+    "below unigram %",
+    "s to baseline loss",
+    "x baseline wall",
+    "x baseline cpu",
+)
 
 
 def compare_dir(args: RunArgs, method: MethodArgs) -> Path:
@@ -251,23 +269,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "training FLOPs (model count)",
         unigram=unigram,
     )
-    columns = [
-        "method",
-        "status",
-        "lr",
-        "wall s",
-        "cpu s",
-        "wall / full",
-        "cpu / full",
-        "PFLOPs",
-        "tokens",
-        "val loss @ half",
-        "final val loss",
-        "below unigram %",
-        "s to baseline loss",
-        "x baseline wall",
-        "x baseline cpu",
-    ]
+    columns = list(REPORT_COLUMNS)
     columns += sorted({k for r in rows for k in r if k.endswith((" acc %", " probe %"))})
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
     sweeps = sweep_lines(root, methods)

@@ -176,6 +176,17 @@ def _fit(
     }
 
 
+def _over_seeds(runs: list[dict[str, Any]]) -> dict[str, float]:
+    acc_mean, acc_std = mean_std([r["test_accuracy"] for r in runs])
+    f1_mean, f1_std = mean_std([r["test_macro_f1"] for r in runs])
+    return {
+        "accuracy_mean": acc_mean,
+        "accuracy_std": acc_std,
+        "macro_f1_mean": f1_mean,
+        "macro_f1_std": f1_std,
+    }
+
+
 def finetune(
     checkpoint_dir: str | Path,
     task: str | Task,
@@ -222,14 +233,9 @@ def finetune(
         writer.log({"split": "test", **run})
         runs.append(run)
 
-    acc_mean, acc_std = mean_std([r["test_accuracy"] for r in runs])
-    f1_mean, f1_std = mean_std([r["test_macro_f1"] for r in runs])
     result = {
         **result_header(task, checkpoint_dir, data),
-        "accuracy_mean": acc_mean,
-        "accuracy_std": acc_std,
-        "macro_f1_mean": f1_mean,
-        "macro_f1_std": f1_std,
+        **_over_seeds(runs),
         "pretraining_overlap": overlap,
         "runs": runs,
         "args": dataclasses.asdict(args),

@@ -168,9 +168,6 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
     A failure is recorded in result.json and returned, not raised: a comparison goes on."""
     run = method_runner(name)
     run_dir = Path(run_dir)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a comparison run starts clean: resuming would mix budgets
-    run_dir.mkdir(parents=True)
     args = replace(args, train=replace(args.train, run_dir=str(run_dir)))
     # PLD skips layers, so some parameters get no gradient in a step: DDP must allow that.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=name == "pld")]
@@ -179,6 +176,12 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
         gradient_accumulation_steps=args.train.gradient_accumulation_steps,
         kwargs_handlers=handlers,
     )
+    # A comparison run starts clean (resuming would mix budgets). One rank clears it: two
+    # racing would fail each other's mkdir or delete what the other just made.
+    if accelerator.is_main_process:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+    accelerator.wait_for_everyone()
     set_seed(args.train.seed)
     data = load_prepared(args.data.prepared_dir, args.data)
     ctx = MethodContext(name, args, method, accelerator, data, run_dir)

@@ -12,6 +12,7 @@ from typing import Any
 
 from accelerate import PartialState
 
+from cached_mslt.budget import MEASURES
 from cached_mslt.config import ConfigError, MethodArgs, RunArgs
 from cached_mslt.evaluation import PROBE_FILE, RESULTS_FILE, FinetuneArgs, evaluate_checkpoint
 from cached_mslt.methods.harness import method_budget, run_method, run_settings
@@ -40,8 +41,7 @@ REPORT_COLUMNS = (
     "final val loss",
     "below unigram %",
     "s to baseline loss",
-    "x baseline wall",
-    "x baseline cpu",
+    "x baseline",
 )
 
 
@@ -78,35 +78,71 @@ def run_comparison(
 def sweep_learning_rate(
     name: str, args: RunArgs, method: MethodArgs, run_dir: Path
 ) -> dict[str, Any]:
-    """Run `name` once per learning rate in `method.learning_rates` (into run_dir/lr-<x>/)
-    and make the best (lowest final validation loss) the method's run: its metrics, result
-    and final checkpoint are copied to `run_dir`, and the sweep is recorded beside them, so
-    no method is compared at a learning rate that handicaps it."""
+    """Run `name` once per learning rate in `method.learning_rates` and make the best
+    (lowest final validation loss) the method's run: its metrics, result and final
+    checkpoint are copied to `run_dir`, and the sweep is recorded beside them, so no method
+    is compared at a learning rate that handicaps it. With `sweep_budget_fraction` < 1 the
+    trials run on that share of the budget (in run_dir/sweep/) and the winner alone then
+    runs on the whole budget."""
+    short = method.sweep_budget_fraction < 1
+    trial_method = scaled_budget(method, method.sweep_budget_fraction) if short else method
     sweep, best = [], None
     for lr in method.learning_rates:
-        trial_dir = run_dir / f"lr-{lr:g}"
-        trial_args = replace(args, train=replace(args.train, learning_rate=lr))
-        result = run_method(name, trial_args, method, trial_dir)
-        records = [r for r in read_metrics(trial_dir) if r.get("val_loss") is not None]
-        final = records[-1]["val_loss"] if records and result["status"] == "ok" else None
+        trial_dir = run_dir / "sweep" / f"lr-{lr:g}" if short else run_dir / f"lr-{lr:g}"
+        final, result = _trial(name, args, trial_method, trial_dir, lr)
         sweep.append({"learning_rate": lr, "status": result["status"], "final val loss": final})
         if final is not None and (best is None or final < best[1]):
-            best = (trial_dir, final, result)
+            best = (trial_dir, final, result, lr)
+    if short and best is not None:
+        trial_dir = run_dir / f"lr-{best[3]:g}"
+        final, result = _trial(name, args, method, trial_dir, best[3])
+        best = (trial_dir, final, result, best[3]) if final is not None else None
     if not PartialState().is_main_process:
         return best[2] if best else {"status": "failed"}
     if best is None:
         result = {"method": name, "status": "failed", "error": "every learning rate failed"}
     else:
-        trial_dir, _, result = best
+        trial_dir, _, result, _ = best
         trial, run = RunLayout(trial_dir), RunLayout(run_dir)
         shutil.copy(trial.metrics, run.metrics)
         shutil.rmtree(run.final_model, ignore_errors=True)
         shutil.copytree(trial.final_model, run.final_model)
         result = {**result, "final_model": str(run.final_model)}
     fingerprint = prepared_manifest(args.data.prepared_dir)["fingerprint"]  # the trials loaded it
-    result.update(learning_rate_sweep=sweep, settings=run_settings(args, method, fingerprint))
+    result.update(
+        learning_rate_sweep=sweep,
+        sweep_budget_fraction=method.sweep_budget_fraction,
+        settings=run_settings(args, method, fingerprint),
+    )
     RunLayout(run_dir).result.write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _trial(
+    name: str, args: RunArgs, method: MethodArgs, run_dir: Path, lr: float
+) -> tuple[float | None, dict[str, Any]]:
+    """One run of `name` at learning rate `lr`: its final validation loss (None if it
+    failed) and its result."""
+    result = run_method(
+        name, replace(args, train=replace(args.train, learning_rate=lr)), method, run_dir
+    )
+    records = [r for r in read_metrics(run_dir) if r.get("val_loss") is not None]
+    final = records[-1]["val_loss"] if records and result["status"] == "ok" else None
+    return final, result
+
+
+def scaled_budget(method: MethodArgs, fraction: float) -> MethodArgs:
+    """The same comparison settings on `fraction` of the budget, in every measure given."""
+    budget = method_budget(method)
+    return replace(
+        method,
+        **{
+            f"budget_{measure}": None
+            if getattr(budget, measure) is None
+            else getattr(budget, measure) * fraction
+            for measure in MEASURES
+        },
+    )
 
 
 def finished_run(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
@@ -186,6 +222,36 @@ def loss_at(records: list[dict[str, Any]], when: float, x: str = "wall_s") -> fl
     return points[-1][1] if points and points[-1][0] == when else None
 
 
+def lower_share(
+    records: list[dict[str, Any]], other: list[dict[str, Any]], after: float, x: str
+) -> tuple[int, int]:
+    """At how many of its evaluations past `after` (in `x`) a run's validation loss was
+    below `other`'s at the same time (interpolated), out of how many both runs cover."""
+    lower = total = 0
+    for r in records:
+        if r.get("val_loss") is None or r[x] <= after:
+            continue
+        theirs = loss_at(other, r[x], x)
+        if theirs is not None:
+            total += 1
+            lower += r["val_loss"] < theirs
+    return lower, total
+
+
+def cache_gain_line(root: Path, clock: str) -> list[str]:
+    """mslt-cached against mslt-live once stage 1 is over (the stages are the same until
+    then): the cache's own gain, when both ran."""
+    cached, live = read_metrics(root / "mslt-cached"), read_metrics(root / "mslt-live")
+    stage_one = [r[clock] for r in cached + live if r.get("stage") == "stage-1"]
+    if not cached or not live or not stage_one:
+        return []
+    lower, total = lower_share(cached, live, max(stage_one), clock)
+    return [
+        f"After stage 1, `mslt-cached`'s validation loss was below `mslt-live`'s at {lower} "
+        f"of its {total} evaluations (same {_CLOCK_NAME[clock]})."
+    ]
+
+
 def chosen_learning_rate(result: dict[str, Any]) -> float | None:
     """The learning rate a method ran at: the best of its sweep, else the run's own."""
     tried = [t for t in result.get("learning_rate_sweep", []) if t["final val loss"] is not None]
@@ -210,8 +276,16 @@ def sweep_lines(root: Path, methods: list[str]) -> list[str]:
     return lines
 
 
-def summarize(root: Path, methods: list[str], unigram: float | None = None) -> list[dict[str, Any]]:
-    """One row per method from its result.json and metrics.jsonl."""
+def report_clock(method: MethodArgs) -> str:
+    """The time a comparison is read in: CPU seconds when the budget was given in them
+    (a shared machine, where wall-clock also counts the neighbours), else wall-clock."""
+    return "cpu_s" if method.budget_cpu_s is not None else "wall_s"
+
+
+def summarize(
+    root: Path, methods: list[str], unigram: float | None = None, clock: str = "wall_s"
+) -> list[dict[str, Any]]:
+    """One row per method from its result.json and metrics.jsonl; times in `clock`."""
     rows, curves = [], {}
     for name in methods:
         result = RunLayout(root / name).read_result() or {"status": "missing"}
@@ -235,23 +309,28 @@ def summarize(root: Path, methods: list[str], unigram: float | None = None) -> l
         )
     base = next((r for r in rows if r["method"] == BASELINE), None)
     target = base["final val loss"] if base else None
+    base_time = base and base[_COLUMN[clock]]
     for row in rows:
-        if base and base["wall s"] and row["wall s"] is not None:
+        if base_time and row["wall s"] is not None:
             row["wall / full"] = row["wall s"] / base["wall s"]
             row["cpu / full"] = row["cpu s"] / base["cpu s"]
         records = curves[row["method"]]
-        row["s to baseline loss"] = time_to_loss(records, target, "wall_s")
-        if row["s to baseline loss"] is not None and base and base["wall s"]:
-            row["x baseline wall"] = row["s to baseline loss"] / base["wall s"]
-            row["x baseline cpu"] = time_to_loss(records, target, "cpu_s") / base["cpu s"]
-        if base and base["wall s"]:  # the loss each method had when half the time was gone
-            row["val loss @ half"] = loss_at(records, base["wall s"] / 2, "wall_s")
+        row["s to baseline loss"] = time_to_loss(records, target, clock)
+        if row["s to baseline loss"] is not None and base_time:
+            row["x baseline"] = row["s to baseline loss"] / base_time
+        if base_time:  # the loss each method had when half the baseline's time was gone
+            row["val loss @ half"] = loss_at(records, base_time / 2, clock)
     return rows
+
+
+_COLUMN = {"wall_s": "wall s", "cpu_s": "cpu s"}
+_CLOCK_NAME = {"wall_s": "wall-clock", "cpu_s": "CPU seconds"}
 
 
 def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodArgs) -> str:
     unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
-    rows = summarize(root, methods, unigram)
+    clock = report_clock(method)
+    rows = summarize(root, methods, unigram, clock)
     curves = {name: read_metrics(root / name) for name in methods}
     plot_curves(
         curves,
@@ -261,6 +340,15 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "wall-clock seconds (cache builds included, evaluation excluded)",
         unigram=unigram,
     )
+    if clock == "cpu_s":
+        plot_curves(
+            curves,
+            "cpu_s",
+            root / "val_loss_vs_cpu.png",
+            "validation loss vs CPU seconds",
+            "CPU seconds of the process (cache builds included, evaluation excluded)",
+            unigram=unigram,
+        )
     plot_curves(
         curves,
         "flops",
@@ -273,21 +361,29 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
     columns += sorted({k for r in rows for k in r if k.endswith((" acc %", " probe %"))})
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
     sweeps = sweep_lines(root, methods)
+    time = _CLOCK_NAME[clock]
+    plots = ["val_loss_vs_wall.png", "val_loss_vs_flops.png"]
+    plots += ["val_loss_vs_cpu.png"] if clock == "cpu_s" else []
     text = "\n".join(
         [
             f"# Method comparison: preset `{args.model.preset}`, {method_budget(method).describe()} each",
             "",
             markdown_table(rows, columns),
             "",
-            f"`wall / full`, `cpu / full`: the method's whole pretraining time over `{BASELINE}`'s. "
-            f"`val loss @ half`: validation loss at half `{BASELINE}`'s wall-clock. "
-            f"`s to baseline loss`: wall-clock when the method's validation loss first reached `{BASELINE}`'s "
-            "final validation loss, interpolated between evaluations (`-`: never, within the "
-            "budget); `x baseline wall` / `cpu`: that time over the baseline's whole run. Plots: "
-            "`val_loss_vs_wall.png`, `val_loss_vs_flops.png` (dashed: the unigram loss).",
+            f"Times are {time}. `wall / full`, `cpu / full`: the method's whole pretraining "
+            f"time over `{BASELINE}`'s. `val loss @ half`: validation loss at half `{BASELINE}`'s "
+            f"time. `s to baseline loss`: when the method's validation loss first reached "
+            f"`{BASELINE}`'s final validation loss, interpolated between evaluations (`-`: "
+            "never, within the budget); `x baseline`: that time over the baseline's whole run. "
+            f"Plots: {', '.join(f'`{p}`' for p in plots)} (dashed: the unigram loss).",
             "",
             "Unigram loss of the validation targets (token frequencies alone): "
             + (f"{unigram:.3f}." if unigram is not None else "not recorded by this prepared data."),
+            *(
+                [""] + cache_gain_line(root, clock)
+                if {"mslt-cached", "mslt-live"} <= set(methods)
+                else []
+            ),
             *([""] + sweeps if sweeps else []),
             *([""] + failures if failures else []),
             "",

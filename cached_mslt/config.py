@@ -21,6 +21,8 @@ from cached_mslt.methods import METHODS
 from storage.spec import CODECS as STORE_CODECS
 from storage.spec import DTYPES as STORE_DTYPES
 
+GROWTH_INITS = ("copy", "fresh", "identity")
+
 # What a preset means: the default of every option it sets and the user left unset.
 # All three are 12-layer BERTs; `tiny` is the CPU default, and its values are the regime
 # measured in docs/levers.md (where pretraining gets well past word frequencies on 2 cores).
@@ -121,7 +123,8 @@ RANGES: dict[str, tuple[Any, str, str]] = {
         "finite rates > 0",
         "1e-3 3e-3",
     ),
-    "mslt_joint_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.1"),
+    "mslt_joint_fraction": (lambda v: _finite(v) and 0 < v < 1, "a fraction in (0, 1)", "0.1"),
+    "sweep_budget_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a fraction in (0, 1]", "0.25"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "attn_implementation": ("sdpa", "eager"),
@@ -221,7 +224,7 @@ class DataArgs:
     valid_mask_prob: float = field(
         default=0.15,
         metadata={
-            "help": "masking rate of the validation split: fixed (BERT's 15%%) so validation "
+            "help": "masking rate of the validation split: fixed (BERT's 0.15) so validation "
             "losses compare across training masking rates"
         },
     )
@@ -343,7 +346,14 @@ class ScheduleArgs:
     lr_schedule: str = field(
         default="linear", metadata={"help": "linear or cosine decay per stage"}
     )
-    growth_init: str = field(default="copy", metadata={"help": "copy (top layers) or fresh"})
+    growth_init: str = field(
+        default="copy",
+        metadata={
+            "help": "new layers: copy (of the top layers), fresh (random) or identity "
+            "(copies whose residual branches start at zero: the grown model computes "
+            "what the previous one did)"
+        },
+    )
     cache: str = field(default="auto", metadata={"help": "auto, always or never"})
     cache_dtype: str = field(default="float16", metadata={"help": f"one of {tuple(STORE_DTYPES)}"})
     cache_codec: str = field(default="none", metadata={"help": f"one of {STORE_CODECS}"})
@@ -372,7 +382,7 @@ class ScheduleArgs:
     def __post_init__(self) -> None:
         choices = {
             "lr_schedule": ("linear", "cosine"),
-            "growth_init": ("copy", "fresh"),
+            "growth_init": GROWTH_INITS,
             "cache": ("auto", "always", "never"),
             "cache_dtype": tuple(STORE_DTYPES),
             "cache_codec": STORE_CODECS,
@@ -446,6 +456,13 @@ class MethodArgs:
             "--learning_rate only"
         },
     )
+    sweep_budget_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "below 1, the sweep's trials run at this share of the budget and only the "
+            "best rate then runs at the whole budget (a short-horizon sweep)"
+        },
+    )
     compare_dir: str | None = field(
         default=None, metadata={"help": "default runs/compare-<preset>"}
     )
@@ -462,10 +479,10 @@ class MethodArgs:
         },
     )
     mslt_joint_fraction: float = field(
-        default=0.0,
+        default=0.1,
         metadata={
-            "help": "mslt-live / mslt-cached: share of the budget for a final joint phase "
-            "(every layer trains, live); the stages split the rest"
+            "help": "mslt-live-joint / mslt-cached-joint: share of the budget for the final "
+            "joint phase (every layer trains, live); the stages split the rest"
         },
     )
     # progressive stacking: 3 -> 6 -> 12; shares of the budget before each doubling

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, PretrainedConfig
 from transformers.masking_utils import create_bidirectional_mask
 
-from cached_mslt.config import ModelArgs
+from cached_mslt.config import GROWTH_INITS, ModelArgs
 from storage import fingerprint_module
 
 IGNORE_INDEX = -100
@@ -220,25 +220,44 @@ def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+@torch.no_grad()
+def _start_as_identity(layer: nn.Module, top_norm: nn.LayerNorm) -> None:
+    for projection in (layer.attention.output.dense, layer.output.dense):
+        projection.weight.zero_()
+        projection.bias.zero_()
+    for norm in (layer.attention.output.LayerNorm, layer.output.LayerNorm):
+        norm.weight.copy_(top_norm.weight)
+        norm.bias.copy_(top_norm.bias)
+
+
 def grow(model: BertForMaskedLM, num_layers: int, init: str = "copy") -> BertForMaskedLM:
     """Add encoder layers on top until the model has `num_layers`.
 
     `copy`: new layer j copies layer j - added of the grown stack, i.e. the current top
     `added` layers are duplicated in order (progressive stacking's initialisation).
     `fresh`: new layers get the model's standard initialisation.
+    `identity`: as `copy`, but each new layer starts as (nearly) the identity, so the
+    grown model computes what the previous one did: the two residual branches' output
+    projections are zero and both LayerNorms take the affine of the current top layer's
+    output LayerNorm. A post-LN layer then maps its input x = g * n + b (n normalised)
+    to g * norm(x) + b, which is x exactly when g and b are uniform across features and
+    close to x otherwise (docs/design.md, growth).
     """
     layers = model.bert.encoder.layer
     current = len(layers)
     added = num_layers - current
     if added <= 0:
         raise ValueError(f"grow to {num_layers} layers: the model already has {current}")
-    if init not in ("copy", "fresh"):
-        raise ValueError(f"growth init {init!r}; choose copy or fresh")
+    if init not in GROWTH_INITS:
+        raise ValueError(f"growth init {init!r}; choose one of {', '.join(GROWTH_INITS)}")
+    top_norm = layers[current - 1].output.LayerNorm
     for idx in range(current, num_layers):
         source = layers[idx - added if current >= added else (idx - current) % current]
         new = copy_layer(source, model.config)
         if init == "fresh":
             new.apply(model._init_weights)
+        elif init == "identity":
+            _start_as_identity(new, top_norm)
         new.attention.self.layer_idx = idx
         layers.append(new)
     model.config.num_hidden_layers = num_layers

@@ -4,6 +4,7 @@ rate follows its progress through its share of the budget."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,11 +66,13 @@ def test_every_method_stops_within_one_step_of_a_flop_budget(prepared_dir, tmp_p
     assert flops[-1] >= budget > flops[-2], "must stop on the first step that reaches it"
 
 
-def test_a_wall_clock_budget_ends_the_run_within_one_step(prepared_dir, tmp_path):
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_ends_within_one_step_of_a_wall_clock_budget(prepared_dir, tmp_path, name):
     args = small_run(prepared_dir, tmp_path / "unused", eval_every=1000)
-    result = run_method("full", args, MethodArgs(budget_wall_s=3.0), tmp_path / "full")
+    method = MethodArgs(budget_wall_s=3.0, stacking_layers="1,2,4")
+    result = run_method(name, args, method, tmp_path / name)
     assert result["status"] == "ok", result.get("traceback")
-    wall = [w for _, w in _steps(read_metrics(tmp_path / "full"))]
+    wall = [w for _, w in _steps(read_metrics(tmp_path / name))]
     assert wall[-1] >= 3.0 >= wall[-2]  # metrics keep 3 decimals
 
 
@@ -131,3 +134,41 @@ def test_a_cpu_seconds_budget_ends_the_run_within_one_step(prepared_dir, tmp_pat
     assert result["status"] == "ok", result.get("traceback")
     cpu = [r["cpu_s"] for r in read_metrics(tmp_path / "full") if "train_loss" in r]
     assert cpu[-1] >= 2.0 >= cpu[-2]  # metrics keep 3 decimals: 1.9996 shows as 2.0
+
+
+def test_a_cpu_budget_comparison_is_read_in_cpu_seconds(tmp_path):
+    from cached_mslt.compare import report_clock, summarize
+
+    # On a shared machine the other method's wall-clock also counted its neighbours.
+    curves = {
+        "full": [(10.0, 10.0, 7.0), (20.0, 20.0, 6.0)],
+        "other": [(30.0, 5.0, 6.5), (60.0, 10.0, 5.9)],
+    }
+    for name, points in curves.items():
+        (tmp_path / name).mkdir()
+        lines = [
+            {"wall_s": w, "cpu_s": c, "val_loss": v, "flops": 1.0, "tokens": 1}
+            for w, c, v in points
+        ]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    assert report_clock(MethodArgs(budget_cpu_s=20.0)) == "cpu_s"
+    assert report_clock(MethodArgs(budget_wall_s=20.0)) == "wall_s"
+    rows = {r["method"]: r for r in summarize(tmp_path, ["full", "other"], clock="cpu_s")}
+    assert rows["other"]["s to baseline loss"] == pytest.approx(5 + 5 * 0.5 / 0.6)
+    assert rows["other"]["x baseline"] == pytest.approx((5 + 5 * 0.5 / 0.6) / 20)
+    assert rows["other"]["val loss @ half"] == pytest.approx(5.9)
+    walled = {r["method"]: r for r in summarize(tmp_path, ["full", "other"], clock="wall_s")}
+    assert walled["other"]["x baseline"] == pytest.approx(1.5 + 1.5 * 0.5 / 0.6)
+
+
+def test_lower_share_counts_evaluations_below_the_other_curve():
+    from cached_mslt.compare import lower_share
+
+    other = [{"cpu_s": t, "val_loss": 7.0 - 0.1 * t} for t in (0.0, 10.0, 20.0)]  # 7 -> 5
+    run = [
+        {"cpu_s": 5.0, "val_loss": 6.0},  # before `after`: not counted
+        {"cpu_s": 12.0, "val_loss": 5.5},  # other: 5.8 -> lower
+        {"cpu_s": 15.0, "val_loss": 5.6},  # other: 5.5 -> not lower
+        {"cpu_s": 25.0, "val_loss": 4.0},  # past the other run's end: not comparable
+    ]
+    assert lower_share(run, other, after=10.0, x="cpu_s") == (1, 2)

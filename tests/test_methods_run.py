@@ -66,7 +66,9 @@ def test_compare_writes_report_and_plots(prepared_dir, tmp_path):
 
     args = small_run(prepared_dir, tmp_path / "unused", eval_every=2)
     method = MethodArgs(
-        methods=["full", "mslt-cached"], budget_tokens=8 * 32 * 8, compare_dir=str(tmp_path / "cmp")
+        methods=["full", "mslt-live", "mslt-cached"],
+        budget_tokens=8 * 32 * 8,
+        compare_dir=str(tmp_path / "cmp"),
     )
     text = run_comparison(args, method)
     root = tmp_path / "cmp"
@@ -77,6 +79,7 @@ def test_compare_writes_report_and_plots(prepared_dir, tmp_path):
     assert rows["full"]["status"] == rows["mslt-cached"]["status"] == "ok"
     assert rows["full"]["s to baseline loss"] is not None  # the baseline reaches its own loss
     assert "| mslt-cached |" in text
+    assert "After stage 1, `mslt-cached`'s validation loss was below `mslt-live`'s" in text
 
 
 def test_report_adds_finetune_accuracy_columns(tmp_path):
@@ -140,3 +143,54 @@ def test_learning_rate_sweep_keeps_each_method_at_its_best(prepared_dir, tmp_pat
     assert kept == read_metrics(root / "full" / f"lr-{best:g}")
     assert (root / "full" / "final" / "config.json").exists()
     assert "learning-rate sweep" in report and f"| full | ok | {best:g} |" in report
+
+
+def test_short_horizon_sweep_runs_only_the_winner_on_the_whole_budget(prepared_dir, tmp_path):
+    from cached_mslt.compare import run_comparison
+
+    args = small_run(prepared_dir, tmp_path / "unused", eval_every=2)
+    root = tmp_path / "cmp"
+    budget = 8 * 32 * 8
+    method = MethodArgs(
+        methods=["full"],
+        budget_tokens=budget,
+        learning_rates=[1e-5, 3e-3],
+        sweep_budget_fraction=0.5,
+        compare_dir=str(root),
+    )
+    run_comparison(args, method)
+    result = json.loads((root / "full" / "result.json").read_text())
+    tried = {t["learning_rate"]: t["final val loss"] for t in result["learning_rate_sweep"]}
+    best = min(tried, key=tried.get)
+    trials = {lr: read_metrics(root / "full" / "sweep" / f"lr-{lr:g}") for lr in tried}
+    assert all(0 < m[-1]["tokens"] <= budget / 2 for m in trials.values())  # half the budget
+    assert tried[best] == [r for r in trials[best] if r.get("val_loss")][-1]["val_loss"]
+    kept = read_metrics(root / "full")
+    assert kept == read_metrics(root / "full" / f"lr-{best:g}")  # the winner, rerun in full
+    assert budget / 2 < kept[-1]["tokens"] <= budget
+    assert not (root / "full" / f"lr-{max(tried, key=tried.get):g}").exists()
+
+
+def test_mslt_splits_the_budget_in_the_plans_stage_proportions(prepared_dir, tmp_path):
+    from cached_mslt.methods.mslt import stage_weights
+
+    args = small_run(prepared_dir, tmp_path / "unused", stage_steps=None, stage_tokens="3072,1024")
+    assert stage_weights(args) == [3072.0, 1024.0]
+    method = MethodArgs(methods=["mslt-live"], budget_tokens=4096)
+    run_method("mslt-live", args, method, tmp_path / "mslt")
+    per_step = 8 * 32  # batch x seq_len
+    stage1 = [r["tokens"] for r in read_metrics(tmp_path / "mslt") if r["stage"] == "stage-1"]
+    assert 3072 <= max(stage1) < 3072 + per_step  # stage 1 ends on the step that spends 3/4
+
+
+def test_joint_variant_ends_with_every_layer_training_on_its_share(prepared_dir, tmp_path):
+    args = small_run(prepared_dir, tmp_path / "unused", stage_steps=None, stage_tokens="1024,1024")
+    method = MethodArgs(budget_tokens=4096, mslt_joint_fraction=0.25)
+    result = run_method("mslt-live-joint", args, method, tmp_path / "joint")
+    assert result["status"] == "ok", result.get("traceback")
+    assert [p["phase"] for p in result["phases"]] == ["stage-1", "stage-2", "joint"]
+    records = read_metrics(tmp_path / "joint")
+    staged = max(r["tokens"] for r in records if r["stage"] != "joint")
+    assert 3072 <= staged < 3072 + 8 * 32  # the stages share 3/4, the joint phase the rest
+    plain = run_method("mslt-live", args, method, tmp_path / "plain")
+    assert [p["phase"] for p in plain["phases"]] == ["stage-1", "stage-2"]

@@ -109,6 +109,20 @@ def test_grow_fresh_reinitialises_new_layers():
     assert not torch.equal(w_new, model.bert.encoder.layer[1].attention.self.query.weight)
 
 
+def test_grow_identity_keeps_the_function_of_the_smaller_model():
+    # Exact when the top LayerNorm's affine is uniform across features (as at init);
+    # a trained, non-uniform affine makes it approximate (docs/design.md, growth).
+    model = small_model(layers=3).eval()
+    ids, mask, _ = batch(padded=True)
+    before = model(input_ids=ids, attention_mask=mask).logits
+    grow(model, 6, init="identity")
+    after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(before, after, atol=1e-4)
+    top = model.bert.encoder.layer[5]
+    assert torch.count_nonzero(top.output.dense.weight) == 0
+    assert torch.count_nonzero(top.attention.self.query.weight) > 0  # copied, not zero
+
+
 def test_saved_model_reloads_bitwise_and_stays_tied(tmp_path):
     model = small_model(layers=3)
     grow(model, 5)

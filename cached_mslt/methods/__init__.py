@@ -11,6 +11,8 @@ METHODS: dict[str, tuple[str, str]] = {
     "stacking": ("stacking", "run"),
     "mslt-live": ("mslt", "run_live"),
     "mslt-cached": ("mslt", "run_cached"),
+    "mslt-live-joint": ("mslt", "run_live_joint"),
+    "mslt-cached-joint": ("mslt", "run_cached_joint"),
     "pld": ("pld", "run"),
     "share-unshare": ("share_unshare", "run"),
     "multilevel": ("multilevel", "run"),

@@ -1,14 +1,18 @@
 """MSLT through the staged trainer, live (`cache: never`) or from the activation store
-(`cache: always`). The stages split the comparison's budget evenly (stage k ends when
-k/n of it is spent); with `mslt_joint_fraction`, a final joint phase (every layer trains,
-live) takes that share of the budget and the stages split the rest."""
+(`cache: always`). The stages split the comparison's budget in the proportions of the
+plan's `stage_tokens` (the `tiny` preset's 5M, 2M, 2M, 2M gives stage 1 5/11 of it; equal
+stage tokens split it evenly), so a comparison runs the plan `pretrain.py` runs, scaled
+to the budget. The `-joint` variants end with a joint phase (every layer trains, live) on
+`mslt_joint_fraction` of the budget; the stages split the rest."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import accumulate
 
 from transformers import AutoModelForMaskedLM, PreTrainedModel
 
+from cached_mslt.config import RunArgs
 from cached_mslt.methods.harness import MethodContext
 from cached_mslt.metrics import RunClock
 from cached_mslt.plan import StagePlan
@@ -16,13 +20,15 @@ from cached_mslt.run_layout import RunLayout
 from cached_mslt.stages import run_stage
 
 
-def _run(ctx: MethodContext, cache: str) -> PreTrainedModel:
-    budget, joint = ctx.budget, ctx.method.mslt_joint_fraction
-    n = len([int(v) for v in ctx.args.schedule.stage_layers.split(",") if v.strip()])
+def _run(ctx: MethodContext, cache: str, with_joint: bool = False) -> PreTrainedModel:
+    budget = ctx.budget
+    joint = ctx.method.mslt_joint_fraction if with_joint else 0.0
+    weights = stage_weights(ctx.args)
     # Shares end the phases. A stage's token count then only informs `--cache auto`, which
-    # mslt-live and mslt-cached do not use (they fix the mode): the even split of a token
-    # budget, or a placeholder under other budgets.
-    stage_tokens = str(budget.tokens * (1 - joint) / n if budget.tokens else 1)
+    # mslt-live and mslt-cached do not use (they fix the mode): its part of a token budget,
+    # or the plan's own proportions under other budgets.
+    total = budget.tokens * (1 - joint) if budget.tokens else sum(weights)
+    stage_tokens = ",".join(f"{total * w / sum(weights):.0f}" for w in weights)
     schedule = replace(
         ctx.args.schedule,
         cache=cache,
@@ -32,8 +38,9 @@ def _run(ctx: MethodContext, cache: str) -> PreTrainedModel:
     )
     args = replace(ctx.args, schedule=schedule)
     done = None
+    ends = list(accumulate(w / sum(weights) for w in weights))
     for stage in StagePlan.from_args(args).stages:
-        end = 1.0 if stage.joint else (1 - joint) * stage.index / n
+        end = 1.0 if stage.joint else (1 - joint) * ends[stage.index - 1]
         manifest = run_stage(
             args, stage.index, ctx.accelerator, extra={"method": ctx.name}, share=ctx.share(end)
         )
@@ -55,9 +62,26 @@ def _run(ctx: MethodContext, cache: str) -> PreTrainedModel:
     return AutoModelForMaskedLM.from_pretrained(layout.model_dir(done))
 
 
+def stage_weights(args: RunArgs) -> list[float]:
+    """Each stage's part of the staged budget, in proportion to the plan's stage tokens
+    (equal parts when the plan counts steps instead)."""
+    stages = [s for s in StagePlan.from_args(args).stages if not s.joint]
+    if any(s.tokens is None for s in stages):
+        return [1.0] * len(stages)
+    return [float(s.tokens) for s in stages]
+
+
 def run_live(ctx: MethodContext) -> PreTrainedModel:
     return _run(ctx, "never")
 
 
 def run_cached(ctx: MethodContext) -> PreTrainedModel:
     return _run(ctx, "always")
+
+
+def run_live_joint(ctx: MethodContext) -> PreTrainedModel:
+    return _run(ctx, "never", with_joint=True)
+
+
+def run_cached_joint(ctx: MethodContext) -> PreTrainedModel:
+    return _run(ctx, "always", with_joint=True)

@@ -327,10 +327,8 @@ _COLUMN = {"wall_s": "wall s", "cpu_s": "cpu s"}
 _CLOCK_NAME = {"wall_s": "wall-clock", "cpu_s": "CPU seconds"}
 
 
-def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodArgs) -> str:
-    unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
-    clock = report_clock(method)
-    rows = summarize(root, methods, unigram, clock)
+def write_plots(root: Path, methods: list[str], clock: str, unigram: float | None) -> None:
+    """Validation loss against wall-clock, FLOPs and (under a CPU budget) CPU seconds."""
     curves = {name: read_metrics(root / name) for name in methods}
     plot_curves(
         curves,
@@ -357,6 +355,13 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "training FLOPs (model count)",
         unigram=unigram,
     )
+
+
+def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodArgs) -> str:
+    unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
+    clock = report_clock(method)
+    rows = summarize(root, methods, unigram, clock)
+    write_plots(root, methods, clock, unigram)
     columns = list(REPORT_COLUMNS)
     columns += sorted({k for r in rows for k in r if k.endswith((" acc %", " probe %"))})
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]

@@ -1,3 +1,8 @@
 """cached-mslt: multi-stage layerwise BERT pretraining with a cached frozen bottom."""
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("cached-mslt")  # pyproject.toml holds the one number
+except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "unknown"

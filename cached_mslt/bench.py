@@ -8,13 +8,14 @@ medians over interleaved repeats, so a noisy neighbour slows both sides of a rat
 from __future__ import annotations
 
 import contextlib
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.utils.benchmark as benchmark
 
 from cached_mslt.cache import CacheRequest, build_cache
 from cached_mslt.config import ModelArgs
@@ -25,19 +26,24 @@ from storage import BlockDataset, make_block_loader
 VOCAB = 30522
 
 
-def _median_times(
-    fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 0
 ) -> dict[str, float]:
+    """Median seconds per call of each function, from `torch.utils.benchmark` measurements
+    taken in turns (one `blocked_autorange` of each per round), so drift on a shared machine
+    hits every side of a ratio alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    timers = {
+        name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        for name, fn in fns.items()
+    }
+    runs: dict[str, list[benchmark.Measurement]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():  # interleaved: drift on a shared machine hits every side
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+        for name, timer in timers.items():
+            runs[name].append(timer.blocked_autorange(min_run_time=0.0))
+    return {name: benchmark.Measurement.merge(m)[0].median for name, m in runs.items()}
 
 
 def _batch(rows: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -62,6 +68,22 @@ class _FakePrepared:
         return {k: v[key] for k, v in self.batch.items()}
 
 
+def _train_step(model, data, frozen_layers: int, inputs: Callable[[], dict]) -> Callable[[], None]:
+    """One optimizer step of the top above `frozen_layers`, fed by `inputs()`."""
+    params = freeze_bottom(model, frozen_layers)
+    top = TopModel(model, frozen_layers)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        freeze_bottom(model, frozen_layers)
+        loss, _ = top(data["labels"], data["attention_mask"], **inputs())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def step_benchmarks(
     preset: str,
     *,
@@ -73,97 +95,51 @@ def step_benchmarks(
 ) -> list[dict]:
     """Tokens/s of a cached top step, a live MSLT step and a full-model step, and ratios."""
     torch.set_flush_denormal(True)  # AdamW's tiny second moments are denormal; CPUs crawl on them
-    margs = ModelArgs(preset=preset)
-    model = build_model(margs, VOCAB, layers)
+    model = build_model(ModelArgs(preset=preset), VOCAB, layers)
     data = _batch(batch_rows, seq_len)
-    tokens = batch_rows * seq_len
-    masked = int((data["labels"] != -100).sum())
+    ids, mask = data["input_ids"], data["attention_mask"]
+    tokens, masked = batch_rows * seq_len, int((data["labels"] != -100).sum())
     with torch.no_grad():
         model.eval()
-        hidden16 = bottom_forward(model, data["input_ids"], data["attention_mask"], frozen).half()
+        hidden16 = bottom_forward(model, ids, mask, frozen).half()
 
-    def make_step(frozen_layers: int, source: str) -> Callable[[], None]:
-        params = freeze_bottom(model, frozen_layers)
-        top = TopModel(model, frozen_layers)
-        opt = torch.optim.AdamW(params, lr=1e-4)
-
-        def step() -> None:
-            freeze_bottom(model, frozen_layers)
-            if source == "cache":
-                inputs = {"hidden_states": hidden16.float()}  # what a float16 store hands over
-            elif source == "live":
-                with torch.no_grad():
-                    inputs = {
-                        "hidden_states": bottom_forward(
-                            model, data["input_ids"], data["attention_mask"], frozen
-                        )
-                    }
-            else:
-                inputs = {"input_ids": data["input_ids"]}
-            loss, _ = top(data["labels"], data["attention_mask"], **inputs)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
+    @torch.no_grad()
+    def live() -> dict:
+        return {"hidden_states": bottom_forward(model, ids, mask, frozen)}
 
     steps = {
-        "cached": make_step(frozen, "cache"),
-        "live": make_step(frozen, "live"),
-        "full": make_step(0, "tokens"),
+        # what a float16 store hands over
+        "cached": _train_step(model, data, frozen, lambda: {"hidden_states": hidden16.float()}),
+        "live": _train_step(model, data, frozen, live),
+        "full": _train_step(model, data, 0, lambda: {"input_ids": ids}),
     }
-    t = _median_times(steps, repeats)
-    c = model.config
-    f_cached = step_flops(
-        c,
-        tokens=tokens,
-        masked_tokens=masked,
-        trained_layers=layers - frozen,
-        frozen_live_layers=0,
-        seq_len=seq_len,
-        decoder_weight_trains=False,
-    )
-    f_live = step_flops(
-        c,
-        tokens=tokens,
-        masked_tokens=masked,
-        trained_layers=layers - frozen,
-        frozen_live_layers=frozen,
-        seq_len=seq_len,
-        decoder_weight_trains=False,
-    )
-    f_full = step_flops(
-        c,
-        tokens=tokens,
-        masked_tokens=masked,
-        trained_layers=layers,
-        frozen_live_layers=0,
-        seq_len=seq_len,
-        decoder_weight_trains=True,
-    )
+    t = interleaved_medians(steps, repeats, warmup=2)
+    # (trained layers, frozen layers run live, decoder weight trains) per kind of step
+    shapes = {
+        "cached": (layers - frozen, 0, False),
+        "live": (layers - frozen, frozen, False),
+        "full": (layers, 0, True),
+    }
+    flops = {
+        kind: step_flops(
+            model.config,
+            tokens=tokens,
+            masked_tokens=masked,
+            trained_layers=trained,
+            frozen_live_layers=live_layers,
+            seq_len=seq_len,
+            decoder_weight_trains=decoder,
+        )
+        for kind, (trained, live_layers, decoder) in shapes.items()
+    }
     tag = {"preset": preset, "frozen": frozen, "trained": layers - frozen, "batch_tokens": tokens}
     out = [
         {"name": f"{k}_step_tokens_per_s", "value": tokens / v, "unit": "tokens/s", **tag}
         for k, v in t.items()
     ]
-    out.append(
-        {
-            "name": "cached_vs_live_step",
-            "value": t["live"] / t["cached"],
-            "unit": "x",
-            "model_ratio": f_live / f_cached,
-            **tag,
-        }
-    )
-    out.append(
-        {
-            "name": "cached_vs_full_step",
-            "value": t["full"] / t["cached"],
-            "unit": "x",
-            "model_ratio": f_full / f_cached,
-            **tag,
-        }
-    )
+    for other in ("live", "full"):
+        ratio = {"value": t[other] / t["cached"], "model_ratio": flops[other] / flops["cached"]}
+        out.append({"name": f"cached_vs_{other}_step", **ratio, "unit": "x", **tag})
     return out
 
 
@@ -208,7 +184,7 @@ def build_benchmark(
                         model, hidden[a : a + 64].float(), mask[a : a + 64], first, last
                     ).half()
 
-        plain_s = _median_times({"plain": plain}, repeats=3, warmup=1)["plain"]
+        plain_s = interleaved_medians({"plain": plain}, repeats=3, warmup=1)["plain"]
         loader = make_block_loader(
             BlockDataset(source, block_rows=8), rows_per_batch=32, shuffle=True, seed=0
         )

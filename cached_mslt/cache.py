@@ -16,22 +16,18 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertForMaskedLM
 
 from cached_mslt.blocks import PreparedBlocks
-from cached_mslt.model import bottom_forward, frozen_modules, run_layers
+from cached_mslt.model import bottom_fingerprint, bottom_forward, frozen_modules, run_layers
 from storage import (
     ActivationStore,
     IncompleteStoreError,
     StoreError,
     StoreNotFoundError,
     StoreSpec,
-    fingerprint_module,
 )
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -52,9 +48,8 @@ class CacheRequest:
 
 def store_fingerprint(model: BertForMaskedLM, req: CacheRequest) -> dict[str, str]:
     """What a store's contents are a function of; any difference makes it stale."""
-    bottom = nn.ModuleList(frozen_modules(model, req.frozen_layers))
     return {
-        "weights": fingerprint_module(bottom),
+        "weights": bottom_fingerprint(model, req.frozen_layers),
         "frozen_layers": str(req.frozen_layers),
         "data": req.data_fingerprint,
         "mask_seed": str(req.mask_seed),
@@ -105,8 +100,60 @@ def build_cache(
     # PartialState() created first would see one process. The state is a singleton, so an
     # existing Accelerator's wins.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    device = state.device
     fingerprint = store_fingerprint(model, req)
+    options = req.storage_options
+    existing = open_valid_store(req.url, fingerprint, options) if not overwrite else None
+    state.wait_for_everyone()
+    if existing is not None:
+        return existing, {"reused": True, "build_s": 0.0, "rows": 0}
+    assert req.frozen_layers > 0, "a cache needs at least one frozen module"
+    how = _build_kind(req, source)
+    store = _open_for_build(state, model, req, fingerprint, how, source, overwrite)
+    for m in frozen_modules(model, req.frozen_layers):
+        m.to(state.device).eval()
+    pending = store.pending_shards(state.process_index, state.num_processes)
+    rows_total = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending)
+    bar = tqdm(
+        total=rows_total,
+        desc=f"cache stage-{req.stage} ({how.split(' ')[0]})",
+        unit="row",
+        disable=not state.is_local_main_process,
+    )
+    began = time.perf_counter()
+    prepared = PreparedBlocks(prepared_train, block_rows=batch_rows, num_rows=req.num_rows)
+    try:
+        for shard in pending:
+            rows = _shard_rows(model, req, store, shard, prepared, source, state.device, bar)
+            store.write_shard(shard, **rows)
+    except BaseException:
+        # A failed build gives up its lock at once (a rerun in this process, or another
+        # job, resumes it); a killed one leaves it for stale-lock takeover.
+        if state.is_main_process:
+            store.release_lock()
+        raise
+    bar.close()
+    elapsed = time.perf_counter() - began
+    return _commit(state, store, req, fingerprint, how, rows_total, elapsed)
+
+
+def _build_kind(req: CacheRequest, source: ActivationStore | None) -> str:
+    """How the store is built: "full", or "incremental from <source> (layers a..b)"."""
+    if source is None:
+        return "full"
+    start_layer = int(source.fingerprint["frozen_layers"])
+    if source.spec.num_rows != req.num_rows or source.spec.seq_len != req.seq_len:
+        raise ValueError(
+            f"incremental rebuild needs the previous store to hold the same rows: it has "
+            f"{source.spec.num_rows}x{source.spec.seq_len}, this stage needs "
+            f"{req.num_rows}x{req.seq_len}; use --cache_rebuild full"
+        )
+    return f"incremental from {source.url} (layers {start_layer}..{req.frozen_layers})"
+
+
+def _open_for_build(state, model, req, fingerprint, how, source, overwrite) -> ActivationStore:
+    """Process 0 creates the store (or reopens a half-built one to resume) and holds its
+    build lock until commit; the others join once it exists."""
+    options = req.storage_options
     spec = StoreSpec(
         num_rows=req.num_rows,
         seq_len=req.seq_len,
@@ -114,26 +161,6 @@ def build_cache(
         dtype=req.dtype,
         codec=req.codec,
         rows_per_chunk=req.rows_per_chunk,
-    )
-    options = req.storage_options
-    existing = open_valid_store(req.url, fingerprint, options) if not overwrite else None
-    state.wait_for_everyone()
-    if existing is not None:
-        return existing, {"reused": True, "build_s": 0.0, "rows": 0}
-
-    start_layer = 0
-    if source is not None:
-        start_layer = int(source.fingerprint["frozen_layers"])
-        if source.spec.num_rows != req.num_rows or source.spec.seq_len != req.seq_len:
-            raise ValueError(
-                f"incremental rebuild needs the previous store to hold the same rows: it has "
-                f"{source.spec.num_rows}x{source.spec.seq_len}, this stage needs "
-                f"{req.num_rows}x{req.seq_len}; use --cache_rebuild full"
-            )
-    how = (
-        f"incremental from {source.url} (layers {start_layer}..{req.frozen_layers})"
-        if source
-        else "full"
     )
     attrs = {
         "stage": req.stage,
@@ -150,7 +177,6 @@ def build_cache(
         and _unfinished_build(req, options) not in (None, how)
     ):
         overwrite = True
-    # Process 0 creates the store and holds its build lock until commit; the others join.
     if state.is_main_process:
         store = ActivationStore.create(
             req.url,
@@ -165,59 +191,49 @@ def build_cache(
         store = ActivationStore.open(
             req.url, mode="r+", require_complete=False, storage_options=options
         )
+    return store
 
-    frozen = [m.to(device).eval() for m in frozen_modules(model, req.frozen_layers)]
-    assert frozen, "a cache needs at least one frozen module"
-    prepared = PreparedBlocks(prepared_train, block_rows=batch_rows, num_rows=req.num_rows)
-    dtype = TORCH_DTYPES[req.dtype]
-    pending = store.pending_shards(state.process_index, state.num_processes)
-    rows_total = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending)
-    bar = tqdm(
-        total=rows_total,
-        desc=f"cache stage-{req.stage} ({how.split(' ')[0]})",
-        unit="row",
-        disable=not state.is_local_main_process,
-    )
-    began = time.perf_counter()
-    try:
-        for shard in pending:
-            lo, hi = store.shard_rows(shard)
-            parts: dict[str, list[torch.Tensor]] = {
-                "hidden": [],
-                "attention_mask": [],
-                "labels": [],
-                "row_index": [],
-            }
-            for a in range(lo, hi, batch_rows):
-                b = min(a + batch_rows, hi)
-                rows = prepared.rows(a, b)
-                mask = rows["attention_mask"].to(device)
-                if source is None:
-                    hidden = bottom_forward(
-                        model, rows["input_ids"].to(device), mask, req.frozen_layers
-                    )
-                else:
-                    previous = source.read_rows(a, b)["hidden"].to(device, torch.float32)
-                    hidden = run_layers(model, previous, mask, start_layer, req.frozen_layers)
-                parts["hidden"].append(hidden.to(dtype).cpu())
-                parts["attention_mask"].append(rows["attention_mask"].to(torch.uint8))
-                parts["labels"].append(rows["labels"].to(torch.int32))
-                parts["row_index"].append(rows["row_index"])
-                bar.update(b - a)
-            store.write_shard(shard, **{k: torch.cat(v) for k, v in parts.items()})
-    except BaseException:
-        # A failed build gives up its lock at once (a rerun in this process, or another
-        # job, resumes it); a killed one leaves it for stale-lock takeover.
-        if state.is_main_process:
-            store.release_lock()
-        raise
-    bar.close()
-    elapsed = time.perf_counter() - began
+
+def _shard_rows(model, req, store, shard, prepared, source, device, bar) -> dict:
+    """One shard's rows: the frozen bottom's output (from token ids, or the source store's
+    hidden states pushed through the newly frozen layers) and what training reads beside it."""
+    start_layer = int(source.fingerprint["frozen_layers"]) if source is not None else 0
+    dtype = store.spec.torch_dtype
+    lo, hi = store.shard_rows(shard)
+    batch_rows = prepared.block_rows
+    parts: dict[str, list[torch.Tensor]] = {
+        "hidden": [],
+        "attention_mask": [],
+        "labels": [],
+        "row_index": [],
+    }
+    for a in range(lo, hi, batch_rows):
+        b = min(a + batch_rows, hi)
+        rows = prepared.rows(a, b)
+        mask = rows["attention_mask"].to(device)
+        if source is None:
+            hidden = bottom_forward(model, rows["input_ids"].to(device), mask, req.frozen_layers)
+        else:
+            previous = source.read_rows(a, b)["hidden"].to(device, torch.float32)
+            hidden = run_layers(model, previous, mask, start_layer, req.frozen_layers)
+        parts["hidden"].append(hidden.to(dtype).cpu())
+        parts["attention_mask"].append(rows["attention_mask"].to(torch.uint8))
+        parts["labels"].append(rows["labels"].to(torch.int32))
+        parts["row_index"].append(rows["row_index"])
+        bar.update(b - a)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _commit(state, store, req, fingerprint, how, rows_total: int, elapsed: float) -> tuple:
+    """Every process has written its shards: process 0 checks and commits, then all open
+    the complete store read-only."""
     state.wait_for_everyone()
     if state.is_main_process:
         store.commit()
     state.wait_for_everyone()
-    built = ActivationStore.open(req.url, expected_fingerprint=fingerprint, storage_options=options)
+    built = ActivationStore.open(
+        req.url, expected_fingerprint=fingerprint, storage_options=req.storage_options
+    )
     stats = {
         "reused": False,
         "build_s": elapsed,

@@ -14,19 +14,35 @@ from accelerate import PartialState
 
 from cached_mslt.budget import MEASURES
 from cached_mslt.config import ConfigError, MethodArgs, RunArgs
-from cached_mslt.finetune import RESULTS_FILE, FinetuneArgs, finetune
-from cached_mslt.linear_probe import PROBE_FILE, linear_probe
-from cached_mslt.methods.harness import RESULT, method_budget, run_method, run_settings
+from cached_mslt.evaluation import PROBE_FILE, RESULTS_FILE, FinetuneArgs, evaluate_checkpoint
+from cached_mslt.methods.harness import method_budget, run_method, run_settings
 from cached_mslt.metrics import (
-    METRICS_FILE,
     below_unigram,
     markdown_table,
     plot_curves,
     read_metrics,
 )
 from cached_mslt.prepare import load_prepared, prepared_manifest
+from cached_mslt.run_layout import RunLayout
 
 BASELINE = "full"
+# The report table's columns, then one per fine-tuned task.
+REPORT_COLUMNS = (
+    "method",
+    "status",
+    "lr",
+    "wall s",
+    "cpu s",
+    "wall / full",
+    "cpu / full",
+    "PFLOPs",
+    "tokens",
+    "val loss @ half",
+    "final val loss",
+    "below unigram %",
+    "s to baseline loss",
+    "x baseline",
+)
 
 
 def compare_dir(args: RunArgs, method: MethodArgs) -> Path:
@@ -53,7 +69,7 @@ def run_comparison(
         else:
             PartialState().print(f"{name}: reusing the finished run in {root / name}")
         if method.finetune and result["status"] == "ok":
-            finetune_method(root / name, finetune_args or FinetuneArgs())
+            evaluate_method(root / name, finetune_args or FinetuneArgs())
     if not PartialState().is_main_process:
         return ""
     return write_report(root, method.methods, args, method)
@@ -87,17 +103,18 @@ def sweep_learning_rate(
         result = {"method": name, "status": "failed", "error": "every learning rate failed"}
     else:
         trial_dir, _, result, _ = best
-        shutil.copy(trial_dir / METRICS_FILE, run_dir / METRICS_FILE)
-        shutil.rmtree(run_dir / "final", ignore_errors=True)
-        shutil.copytree(trial_dir / "final", run_dir / "final")
-        result = {**result, "final_model": str(run_dir / "final")}
+        trial, run = RunLayout(trial_dir), RunLayout(run_dir)
+        shutil.copy(trial.metrics, run.metrics)
+        shutil.rmtree(run.final_model, ignore_errors=True)
+        shutil.copytree(trial.final_model, run.final_model)
+        result = {**result, "final_model": str(run.final_model)}
     fingerprint = prepared_manifest(args.data.prepared_dir)["fingerprint"]  # the trials loaded it
     result.update(
         learning_rate_sweep=sweep,
         sweep_budget_fraction=method.sweep_budget_fraction,
         settings=run_settings(args, method, fingerprint),
     )
-    (run_dir / RESULT).write_text(json.dumps(result, indent=2, default=str))
+    RunLayout(run_dir).result.write_text(json.dumps(result, indent=2, default=str))
     return result
 
 
@@ -132,10 +149,10 @@ def finished_run(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None
     """The result of a finished run with the `wanted` settings (`run_settings`), None if
     there is none to reuse (missing or failed); a run with other settings is an error,
     never silently replaced."""
-    path = run_dir / RESULT
-    if not path.exists():
+    path = RunLayout(run_dir).result
+    result = RunLayout(run_dir).read_result()
+    if result is None:
         return None
-    result = json.loads(path.read_text())
     if result.get("status") != "ok":
         return None
     recorded = result.get("settings")
@@ -158,15 +175,9 @@ def finished_run(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None
     return result
 
 
-def finetune_method(run_dir: Path, fargs: FinetuneArgs) -> None:
-    """Fine-tune a method's final checkpoint on every task; results land in run_dir/finetune."""
-    fargs = replace(fargs, output_dir=str(run_dir / "finetune"))
-    checkpoint = run_dir / "final"
-    for task in fargs.task:
-        if "finetune" in fargs.evaluation:
-            finetune(checkpoint, task, fargs)
-        if "probe" in fargs.evaluation and PartialState().is_main_process:
-            linear_probe(checkpoint, task, fargs)
+def evaluate_method(run_dir: Path, fargs: FinetuneArgs) -> None:
+    """Evaluate a method's final checkpoint on every task; results land in run_dir/finetune."""
+    evaluate_checkpoint(RunLayout(run_dir).final_model, fargs, output_dir=run_dir / "finetune")
 
 
 def finetune_columns(run_dir: Path) -> dict[str, str]:
@@ -253,8 +264,7 @@ def sweep_lines(root: Path, methods: list[str]) -> list[str]:
     """One line per swept method: every learning rate tried and the loss it ended at."""
     lines = []
     for name in methods:
-        path = root / name / RESULT
-        result = json.loads(path.read_text()) if path.exists() else {}
+        result = RunLayout(root / name).read_result() or {}
         tried = result.get("learning_rate_sweep")
         if tried:
             parts = [
@@ -278,10 +288,7 @@ def summarize(
     """One row per method from its result.json and metrics.jsonl; times in `clock`."""
     rows, curves = [], {}
     for name in methods:
-        result_path = root / name / "result.json"
-        result = (
-            json.loads(result_path.read_text()) if result_path.exists() else {"status": "missing"}
-        )
+        result = RunLayout(root / name).read_result() or {"status": "missing"}
         records = read_metrics(root / name)
         curves[name] = records
         evals = [r for r in records if r.get("val_loss") is not None]
@@ -320,10 +327,8 @@ _COLUMN = {"wall_s": "wall s", "cpu_s": "cpu s"}
 _CLOCK_NAME = {"wall_s": "wall-clock", "cpu_s": "CPU seconds"}
 
 
-def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodArgs) -> str:
-    unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
-    clock = report_clock(method)
-    rows = summarize(root, methods, unigram, clock)
+def write_plots(root: Path, methods: list[str], clock: str, unigram: float | None) -> None:
+    """Validation loss against wall-clock, FLOPs and (under a CPU budget) CPU seconds."""
     curves = {name: read_metrics(root / name) for name in methods}
     plot_curves(
         curves,
@@ -350,22 +355,14 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
         "training FLOPs (model count)",
         unigram=unigram,
     )
-    columns = [
-        "method",
-        "status",
-        "lr",
-        "wall s",
-        "cpu s",
-        "wall / full",
-        "cpu / full",
-        "PFLOPs",
-        "tokens",
-        "val loss @ half",
-        "final val loss",
-        "below unigram %",
-        "s to baseline loss",
-        "x baseline",
-    ]
+
+
+def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodArgs) -> str:
+    unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
+    clock = report_clock(method)
+    rows = summarize(root, methods, unigram, clock)
+    write_plots(root, methods, clock, unigram)
+    columns = list(REPORT_COLUMNS)
     columns += sorted({k for r in rows for k in r if k.endswith((" acc %", " probe %"))})
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
     sweeps = sweep_lines(root, methods)

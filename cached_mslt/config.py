@@ -17,6 +17,10 @@ from typing import Any
 
 import yaml
 
+from cached_mslt.methods import METHODS
+from storage.spec import CODECS as STORE_CODECS
+from storage.spec import DTYPES as STORE_DTYPES
+
 GROWTH_INITS = ("copy", "fresh", "identity")
 
 # What a preset means: the default of every option it sets and the user left unset.
@@ -351,8 +355,8 @@ class ScheduleArgs:
         },
     )
     cache: str = field(default="auto", metadata={"help": "auto, always or never"})
-    cache_dtype: str = field(default="float16", metadata={"help": "float32, float16 or bfloat16"})
-    cache_codec: str = field(default="none", metadata={"help": "none, zstd or blosc"})
+    cache_dtype: str = field(default="float16", metadata={"help": f"one of {tuple(STORE_DTYPES)}"})
+    cache_codec: str = field(default="none", metadata={"help": f"one of {STORE_CODECS}"})
     cache_rebuild: str = field(
         default="incremental", metadata={"help": "incremental (from the previous store) or full"}
     )
@@ -380,8 +384,8 @@ class ScheduleArgs:
             "lr_schedule": ("linear", "cosine"),
             "growth_init": GROWTH_INITS,
             "cache": ("auto", "always", "never"),
-            "cache_dtype": ("float32", "float16", "bfloat16"),
-            "cache_codec": ("none", "zstd", "blosc"),
+            "cache_dtype": tuple(STORE_DTYPES),
+            "cache_codec": STORE_CODECS,
             "cache_rebuild": ("incremental", "full"),
         }
         for name, allowed in choices.items():
@@ -418,10 +422,7 @@ class MethodArgs:
 
     methods: list[str] = field(
         default_factory=lambda: ["full", "mslt-cached"],
-        metadata={
-            "help": "full stacking mslt-live mslt-cached mslt-live-joint mslt-cached-joint pld "
-            "share-unshare multilevel"
-        },
+        metadata={"help": " ".join(METHODS)},
     )
     budget_tokens: float | None = field(
         default=None,

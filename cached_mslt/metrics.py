@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cached_mslt.run_layout import METRICS
 from cached_mslt.rundir import write_atomic
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -68,7 +67,7 @@ class MetricsWriter:
         run_dir: str | Path,
         accelerator=None,
         base: dict[str, Any] | None = None,
-        filename: str = METRICS_FILE,
+        filename: str = METRICS,
     ):
         self.path = Path(run_dir) / filename
         self.accelerator = accelerator
@@ -103,7 +102,7 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if p.is_dir():
-        p = p / METRICS_FILE
+        p = p / METRICS
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

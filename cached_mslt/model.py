@@ -11,14 +11,16 @@ hidden states.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, PretrainedConfig
 from transformers.masking_utils import create_bidirectional_mask
 
 from cached_mslt.config import GROWTH_INITS, ModelArgs
+from storage import fingerprint_module
 
 IGNORE_INDEX = -100
 
@@ -95,6 +97,12 @@ def mlm_head_loss(
     return F.cross_entropy(logits.float(), target), int(target.numel())
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[rows, T, H] -> [rows, H]: mean over real tokens, in float32."""
+    mask = attention_mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 def top_forward(
     model: BertForMaskedLM,
     hidden_states: torch.Tensor,
@@ -162,6 +170,56 @@ def freeze_bottom(model: BertForMaskedLM, frozen: int) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def bottom_fingerprint(model: nn.Module, frozen: int) -> str:
+    """What a store and a stage manifest record of the frozen bottom: a hash of the
+    embeddings and the first `frozen` layers (docs/design.md invariant 5)."""
+    return fingerprint_module(nn.ModuleList(frozen_modules(model, frozen)))
+
+
+def decay_param_groups(
+    model: nn.Module, weight_decay: float, params: list[nn.Parameter] | None = None
+) -> list[dict]:
+    """AdamW groups by BERT's convention: no weight decay on biases and LayerNorm weights.
+    `params` (default: every parameter of `model`) keeps its order within each group."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters() if params is None else params:
+        name = names.get(id(p), "")
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+# --- layer surgery: growth here, the structural operators of methods/ on the same helpers ---
+
+
+def copy_layer(layer: nn.Module, config: PretrainedConfig) -> nn.Module:
+    """Deep copy of one encoder layer that still points at the model's `config` object: a
+    plain deepcopy gives the copy its own config, which a later `set_attn_implementation`
+    misses (docs/library-facts.md, "Growth")."""
+    return copy.deepcopy(layer, memo={id(config): config})
+
+
+def set_encoder_layers(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Module:
+    """Install `layers` as the encoder, in place, and keep the config and layer indices in step."""
+    model.bert.encoder.layer = nn.ModuleList(layers)
+    model.config.num_hidden_layers = len(layers)
+    # layer_idx only addresses a KV cache (decoder use), but keep it truthful. A block
+    # shared by several positions keeps the index of its first position.
+    for i in reversed(range(len(layers))):
+        layers[i].attention.self.layer_idx = i
+    return model
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """An independent copy. One deepcopy call shares its memo across the whole model, so
+    the copy keeps the original's structure: one config object, the decoder tied to the
+    word embeddings, a shared block still shared."""
+    return copy.deepcopy(model)
+
+
 @torch.no_grad()
 def _start_as_identity(layer: nn.Module, top_norm: nn.LayerNorm) -> None:
     for projection in (layer.attention.output.dense, layer.output.dense):
@@ -195,9 +253,7 @@ def grow(model: BertForMaskedLM, num_layers: int, init: str = "copy") -> BertFor
     top_norm = layers[current - 1].output.LayerNorm
     for idx in range(current, num_layers):
         source = layers[idx - added if current >= added else (idx - current) % current]
-        # The memo keeps the one shared config object: a plain deepcopy gives each new
-        # layer its own config and later attention-implementation switches miss them.
-        new = copy.deepcopy(source, memo={id(model.config): model.config})
+        new = copy_layer(source, model.config)
         if init == "fresh":
             new.apply(model._init_weights)
         elif init == "identity":

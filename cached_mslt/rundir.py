@@ -24,8 +24,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-LOCK_FILE = "owner.lock"
-
 
 class RunLockedError(RuntimeError):
     """Another process owns this run directory's stage."""

@@ -1,13 +1,6 @@
 """Running MSLT stages: grow, freeze, cache, train, save. One call per stage.
 
-Run directory (default runs/<preset>/):
-    config.json              the run's configuration; later stages must agree with it
-    metrics.jsonl            one line per log step, all stages
-    stage-K/model/           save_pretrained checkpoint (plus tokenizer) at stage end
-    stage-K/checkpoint/      accelerate save_state for resuming mid-stage (removed at end)
-    stage-K/manifest.json    written last: the stage is done when it exists
-    cache/stage-K/           the activation store the stage trained from
-    summary.md, val_loss.png the end-of-run report
+The run directory (default runs/<preset>/) is laid out as `cached_mslt.run_layout` says.
 """
 
 from __future__ import annotations
@@ -18,10 +11,10 @@ import math
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import BertForMaskedLM
@@ -42,18 +35,18 @@ from cached_mslt.metrics import (
     plot_curves,
     read_metrics,
 )
-from cached_mslt.model import build_model, check_tied, frozen_modules, grow
+from cached_mslt.model import bottom_fingerprint, build_model, check_tied, grow
 from cached_mslt.plan import Stage, StagePlan
-from cached_mslt.prepare import check_prepared, load_prepared, prepared_manifest
+from cached_mslt.prepare import PreparedData, check_prepared, load_prepared, prepared_manifest
+from cached_mslt.run_layout import RunLayout
 from cached_mslt.rundir import (
-    LOCK_FILE,
     DiskFullError,
     RunLockedError,
     saving,
     stage_lock,
     write_atomic,
 )
-from cached_mslt.trainer import DivergenceError, Phase, train_phase
+from cached_mslt.trainer import DivergenceError, OldCheckpointError, Phase, train_phase
 from storage import (
     ActivationStore,
     BlockDataset,
@@ -63,12 +56,11 @@ from storage import (
     StoreError,
     StoreExistsError,
     check_reachable,
-    fingerprint_module,
 )
+from storage.dataset import Blocks
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 UNBOUNDED_STEPS = 2**62
 # Options that define what a run is; a later stage launched with different values would
 # silently mix two runs, so it is refused.
@@ -85,28 +77,20 @@ class StageError(RuntimeError):
 
 # Refusals whose message already says what was expected, what was found and what to run:
 # entry points print them as one line of text, not a traceback.
-USER_ERRORS = (ConfigError, DataError, StageError, StoreError, RunLockedError, DiskFullError)
-
-
-def stage_dir(args: RunArgs, index: int) -> Path:
-    return Path(args.train.run_dir) / f"stage-{index}"
-
-
-def cache_url(args: RunArgs, index: int) -> str:
-    """Stage `index`'s store: under --cache_url (any fsspec URL) or <run_dir>/cache."""
-    if args.schedule.cache_url:
-        return f"{args.schedule.cache_url.rstrip('/')}/stage-{index}"
-    return str(Path(args.train.run_dir) / "cache" / f"stage-{index}")
-
-
-def read_manifest(args: RunArgs, index: int) -> dict[str, Any] | None:
-    path = stage_dir(args, index) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    StageError,
+    StoreError,
+    RunLockedError,
+    DiskFullError,
+    OldCheckpointError,
+)
 
 
 def check_run_config(args: RunArgs, accelerator: Accelerator) -> None:
     """Write config.json on first use; afterwards refuse options that change the run's identity."""
-    path = Path(args.train.run_dir) / "config.json"
+    path = RunLayout.of(args).config
     current = args.to_dict()
     if path.exists():
         saved = json.loads(path.read_text())
@@ -137,7 +121,7 @@ def check_same_data(args: RunArgs, index: int, previous: dict | None, fingerprin
         f"stage {index - 1} trained on prepared data with fingerprint "
         f"{previous['fingerprints']['data'][:12]}, but {args.data.prepared_dir} now holds "
         f"{fingerprint[:12]}; expected the same data for every stage of a run. Restore that "
-        f"data (`python pipelines/prepare_data.py --config {Path(args.train.run_dir) / 'config.json'}"
+        f"data (`python pipelines/prepare_data.py --config {RunLayout.of(args).config}"
         f" --overwrite`, if the corpus is unchanged) or start a new run with another --run_dir"
     )
 
@@ -168,15 +152,15 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
     """Stage 1 starts from a fresh model; stage K from stage K-1's checkpoint, grown."""
     if stage.index == 1:
         return build_model(args.model, vocab_size, stage.num_layers, seed=args.train.seed)
-    previous = stage_dir(args, stage.index - 1)
-    if read_manifest(args, stage.index - 1) is None:
+    layout = RunLayout.of(args)
+    if layout.read_manifest(stage.index - 1) is None:
         raise StageError(
             f"stage {stage.index} needs stage {stage.index - 1}, which is not finished "
-            f"({previous / MANIFEST} is missing); run `accelerate launch pipelines/stage.py "
-            f"--config {Path(args.train.run_dir) / 'config.json'} --stage {stage.index - 1}` first"
+            f"({layout.manifest(stage.index - 1)} is missing); run `accelerate launch "
+            f"pipelines/stage.py --config {layout.config} --stage {stage.index - 1}` first"
         )
     model = BertForMaskedLM.from_pretrained(
-        previous / "model", attn_implementation=args.model.attn_implementation
+        layout.model_dir(stage.index - 1), attn_implementation=args.model.attn_implementation
     )
     if model.config.num_hidden_layers != stage.frozen_layers and not stage.joint:
         raise StageError(
@@ -229,7 +213,7 @@ def check_cache_location(args: RunArgs, plan: StagePlan) -> None:
     """Fail before anything is written (no half-made run) if the plan caches and the cache
     location cannot be used: endpoint down, bucket missing (storage.StoreUnreachableError)."""
     if any(s.frozen_layers and s.cache != "never" for s in plan.stages):
-        check_reachable(cache_url(args, 1), args.schedule.storage_options())
+        check_reachable(RunLayout.of(args).store_url(1), args.schedule.storage_options())
 
 
 def run_stage(
@@ -252,8 +236,34 @@ def run_stage(
     accelerator = accelerator or make_accelerator(args)
     # One owner per run and stage, from before it reads its own state to its manifest.
     where = f"{stage.name} of {args.train.run_dir}"
-    with stage_lock(accelerator, stage_dir(args, index) / LOCK_FILE, where):
+    with stage_lock(accelerator, RunLayout.of(args).lock(index), where):
         return _run_stage_locked(args, index, plan, stage, accelerator, extra, share, rebuild_cache)
+
+
+@dataclass
+class _StageRun:
+    """One stage being run: its place in the plan and what it has loaded so far."""
+
+    args: RunArgs
+    plan: StagePlan
+    stage: Stage
+    accelerator: Accelerator
+    data: PreparedData
+    clock: RunClock
+    model: BertForMaskedLM
+    bottom_before: str  # the frozen bottom's fingerprint before training
+    tokenizer: Any  # saved with every checkpoint: the ids are its ids
+
+    @property
+    def index(self) -> int:
+        return self.stage.index
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout.of(self.args)
+
+    def steps(self, stage: Stage) -> int:
+        return steps_for(stage, self.args, self.accelerator.num_processes)
 
 
 def _run_stage_locked(
@@ -267,82 +277,109 @@ def _run_stage_locked(
     rebuild_cache: bool,
 ) -> dict[str, Any]:
     check_run_config(args, accelerator)
-    done = read_manifest(args, index)
+    layout = RunLayout.of(args)
+    done = layout.read_manifest(index)
     if done is not None and rebuild_cache:
         return rebuild_stage_store(args, index, stage, accelerator, done)
     if done is not None:
-        accelerator.print(
-            f"{stage.name}: already done ({stage_dir(args, index) / MANIFEST}), skipping"
-        )
+        accelerator.print(f"{stage.name}: already done ({layout.manifest(index)}), skipping")
         return done
+    run = _start_stage(args, plan, stage, accelerator)
+    cached, why, source = _choose_mode(run)
+    blocks, build = _stage_blocks(run, cached, source, rebuild_cache)
+    phase = _stage_phase(run, blocks, cached, share, extra)
+    stats = _train_stage(run, phase)
+    manifest = _stage_manifest(run, cached, why, build, stats)
+    save_stage(accelerator, run.model, run.tokenizer, layout, index, manifest)
+    return manifest
 
+
+def _start_stage(
+    args: RunArgs, plan: StagePlan, stage: Stage, accelerator: Accelerator
+) -> _StageRun:
+    """Load the data, the run's clock so far and the stage's starting model."""
+    index = stage.index
     data = load_prepared(args.data.prepared_dir, args.data)
-    tokenizer = data.tokenizer()  # saved with every checkpoint: the ids are its ids
-    previous = read_manifest(args, index - 1) if index > 1 else None
+    tokenizer = data.tokenizer()
+    previous = RunLayout.of(args).read_manifest(index - 1) if index > 1 else None
     check_same_data(args, index, previous, data.manifest["fingerprint"])
     clock = RunClock(**previous["clock"]) if previous else RunClock()
     set_seed(args.train.seed + index)  # a stage's randomness does not depend on how it was launched
     model = load_stage_model(args, stage, data.manifest["vocab_size"])
-    bottom_before = fingerprint_module(
-        torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers))
-    )
+    bottom = bottom_fingerprint(model, stage.frozen_layers)
+    return _StageRun(args, plan, stage, accelerator, data, clock, model, bottom, tokenizer)
 
-    rows = train_rows(args, len(data.train))
-    steps = steps_for(stage, args, accelerator.num_processes)
-    source = (
-        previous_store(args, stage, model) if args.schedule.cache_rebuild == "incremental" else None
-    )
+
+def _choose_mode(run: _StageRun) -> tuple[bool, str, ActivationStore | None]:
+    """Cached or live (and why), and the previous store an incremental build starts from."""
+    args, stage, world = run.args, run.stage, run.accelerator.num_processes
+    incremental = args.schedule.cache_rebuild == "incremental"
+    source = previous_store(args, stage, run.model) if incremental else None
     cached, why = decide_cache(
-        plan,
+        run.plan,
         stage,
-        rows,
-        lambda s: (
-            steps_for(s, args, accelerator.num_processes)
-            * rows_per_step(args, accelerator.num_processes)
-        ),
+        train_rows(args, len(run.data.train)),
+        lambda s: run.steps(s) * rows_per_step(args, world),
         int(source.fingerprint["frozen_layers"]) if source else None,
     )
-    accelerator.print(
-        f"{stage.name}: {stage.num_layers} layers, {stage.frozen_layers} frozen, {steps} steps; {'cached' if cached else 'live'} ({why})"
+    run.accelerator.print(
+        f"{stage.name}: {stage.num_layers} layers, {stage.frozen_layers} frozen, "
+        f"{run.steps(stage)} steps; {'cached' if cached else 'live'} ({why})"
     )
+    return cached, why, source
 
+
+def _stage_blocks(
+    run: _StageRun, cached: bool, source: ActivationStore | None, rebuild_cache: bool
+) -> tuple[Blocks, dict[str, Any]]:
+    """What the stage reads: its store (built, resumed or reused here) or the token ids."""
+    args, stage = run.args, run.stage
+    rows = train_rows(args, len(run.data.train))
     block_rows = block_rows_for(args.train.batch_size)
-    build: dict[str, Any] = {"build_s": 0.0, "reused": False}
-    if cached:
-        watch = Stopwatch(clock)
-        with store_repair_hint(args, index, source):
-            store, build = build_cache(
-                model,
-                cache_request(args, index, stage, data, rows),
-                data.train,
-                source=source,
-                overwrite=args.schedule.overwrite_cache or rebuild_cache,
-            )
-        # Every process waited for the slowest at the build's barriers: charge that wall time.
-        watch.tick()
-        clock.flops += build_flops(model.config, args.data.seq_len, build, stage, source)
-        blocks = BlockDataset(store, block_rows=block_rows)
-    else:
-        blocks = PreparedBlocks(data.train, block_rows=block_rows, num_rows=rows)
+    if not cached:
+        blocks = PreparedBlocks(run.data.train, block_rows=block_rows, num_rows=rows)
+        return blocks, {"build_s": 0.0, "reused": False}
+    watch = Stopwatch(run.clock)
+    with store_repair_hint(args, run.index, source):
+        store, build = build_cache(
+            run.model,
+            cache_request(args, run.index, stage, run.data, rows),
+            run.data.train,
+            source=source,
+            overwrite=args.schedule.overwrite_cache or rebuild_cache,
+        )
+    # Every process waited for the slowest at the build's barriers: charge that wall time.
+    watch.tick()
+    run.clock.flops += build_flops(run.model.config, args.data.seq_len, build, stage, source)
+    return BlockDataset(store, block_rows=block_rows), build
 
+
+def _stage_phase(
+    run: _StageRun,
+    blocks: Blocks,
+    cached: bool,
+    share: PhaseShare | None,
+    extra: dict[str, Any] | None,
+) -> Phase:
+    args, stage, config = run.args, run.stage, run.model.config
     trained = stage.num_layers - stage.frozen_layers
     frozen_live = 0 if cached else stage.frozen_layers
-    phase = Phase(
+    return Phase(
         name=stage.name,
-        model=model,
+        model=run.model,
         frozen_layers=stage.frozen_layers,
         # Under a share of a budget the share ends the stage; the plan's steps only
-        # informed the cache decision above.
-        steps=steps if share is None else UNBOUNDED_STEPS,
+        # informed the cache decision.
+        steps=run.steps(stage) if share is None else UNBOUNDED_STEPS,
         blocks=blocks,
         cached=cached,
         learning_rate=args.train.learning_rate,
         warmup_fraction=args.schedule.warmup_fraction,
         share=share,
         lr_schedule=args.schedule.lr_schedule,
-        checkpoint_dir=stage_dir(args, index) / "checkpoint",
+        checkpoint_dir=run.layout.checkpoint_dir(run.index),
         flops_per_step=lambda c: step_flops(
-            model.config,
+            config,
             tokens=c["tokens"],
             masked_tokens=c["masked"],
             trained_layers=trained,
@@ -352,39 +389,45 @@ def _run_stage_locked(
         ),
         extra=dict(extra or {}),
     )
-    metrics = MetricsWriter(args.train.run_dir, accelerator)
+
+
+def _train_stage(run: _StageRun, phase: Phase) -> dict[str, Any]:
+    args = run.args
+    metrics = MetricsWriter(args.train.run_dir, run.accelerator)
     try:
-        with store_repair_hint(args, index, None):
-            stats = train_phase(accelerator, phase, args, clock, metrics, data.valid)
+        with store_repair_hint(args, run.index, None):
+            return train_phase(run.accelerator, phase, args, run.clock, metrics, run.data.valid)
     except DivergenceError as e:
         # The saved optimizer state carries the old learning rate: resume cannot lower it.
         raise StageError(
             f"{e}\nfix: rm -rf {phase.checkpoint_dir} && accelerate launch pipelines/stage.py "
-            f"--config {Path(args.train.run_dir) / 'config.json'} --stage {index} "
+            f"--config {run.layout.config} --stage {run.index} "
             f"--learning_rate {lower_learning_rate(args.train.learning_rate):g}"
         ) from e
 
-    bottom_after = fingerprint_module(
-        torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers))
-    )
-    if bottom_after != bottom_before:
+
+def _stage_manifest(
+    run: _StageRun, cached: bool, why: str, build: dict[str, Any], stats: dict[str, Any]
+) -> dict[str, Any]:
+    """The record of a finished stage, after checking its frozen bottom did not move."""
+    stage = run.stage
+    bottom_after = bottom_fingerprint(run.model, stage.frozen_layers)
+    if bottom_after != run.bottom_before:
         raise StageError(f"{stage.name}: the frozen bottom changed during training; this is a bug")
-    check_tied(model)
-    manifest = {
+    check_tied(run.model)
+    return {
         "stage": stage.to_dict(),
-        "plan": plan.to_list(),
+        "plan": run.plan.to_list(),
         "mode": "cached" if cached else "live",
         "cache_decision": why,
-        "cache": {**build, "url": cache_url(args, index) if cached else None},
-        "fingerprints": {"frozen_bottom": bottom_after, "data": data.manifest["fingerprint"]},
+        "cache": {**build, "url": run.layout.store_url(run.index) if cached else None},
+        "fingerprints": {"frozen_bottom": bottom_after, "data": run.data.manifest["fingerprint"]},
         "timings": {"build_s": build.get("build_s", 0.0), "train_s": stats["train_s"]},
         "train": stats,
-        "clock": clock.to_dict(),
-        "num_processes": accelerator.num_processes,
+        "clock": run.clock.to_dict(),
+        "num_processes": run.accelerator.num_processes,
         "version": __version__,
     }
-    save_stage(accelerator, model, tokenizer, stage_dir(args, index), manifest)
-    return manifest
 
 
 def lower_learning_rate(rate: float) -> float:
@@ -393,7 +436,7 @@ def lower_learning_rate(rate: float) -> float:
 
 def cache_request(args: RunArgs, index: int, stage: Stage, data, rows: int) -> CacheRequest:
     return CacheRequest(
-        url=cache_url(args, index),
+        url=RunLayout.of(args).store_url(index),
         frozen_layers=stage.frozen_layers,
         dtype=args.schedule.cache_dtype,
         codec=args.schedule.cache_codec,
@@ -410,7 +453,7 @@ def cache_request(args: RunArgs, index: int, stage: Stage, data, rows: int) -> C
 def repair_command(args: RunArgs, index: int) -> str:
     return (
         f"accelerate launch pipelines/stage.py --config "
-        f"{Path(args.train.run_dir) / 'config.json'} --stage {index} --rebuild_cache"
+        f"{RunLayout.of(args).config} --stage {index} --rebuild_cache"
     )
 
 
@@ -437,25 +480,27 @@ def rebuild_stage_store(
         return manifest
     data = load_prepared(args.data.prepared_dir, args.data)
     model = BertForMaskedLM.from_pretrained(
-        stage_dir(args, index) / "model", attn_implementation=args.model.attn_implementation
+        RunLayout.of(args).model_dir(index), attn_implementation=args.model.attn_implementation
     )
-    bottom = fingerprint_module(torch.nn.ModuleList(frozen_modules(model, stage.frozen_layers)))
+    bottom = bottom_fingerprint(model, stage.frozen_layers)
     if bottom != manifest["fingerprints"]["frozen_bottom"]:
         raise StageError(
-            f"{stage_dir(args, index) / 'model'}: its first {stage.frozen_layers} layers are not "
+            f"{RunLayout.of(args).model_dir(index)}: its first {stage.frozen_layers} layers are not "
             f"the frozen bottom {stage.name} trained on (fingerprint {bottom[:12]}, manifest "
             f"{manifest['fingerprints']['frozen_bottom'][:12]}); rerun the stage from "
-            f"scratch: `rm -rf {stage_dir(args, index)}` and {repair_command(args, index)}"
+            f"scratch: `rm -rf {RunLayout.of(args).stage_dir(index)}` and {repair_command(args, index)}"
         )
     rows = train_rows(args, len(data.train))
     _, build = build_cache(
         model, cache_request(args, index, stage, data, rows), data.train, overwrite=True
     )
-    manifest = {**manifest, "cache": {**build, "url": cache_url(args, index)}}
+    manifest = {**manifest, "cache": {**build, "url": RunLayout.of(args).store_url(index)}}
     if accelerator.is_main_process:
-        write_atomic(stage_dir(args, index) / MANIFEST, json.dumps(manifest, indent=2))
+        write_atomic(RunLayout.of(args).manifest(index), json.dumps(manifest, indent=2))
     accelerator.wait_for_everyone()
-    accelerator.print(f"{stage.name}: store rebuilt in full at {cache_url(args, index)}")
+    accelerator.print(
+        f"{stage.name}: store rebuilt in full at {RunLayout.of(args).store_url(index)}"
+    )
     return manifest
 
 
@@ -464,7 +509,7 @@ def previous_store(args: RunArgs, stage: Stage, model: BertForMaskedLM) -> Activ
     first layers compute (same weights): the start of an incremental rebuild."""
     if stage.index <= 2 or stage.joint:
         return None
-    prev = read_manifest(args, stage.index - 1)
+    prev = RunLayout.of(args).read_manifest(stage.index - 1)
     if prev is None or prev["mode"] != "cached":
         return None
     try:
@@ -477,9 +522,7 @@ def previous_store(args: RunArgs, stage: Stage, model: BertForMaskedLM) -> Activ
         )
         return None
     depth = int(store.fingerprint["frozen_layers"])
-    if store.fingerprint["weights"] != fingerprint_module(
-        torch.nn.ModuleList(frozen_modules(model, depth))
-    ):
+    if store.fingerprint["weights"] != bottom_fingerprint(model, depth):
         logger.warning("previous store was built from other weights; building in full")
         return None
     return store
@@ -493,21 +536,23 @@ def build_flops(config, seq_len: int, build: dict, stage: Stage, source) -> floa
     return float(build["rows"]) * seq_len * depth * layer_forward_flops(config, seq_len)
 
 
-def save_stage(accelerator: Accelerator, model, tokenizer, directory: Path, manifest: dict) -> None:
+def save_stage(
+    accelerator: Accelerator, model, tokenizer, layout: RunLayout, index: int, manifest: dict
+) -> None:
     """save_pretrained (+ tokenizer) into a temp dir, rename, then the manifest last: a
     crash never leaves a stage that looks done."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp = directory / "model.tmp"
+        final = layout.model_dir(index)
+        tmp = final.with_name("model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         with saving(tmp, "model"):
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        final = directory / "model"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        shutil.rmtree(directory / "checkpoint", ignore_errors=True)
-        write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
+        shutil.rmtree(layout.checkpoint_dir(index), ignore_errors=True)
+        write_atomic(layout.manifest(index), json.dumps(manifest, indent=2))
     accelerator.wait_for_everyone()
 
 
@@ -544,7 +589,7 @@ def run_all(args: RunArgs) -> list[dict[str, Any]]:
             )
             break
     if accelerator.is_main_process:
-        final = stage_dir(args, manifests[-1]["stage"]["index"]) / "model"
+        final = RunLayout.of(args).model_dir(manifests[-1]["stage"]["index"])
         write_summary(args, manifests, final)
     accelerator.end_training()
     return manifests
@@ -567,11 +612,11 @@ def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: P
         for m in manifests
     ]
     table = markdown_table(rows, list(rows[0]))
-    run_dir = Path(args.train.run_dir)
+    layout = RunLayout.of(args)
     plot_curves(
-        {"mslt": read_metrics(run_dir)},
+        {"mslt": read_metrics(layout.root)},
         "wall_s",
-        run_dir / "val_loss.png",
+        layout.loss_plot,
         f"{args.model.preset}: validation loss",
         "wall-clock seconds (cache builds included)",
         unigram=unigram,
@@ -585,13 +630,13 @@ def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: P
         else ""
     )
     text = (
-        f"# Run summary: {run_dir}\n\n{table}\n\n{reference}"
+        f"# Run summary: {layout.root}\n\n{table}\n\n{reference}"
         f"Total: {total['step']:,} steps, {total['tokens']:,} tokens, {total['wall_s']:.0f} s "
         f"wall-clock ({total.get('cpu_s', 0):.0f} s CPU), cache builds included, validation "
         "excluded.\n"
         f"Final model: `{final_model}` (AutoModelForMaskedLM and AutoTokenizer load it). "
         "Plot: `val_loss.png`.\n"
     )
-    (run_dir / "summary.md").write_text(text)
+    layout.summary.write_text(text)
     print("\n" + text)
     return text

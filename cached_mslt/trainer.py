@@ -8,9 +8,9 @@ trainable part starts at the token ids (nothing frozen); the step after that is 
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +28,17 @@ from cached_mslt.metrics import MetricsWriter, RunClock, Stopwatch
 from cached_mslt.model import (
     TopModel,
     bottom_forward,
+    decay_param_groups,
     freeze_bottom,
     frozen_modules,
 )
 from cached_mslt.rundir import saving
 from storage import make_block_loader
+from storage.dataset import Blocks
 
-TRAINER_STATE = "trainer_state.json"
+# What Accelerate names the first object registered for checkpointing (our TrainProgress).
+PROGRESS_FILE = "custom_checkpoint_0.pkl"
+LEGACY_TRAINER_STATE = "trainer_state.json"  # the format before TrainProgress
 
 
 class DivergenceError(RuntimeError):
@@ -47,7 +51,7 @@ class Phase:
     model: nn.Module  # the whole model; the phase decides what of it trains
     frozen_layers: int  # 0: everything trains, from token ids
     steps: int  # optimizer steps (with `share`: an upper bound)
-    blocks: Any  # map-style dataset of row blocks: store BlockDataset or PreparedBlocks
+    blocks: Blocks  # store BlockDataset or PreparedBlocks: the same rows, ids or hidden states
     cached: bool  # blocks hold hidden states (else token ids)
     learning_rate: float
     warmup_fraction: float  # of the phase: linear warmup, then decay to zero
@@ -66,20 +70,6 @@ class Phase:
     extra: dict[str, Any] = field(default_factory=dict)  # written into every metrics line
 
 
-def param_groups(
-    params: list[nn.Parameter], named: dict[int, str], weight_decay: float
-) -> list[dict]:
-    """BERT's convention: no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for p in params:
-        name = named.get(id(p), "")
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def set_modes(model: nn.Module, frozen_layers: int) -> None:
     """Train mode for what trains; the frozen bottom stays in eval mode (dropout off)."""
     model.train()
@@ -88,7 +78,7 @@ def set_modes(model: nn.Module, frozen_layers: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(
+def validation_loss(
     whole_model_loss: nn.Module, accelerator: Accelerator, valid, batch_rows: int, max_batches=None
 ) -> float:
     """Validation MLM loss of the whole model, live, token-weighted over every masked
@@ -115,7 +105,67 @@ def evaluate(
     return float(total[0] / total[1]) if total[1] > 0 else math.nan
 
 
-def _save_checkpoint(accelerator: Accelerator, directory: Path, state: dict) -> None:
+class OldCheckpointError(RuntimeError):
+    """A mid-phase checkpoint written in a format this version cannot resume from."""
+
+
+@dataclass
+class TrainProgress:
+    """Where a phase stands. Registered with `accelerator.register_for_checkpointing`, so
+    `save_state`/`load_state` carry it beside the model, optimizer and RNG states."""
+
+    clock: RunClock
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    clock_at_start: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "clock": self.clock.to_dict(),
+            "clock_at_start": self.clock_at_start,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batches_in_epoch = state["batches_in_epoch"]
+        self.clock_at_start = state["clock_at_start"]
+        for k, v in state["clock"].items():
+            setattr(self.clock, k, v)
+
+
+# One progress object per Accelerator: registered objects stay registered for its lifetime
+# (free_memory keeps them), so every phase it runs reuses the same one.
+_PROGRESS: weakref.WeakKeyDictionary[Accelerator, TrainProgress] = weakref.WeakKeyDictionary()
+
+
+def start_progress(accelerator: Accelerator, clock: RunClock) -> TrainProgress:
+    """The accelerator's progress object, reset to the start of a phase at `clock`."""
+    progress = _PROGRESS.get(accelerator)
+    if progress is None:
+        progress = _PROGRESS[accelerator] = TrainProgress(clock)
+        accelerator.register_for_checkpointing(progress)
+    progress.clock, progress.step, progress.epoch, progress.batches_in_epoch = clock, 0, 0, 0
+    progress.clock_at_start = clock.to_dict()
+    return progress
+
+
+def has_checkpoint(directory: Path | None) -> bool:
+    """A complete checkpoint (save_state writes the registered progress last)."""
+    if directory is None:
+        return False
+    if (directory / LEGACY_TRAINER_STATE).exists() and not (directory / PROGRESS_FILE).exists():
+        raise OldCheckpointError(
+            f"{directory} was written by an older version (trainer_state.json), which this "
+            f"version cannot resume; restart the phase from its beginning: rm -rf {directory}"
+        )
+    return (directory / PROGRESS_FILE).exists()
+
+
+def save_checkpoint(accelerator: Accelerator, directory: Path) -> None:
     """save_state into a temporary dir, then swap it in: a crash mid-save leaves the
     previous checkpoint intact."""
     tmp = directory.with_name(directory.name + ".tmp")
@@ -123,12 +173,280 @@ def _save_checkpoint(accelerator: Accelerator, directory: Path, state: dict) -> 
         accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank has written its RNG state before the swap
     if accelerator.is_main_process:
-        with saving(tmp, "checkpoint"):
-            (tmp / TRAINER_STATE).write_text(json.dumps(state))
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)
     accelerator.wait_for_everyone()
+
+
+@dataclass
+class _Window:
+    """What the steps since the last log line accumulated (losses summed over all ranks)."""
+
+    loss_sum: float = 0.0
+    masked: int = 0
+    finite: bool = True  # every micro-batch of the current optimizer step so far
+    nonfinite_run: int = 0  # consecutive skipped optimizer steps
+    grad_norm: float | None = None
+    last_loss_sum: float = 0.0
+
+
+class _PhaseLoop:
+    """One phase's training, in the shape of the Accelerate examples: build (optimizer,
+    scheduler, loader, prepare), resume, then per batch `train_step` and, per optimizer
+    step, `end_step` (clock, schedule, stop, evaluate, log, checkpoint)."""
+
+    def __init__(self, accelerator, phase: Phase, args: RunArgs, clock, metrics, valid):
+        self.accelerator, self.phase, self.t = accelerator, phase, args.train
+        self.args, self.clock, self.metrics, self.valid = args, clock, metrics, valid
+        model = phase.model
+        self.params = freeze_bottom(model, phase.frozen_layers)
+        trainable = phase.trainable or TopModel(model, phase.frozen_layers)
+        # Validation always runs the whole model: the trainable module itself when nothing
+        # is frozen (it starts at token ids), else the same model seen from the embeddings.
+        self.whole_model_loss = trainable if phase.frozen_layers == 0 else TopModel(model, 0)
+        self.progress = start_progress(accelerator, clock)
+        optimizer, scheduler = self._optimizer()
+        loader = make_block_loader(
+            phase.blocks,
+            rows_per_batch=self.t.batch_size,
+            shuffle=True,
+            seed=self.t.seed,
+            num_workers=self.t.num_workers,
+        )
+        self.trainable, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
+            trainable, optimizer, loader, scheduler
+        )
+        model.to(accelerator.device)  # the frozen bottom lives outside the prepared module's DDP
+        self.window, self.last_val = _Window(), None
+        budget = phase.share.budget if phase.share else None
+        self.watches_time = self.t.max_wall_s is not None or bool(
+            budget and (budget.wall_s or budget.cpu_s)
+        )
+
+    def _optimizer(self) -> tuple[torch.optim.Optimizer, LambdaLR]:
+        phase, t = self.phase, self.t
+        optimizer = torch.optim.AdamW(
+            decay_param_groups(phase.model, t.weight_decay, self.params),
+            lr=phase.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_epsilon,
+        )
+        if phase.init_optimizer is not None:
+            phase.init_optimizer(optimizer)
+        phase.optimizer = optimizer
+        # The learning rate follows the phase's progress: steps done over steps planned, or
+        # the share of its budget spent. One rule for both, and it ignores LambdaLR's step
+        # count, which Accelerate advances once per process each step.
+        self.lr_progress = phase.share.progress(self.clock) if phase.share else 0.0
+        scheduler = LambdaLR(
+            optimizer,
+            lambda _: lr_factor(self.lr_progress, phase.warmup_fraction, phase.lr_schedule),
+        )
+        return optimizer, scheduler
+
+    def done_fraction(self) -> float:
+        share = self.phase.share
+        return share.progress(self.clock) if share else self.progress.step / self.phase.steps
+
+    def out_of_budget(self) -> bool:
+        """The run's wall-clock or the phase's share of a budget is used up."""
+        wall = self.t.max_wall_s
+        return (wall is not None and self.clock.wall_s >= wall) or (
+            self.phase.share is not None and self.lr_progress >= 1.0
+        )
+
+    def resume(self) -> None:
+        """Continue from the phase's checkpoint, if it has one."""
+        phase = self.phase
+        if has_checkpoint(phase.checkpoint_dir):
+            self.accelerator.load_state(str(phase.checkpoint_dir))  # restores self.progress
+            self.accelerator.print(
+                f"{phase.name}: resumed at step {self.progress.step}/{phase.steps}"
+            )
+        # Lines past where this phase starts (or resumes) are from an attempt that crashed:
+        # they will be written again, so each step is logged at most once.
+        self.metrics.truncate_after(phase.name, self.clock.step)
+        self.lr_progress = self.done_fraction()  # where a resumed phase stands
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward, backward and (at an accumulation boundary) the optimizer step of one
+        batch; returns [tokens, masked tokens, loss sum] summed over all ranks."""
+        accelerator, phase, w = self.accelerator, self.phase, self.window
+        if phase.before_step is not None:
+            phase.before_step(self.progress.step)
+        with accelerator.accumulate(self.trainable):
+            inputs = _phase_inputs(phase.model, phase, batch)
+            loss, n_masked = self.trainable(batch["labels"], batch["attention_mask"], **inputs)
+            accelerator.backward(loss)
+            # Reduced before the step so every rank takes the same skip decision.
+            counts = accelerator.reduce(
+                torch.tensor(
+                    [int(batch["attention_mask"].sum()), n_masked, loss.item() * n_masked],
+                    dtype=torch.float64,
+                    device=accelerator.device,
+                ),
+                reduction="sum",
+            )
+            w.finite = w.finite and math.isfinite(float(counts[2]))
+            w.grad_norm = None
+            if accelerator.sync_gradients and self.t.max_grad_norm > 0:
+                w.grad_norm = float(accelerator.clip_grad_norm_(self.params, self.t.max_grad_norm))
+                # Under fp16 the loss scaler skips overflowing steps itself and inf norms
+                # while it calibrates are expected: only the loss counts there.
+                if accelerator.scaler is None:
+                    w.finite = w.finite and math.isfinite(w.grad_norm)
+            # A non-finite step is skipped, never applied: one bad batch does not poison
+            # the weights, and `nonfinite_patience` bad steps in a row stop the stage.
+            if w.finite or not accelerator.sync_gradients:
+                self.optimizer.step()
+            self.optimizer.zero_grad()
+        return counts
+
+    def count(self, counts: torch.Tensor) -> None:
+        """Charge a batch to the clock and the log window."""
+        self.clock.tokens += int(counts[0])
+        self.window.loss_sum += float(counts[2])
+        self.window.masked += int(counts[1])
+        self.window.last_loss_sum = float(counts[2])
+        if self.phase.flops_per_step is not None:
+            self.clock.flops += self.phase.flops_per_step(
+                {"tokens": int(counts[0]), "masked": int(counts[1])}
+            )
+
+    def end_step(self) -> bool:
+        """After an optimizer step: advance the clock and schedule, decide (on every rank
+        alike) whether to stop, evaluate, log and checkpoint. Returns True on the last step."""
+        self.progress.step += 1
+        self.clock.step += 1
+        self.bar.update(1)
+        w = self.window
+        w.nonfinite_run = 0 if w.finite else w.nonfinite_run + 1
+        w.finite = True
+        if w.nonfinite_run >= self.t.nonfinite_patience:
+            raise _diverged(
+                self.phase,
+                self.progress.step,
+                w.nonfinite_run,
+                w.last_loss_sum,
+                w.grad_norm,
+                self.args,
+            )
+        if self.watches_time:
+            # Every rank takes the slowest rank's clock, so all see the same progress and
+            # learning rate, and stop at the same step (else the next all-reduce would hang).
+            self.watch.tick()
+            times = torch.tensor(
+                [self.clock.wall_s, self.clock.cpu_s],
+                dtype=torch.float64,
+                device=self.accelerator.device,
+            )
+            times = self.accelerator.reduce(times, reduction="max").tolist()
+            self.clock.wall_s, self.clock.cpu_s = times
+        self.lr_progress = self.done_fraction()
+        self.scheduler.step()  # the next step's rate
+        if self.out_of_budget():
+            self.accelerator.set_trigger()
+        self.stopped = self.accelerator.check_trigger()
+        last = self.progress.step == self.phase.steps or self.stopped
+        self.evaluate_and_log(last)
+        self.maybe_checkpoint()
+        return last
+
+    def evaluate_and_log(self, last: bool) -> None:
+        t, step = self.t, self.progress.step
+        record: dict[str, Any] = {}
+        if step % t.eval_every == 0 or last:
+            with self.watch.paused():  # evaluation is not training time, for any method
+                self.last_val = validation_loss(
+                    self.whole_model_loss,
+                    self.accelerator,
+                    self.valid,
+                    t.batch_size,
+                    t.eval_batches,
+                )
+            set_modes(self.phase.model, self.phase.frozen_layers)
+            record["val_loss"] = self.last_val
+        if step % t.log_every == 0 or record or last:
+            self.watch.tick()
+            record.update(
+                step=self.clock.step,
+                tokens=self.clock.tokens,
+                wall_s=round(self.clock.wall_s, 3),
+                cpu_s=round(self.clock.cpu_s, 3),
+                flops=self.clock.flops,
+                train_loss=self.window.loss_sum / max(self.window.masked, 1),
+                lr=self.scheduler.get_last_lr()[0],
+                stage=self.phase.name,
+                **self.phase.extra,
+            )
+            self.metrics.log(record)
+            self.bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+            self.window.loss_sum, self.window.masked = 0.0, 0
+
+    def maybe_checkpoint(self) -> None:
+        phase, step = self.phase, self.progress.step
+        if (
+            phase.checkpoint_dir is not None
+            and step % self.t.checkpoint_every == 0
+            and step < phase.steps
+            and self.window.nonfinite_run == 0
+            and _all_finite(self.params)  # never checkpoint weights a resume cannot use
+        ):
+            self.watch.tick()
+            save_checkpoint(self.accelerator, phase.checkpoint_dir)
+
+    def run(self) -> dict[str, Any]:
+        """Epochs until the phase's steps or budget are used up; returns its statistics."""
+        p, phase = self.progress, self.phase
+        self.resume()
+        self.watch = Stopwatch(self.clock)
+        set_modes(phase.model, phase.frozen_layers)
+        self.bar = tqdm(
+            total=None if phase.share else phase.steps,
+            initial=p.step,
+            desc=phase.name,
+            unit="step",
+            disable=not self.accelerator.is_local_main_process,
+        )
+        self.stopped = self.out_of_budget()
+        while p.step < phase.steps and not self.stopped:
+            if self.run_epoch():
+                break
+        self.bar.close()
+        self.watch.tick()
+        self.accelerator.wait_for_everyone()
+        return self.stats()
+
+    def run_epoch(self) -> bool:
+        """The rest of the current epoch (a resumed one skips what it already trained on);
+        True if the phase ended inside it."""
+        p, loader = self.progress, self.loader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(p.epoch)
+        if p.batches_in_epoch:
+            loader = self.accelerator.skip_first_batches(loader, p.batches_in_epoch)
+        for batch in loader:
+            p.batches_in_epoch += 1
+            self.count(self.train_step(batch))
+            if self.accelerator.sync_gradients and self.end_step():
+                return True
+        p.epoch += 1
+        p.batches_in_epoch = 0
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        p, start = self.progress, self.progress.clock_at_start
+        stats = {
+            "steps": p.step,
+            "stopped_by_wall_budget": self.stopped,
+            "epochs": p.epoch + p.batches_in_epoch / max(len(self.loader), 1),
+            "train_s": self.clock.wall_s - start["wall_s"],
+            "tokens": self.clock.tokens - start["tokens"],
+            "val_loss": self.last_val,
+        }
+        stats["tokens_per_s"] = stats["tokens"] / stats["train_s"] if stats["train_s"] > 0 else None
+        return stats
 
 
 def train_phase(
@@ -141,210 +459,11 @@ def train_phase(
 ) -> dict[str, Any]:
     """Train one phase to its step budget, resuming from `phase.checkpoint_dir` if it holds
     a checkpoint. Advances `clock`; returns the phase's own statistics."""
-    t = args.train
     if accelerator.device.type == "cpu":
-        # AdamW's second moments start denormal; x86 CPUs run those ops ~2x slower (measured
-        # on the tiny step), which would penalise methods by their trainable parameter count.
+        # AdamW's second moments start denormal; x86 CPUs run those ops ~2x slower, which
+        # would penalise methods by their trainable parameter count.
         torch.set_flush_denormal(True)
-    model = phase.model
-    params = freeze_bottom(model, phase.frozen_layers)
-    named = {id(p): n for n, p in model.named_parameters()}
-    trainable = phase.trainable or TopModel(model, phase.frozen_layers)
-    # Validation always runs the whole model: the trainable module itself when nothing is
-    # frozen (it starts at token ids), else the same model seen from the embeddings.
-    whole_model_loss = trainable if phase.frozen_layers == 0 else TopModel(model, 0)
-    optimizer = torch.optim.AdamW(
-        param_groups(params, named, t.weight_decay),
-        lr=phase.learning_rate,
-        betas=(t.adam_beta1, t.adam_beta2),
-        eps=t.adam_epsilon,
-    )
-    if phase.init_optimizer is not None:
-        phase.init_optimizer(optimizer)
-    phase.optimizer = optimizer
-    # The learning rate follows the phase's progress: steps done over steps planned, or the
-    # share of its budget spent. One rule for both, and it ignores LambdaLR's step count,
-    # which Accelerate advances once per process each step.
-    done = {"progress": phase.share.progress(clock) if phase.share else 0.0}
-    scheduler = LambdaLR(
-        optimizer,
-        lambda _: lr_factor(done["progress"], phase.warmup_fraction, phase.lr_schedule),
-    )
-    rows_per_batch = t.batch_size
-    loader = make_block_loader(
-        phase.blocks,
-        rows_per_batch=rows_per_batch,
-        shuffle=True,
-        seed=t.seed,
-        num_workers=t.num_workers,
-    )
-    trainable, optimizer, loader, scheduler = accelerator.prepare(
-        trainable, optimizer, loader, scheduler
-    )
-    model.to(accelerator.device)  # the frozen bottom lives outside the prepared module's DDP
-
-    step, epoch, batches_in_epoch = 0, 0, 0
-    start = clock.to_dict()
-    if phase.checkpoint_dir is not None and (phase.checkpoint_dir / TRAINER_STATE).exists():
-        accelerator.load_state(str(phase.checkpoint_dir))
-        saved = json.loads((phase.checkpoint_dir / TRAINER_STATE).read_text())
-        step, epoch, batches_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
-        start = saved["clock_at_start"]
-        for k, v in saved["clock"].items():
-            setattr(clock, k, v)
-        accelerator.print(f"{phase.name}: resumed at step {step}/{phase.steps}")
-    # Lines past where this phase starts (or resumes) are from an attempt that crashed: they
-    # will be written again, so each step is logged at most once.
-    metrics.truncate_after(phase.name, clock.step)
-
-    watch = Stopwatch(clock)
-
-    def progress() -> float:
-        return phase.share.progress(clock) if phase.share else step / phase.steps
-
-    done["progress"] = progress()  # where a resumed phase stands
-    set_modes(model, phase.frozen_layers)
-    bar = tqdm(
-        total=None if phase.share else phase.steps,
-        initial=step,
-        desc=phase.name,
-        unit="step",
-        disable=not accelerator.is_local_main_process,
-    )
-    running_loss, running_n = 0.0, 0
-    last_val = None
-    window_finite, nonfinite_run = True, 0
-    budget = phase.share.budget if phase.share else None
-    watches_time = t.max_wall_s is not None or (budget and (budget.wall_s or budget.cpu_s))
-    stopping = (t.max_wall_s is not None and clock.wall_s >= t.max_wall_s) or (
-        phase.share is not None and done["progress"] >= 1.0
-    )
-    while step < phase.steps and not stopping:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        epoch_loader = (
-            accelerator.skip_first_batches(loader, batches_in_epoch) if batches_in_epoch else loader
-        )
-        for batch in epoch_loader:
-            batches_in_epoch += 1
-            if phase.before_step is not None:
-                phase.before_step(step)
-            with accelerator.accumulate(trainable):
-                inputs = _phase_inputs(model, phase, batch)
-                loss, n_masked = trainable(batch["labels"], batch["attention_mask"], **inputs)
-                accelerator.backward(loss)
-                # Reduced before the step so every rank takes the same skip decision.
-                counts = accelerator.reduce(
-                    torch.tensor(
-                        [int(batch["attention_mask"].sum()), n_masked, loss.item() * n_masked],
-                        dtype=torch.float64,
-                        device=accelerator.device,
-                    ),
-                    reduction="sum",
-                )
-                window_finite = window_finite and math.isfinite(float(counts[2]))
-                grad_norm = None
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
-                    # Under fp16 the loss scaler skips overflowing steps itself and inf norms
-                    # while it calibrates are expected: only the loss counts there.
-                    if accelerator.scaler is None:
-                        window_finite = window_finite and math.isfinite(grad_norm)
-                # A non-finite step is skipped, never applied: one bad batch does not poison
-                # the weights, and `nonfinite_patience` bad steps in a row stop the stage.
-                if window_finite or not accelerator.sync_gradients:
-                    optimizer.step()
-                optimizer.zero_grad()
-            clock.tokens += int(counts[0])
-            running_loss += float(counts[2])
-            running_n += int(counts[1])
-            if phase.flops_per_step is not None:
-                clock.flops += phase.flops_per_step(
-                    {"tokens": int(counts[0]), "masked": int(counts[1])}
-                )
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            clock.step += 1
-            bar.update(1)
-            nonfinite_run = 0 if window_finite else nonfinite_run + 1
-            window_finite = True
-            if nonfinite_run >= t.nonfinite_patience:
-                raise _diverged(phase, step, nonfinite_run, float(counts[2]), grad_norm, args)
-            if watches_time:
-                # Every rank takes the slowest rank's clock, so all see the same progress and
-                # stop at the same step (else the next all-reduce would hang).
-                watch.tick()
-                times = torch.tensor(
-                    [clock.wall_s, clock.cpu_s], dtype=torch.float64, device=accelerator.device
-                )
-                clock.wall_s, clock.cpu_s = accelerator.reduce(times, reduction="max").tolist()
-            done["progress"] = progress()
-            scheduler.step()  # the next step's rate
-            stopping = (t.max_wall_s is not None and clock.wall_s >= t.max_wall_s) or (
-                phase.share is not None and done["progress"] >= 1.0
-            )
-            last = step == phase.steps or stopping
-            record: dict[str, Any] = {}
-            if step % t.eval_every == 0 or last:
-                with watch.paused():  # evaluation is not training time, for any method
-                    last_val = evaluate(
-                        whole_model_loss, accelerator, valid, t.batch_size, t.eval_batches
-                    )
-                set_modes(model, phase.frozen_layers)
-                record["val_loss"] = last_val
-            if step % t.log_every == 0 or record or last:
-                watch.tick()
-                record.update(
-                    step=clock.step,
-                    tokens=clock.tokens,
-                    wall_s=round(clock.wall_s, 3),
-                    cpu_s=round(clock.cpu_s, 3),
-                    flops=clock.flops,
-                    train_loss=running_loss / max(running_n, 1),
-                    lr=scheduler.get_last_lr()[0],
-                    stage=phase.name,
-                    **phase.extra,
-                )
-                metrics.log(record)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}")
-                running_loss, running_n = 0.0, 0
-            if (
-                phase.checkpoint_dir is not None
-                and step % t.checkpoint_every == 0
-                and step < phase.steps
-                and nonfinite_run == 0
-                and _all_finite(params)  # never checkpoint weights a resume cannot use
-            ):
-                watch.tick()
-                _save_checkpoint(
-                    accelerator,
-                    phase.checkpoint_dir,
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "batches_in_epoch": batches_in_epoch,
-                        "clock": clock.to_dict(),
-                        "clock_at_start": start,
-                    },
-                )
-            if last:
-                break
-        else:
-            epoch += 1
-            batches_in_epoch = 0
-    bar.close()
-    watch.tick()
-    accelerator.wait_for_everyone()
-    stats = {
-        "steps": step,
-        "stopped_by_wall_budget": stopping,
-        "epochs": epoch + batches_in_epoch / max(len(loader), 1),
-        "train_s": clock.wall_s - start["wall_s"],
-        "tokens": clock.tokens - start["tokens"],
-        "val_loss": last_val,
-    }
-    stats["tokens_per_s"] = stats["tokens"] / stats["train_s"] if stats["train_s"] > 0 else None
+    stats = _PhaseLoop(accelerator, phase, args, clock, metrics, valid).run()
     accelerator.free_memory()  # fresh model/optimizer/loader objects for the next phase
     return stats
 

@@ -10,7 +10,7 @@ report.md with the table and the loss plots.
 
 from cached_mslt.compare import run_comparison
 from cached_mslt.config import MethodArgs, parse_args
-from cached_mslt.finetune import FinetuneArgs
+from cached_mslt.evaluation import FinetuneArgs
 
 
 def main() -> None:

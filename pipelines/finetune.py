@@ -14,8 +14,12 @@ import logging
 from accelerate import PartialState
 
 from cached_mslt.config import ConfigError, parse_args
-from cached_mslt.finetune import FinetuneArgs, finetune, format_results
-from cached_mslt.linear_probe import format_probes, linear_probe
+from cached_mslt.evaluation import (
+    FinetuneArgs,
+    evaluate_checkpoint,
+    format_probes,
+    format_results,
+)
 from cached_mslt.tokenizer import BUNDLED, TRAINED, load_tokenizer
 
 
@@ -30,16 +34,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # tokenizer directory given with --tokenizer overrides both.
     own = run.data.tokenizer in (BUNDLED, TRAINED)
     tokenizer = None if own else load_tokenizer(run.data.tokenizer)
-    results = []
-    if "finetune" in args.evaluation:
-        results = [finetune(args.checkpoint, t, args, tokenizer=tokenizer) for t in args.task]
-        if PartialState().is_main_process:
-            print(format_results(results))
-    if "probe" in args.evaluation and PartialState().is_main_process:  # one forward pass
-        probes = [linear_probe(args.checkpoint, t, args, tokenizer=tokenizer) for t in args.task]
-        print(format_probes(probes))
-        results += probes
-    return results
+    results = evaluate_checkpoint(args.checkpoint, args, tokenizer=tokenizer)
+    if PartialState().is_main_process:
+        if results["finetune"]:
+            print(format_results(results["finetune"]))
+        if results["probe"]:
+            print(format_probes(results["probe"]))
+    return results["finetune"] + results["probe"]
 
 
 if __name__ == "__main__":

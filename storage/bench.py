@@ -53,7 +53,7 @@ def _loader_rows_per_s(dataset: BlockDataset, num_workers: int, epochs: int = 3)
     return best
 
 
-def measure(
+def measure_store(
     spec: StoreSpec,
     rows: dict[str, torch.Tensor],
     root: Path | str,
@@ -127,7 +127,9 @@ def storage_benchmarks(
                 data = {
                     (shape, dtype): synthetic_rows(spec, 0, spec.num_rows)
                 }  # keep one set in RAM
-            figures += [{**f, "shape": shape} for f in measure(spec, data[shape, dtype], Path(tmp))]
+            figures += [
+                {**f, "shape": shape} for f in measure_store(spec, data[shape, dtype], Path(tmp))
+            ]
     return figures
 
 
@@ -146,7 +148,7 @@ def s3_storage_benchmarks(quick: bool) -> list[dict[str, Any]]:
             # 8 rows per chunk: what the trainer uses for batch sizes divisible by 8
             spec = StoreSpec(num_rows=num_rows, seq_len=t, hidden_size=h, rows_per_chunk=8)
             rows = synthetic_rows(spec, 0, spec.num_rows)
-            measured = measure(spec, rows, f"s3://bench/{shape}", storage_options=options)
+            measured = measure_store(spec, rows, f"s3://bench/{shape}", storage_options=options)
             figures += [{**f, "shape": shape, "backend": "s3-loopback"} for f in measured]
     return figures
 

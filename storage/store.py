@@ -115,6 +115,43 @@ def _file_size_limit_as_oserror() -> Iterator[None]:
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 
+def _resumable(
+    store: Store, where: str, spec: StoreSpec, fp: dict[str, Any], overwrite: bool
+) -> bool:
+    """True if `store` holds an identical incomplete build to resume (its partial files
+    removed here); False if a new store is to be laid out; StoreExistsError if something
+    else is there and `overwrite` is off."""
+    try:
+        meta = read_root_metadata(store)
+    except CorruptStoreError:
+        if not overwrite:
+            raise
+        meta = None  # wiped by the caller
+    found = None if meta is None else meta.get("attributes", {})
+    if found is not None and found.get("format") == FORMAT:
+        problems = _dict_diff(spec.to_dict(), found["spec"]) + _dict_diff(
+            {f"fingerprint.{k}": v for k, v in fp.items()},
+            {f"fingerprint.{k}": v for k, v in found["fingerprint"].items()},
+        )
+        if not problems and not found["complete"] and not overwrite:
+            _remove_partial_files(store)
+            return True
+        if not overwrite:
+            state = "a complete" if found["complete"] else "an incomplete"
+            why = "; ".join(problems) if problems else "it is already complete"
+            raise StoreExistsError(
+                f"{where} already holds {state} activation store that this build "
+                f"cannot resume ({why}). Open it with ActivationStore.open if it is "
+                f"what you want, or pass overwrite=True to wipe and rebuild it"
+            )
+    elif found is not None and not overwrite:
+        raise StoreExistsError(
+            f"{where} holds a Zarr hierarchy that is not an activation store; choose "
+            f"another location, or pass overwrite=True to delete it"
+        )
+    return False
+
+
 class ActivationStore:
     """Handle on one store. Build with `create` / `open(mode="r+")`, read with `open`."""
 
@@ -135,24 +172,7 @@ class ActivationStore:
         self._pid = os.getpid()
         # Look read-only first: a writable LocalStore creates its directory on first use.
         reader = open_zarr_store(self.url, read_only=True, storage_options=self.storage_options)
-        meta = read_root_metadata(reader)
-        if meta is None and (found := _arrays_present(reader)):
-            raise CorruptStoreError(
-                f"{self.url}/zarr.json (the store's root metadata) is missing, but the store "
-                f"holds {found}: it is corrupt, not absent. Rebuild it"
-            )
-        if meta is None or meta.get("attributes", {}).get("format") != FORMAT:
-            what = "nothing" if meta is None else "a Zarr group that is not an activation store"
-            raise StoreNotFoundError(
-                f"no activation store at {self.url} (found {what}); build one with "
-                f"ActivationStore.create or the stage's cache build"
-            )
-        self._meta_attrs: dict[str, Any] = meta["attributes"]
-        if self._meta_attrs["format_version"] > FORMAT_VERSION:
-            raise StoreError(
-                f"{self.url} has format_version {self._meta_attrs['format_version']}, this "
-                f"package reads up to {FORMAT_VERSION}: upgrade cached-mslt or rebuild the store"
-            )
+        self._meta_attrs: dict[str, Any] = self._root_attrs(reader)
         self.spec = StoreSpec.from_dict(self._meta_attrs["spec"])
         self._store = (
             open_zarr_store(self.url, read_only=False, storage_options=self.storage_options)
@@ -180,6 +200,28 @@ class ActivationStore:
                 )
                 for n in ROW_ARRAYS
             }
+
+    def _root_attrs(self, reader: Store) -> dict[str, Any]:
+        """The root attributes of the activation store at `self.url`, or why there is none."""
+        meta = read_root_metadata(reader)
+        if meta is None and (found := _arrays_present(reader)):
+            raise CorruptStoreError(
+                f"{self.url}/zarr.json (the store's root metadata) is missing, but the store "
+                f"holds {found}: it is corrupt, not absent. Rebuild it"
+            )
+        if meta is None or meta.get("attributes", {}).get("format") != FORMAT:
+            what = "nothing" if meta is None else "a Zarr group that is not an activation store"
+            raise StoreNotFoundError(
+                f"no activation store at {self.url} (found {what}); build one with "
+                f"ActivationStore.create or the stage's cache build"
+            )
+        attrs = meta["attributes"]
+        if attrs["format_version"] > FORMAT_VERSION:
+            raise StoreError(
+                f"{self.url} has format_version {attrs['format_version']}, this "
+                f"package reads up to {FORMAT_VERSION}: upgrade cached-mslt or rebuild the store"
+            )
+        return attrs
 
     def _open_array(self, store: Store, name: str, mode: str) -> zarr.Array:
         """An array of this store; its metadata missing or unparsable is corruption."""
@@ -231,37 +273,10 @@ class ActivationStore:
             )
         acquire_lock(store, where)
         try:
-            try:
-                meta = read_root_metadata(store)
-            except CorruptStoreError:
-                if not overwrite:
-                    raise
-                meta = None  # wiped below
-            found = None if meta is None else meta.get("attributes", {})
-            if found is not None and found.get("format") == FORMAT:
-                problems = _dict_diff(spec.to_dict(), found["spec"]) + _dict_diff(
-                    {f"fingerprint.{k}": v for k, v in fp.items()},
-                    {f"fingerprint.{k}": v for k, v in found["fingerprint"].items()},
-                )
-                if not problems and not found["complete"] and not overwrite:
-                    _remove_partial_files(store)
-                    return cls(where, writable=True, storage_options=storage_options)
-                if not overwrite:
-                    state = "a complete" if found["complete"] else "an incomplete"
-                    why = "; ".join(problems) if problems else "it is already complete"
-                    raise StoreExistsError(
-                        f"{where} already holds {state} activation store that this build "
-                        f"cannot resume ({why}). Open it with ActivationStore.open if it is "
-                        f"what you want, or pass overwrite=True to wipe and rebuild it"
-                    )
-            elif found is not None and not overwrite:
-                raise StoreExistsError(
-                    f"{where} holds a Zarr hierarchy that is not an activation store; choose "
-                    f"another location, or pass overwrite=True to delete it"
-                )
-            if overwrite:
-                delete_keys(store, [k for k in list_keys(store) if k != LOCK_KEY])
-            initialize(store, spec, fp, extra)
+            if not _resumable(store, where, spec, fp, overwrite):
+                if overwrite:
+                    delete_keys(store, [k for k in list_keys(store) if k != LOCK_KEY])
+                initialize(store, spec, fp, extra)
         except BaseException:
             release_lock(store)
             raise

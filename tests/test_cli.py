@@ -24,7 +24,7 @@ def test_every_pipeline_prints_help(script, monkeypatch, capsys):
 )
 def test_shipped_configs_parse(config):
     from cached_mslt.config import MethodArgs, parse_args
-    from cached_mslt.finetune import FinetuneArgs
+    from cached_mslt.evaluation import FinetuneArgs
 
     args, (method, _) = parse_args(["--config", str(config)], extra=(MethodArgs, FinetuneArgs))
     assert args.model.preset and method.methods

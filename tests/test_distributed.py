@@ -16,7 +16,8 @@ import zarr
 from transformers import BertForMaskedLM
 
 from cached_mslt.metrics import read_metrics
-from cached_mslt.stages import run_stage, stage_dir
+from cached_mslt.run_layout import RunLayout
+from cached_mslt.stages import run_stage
 from tests.conftest import small_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,10 @@ def test_two_rank_build_and_training_match_one_process(prepared_dir, tmp_path):
     b = zarr.open_group(str(tmp_path / "two" / "cache" / "stage-2"), mode="r")
     for name in ("hidden", "attention_mask", "labels", "row_index", "shard_done"):
         assert a[name][:].tobytes() == b[name][:].tobytes(), name
-    assert json.loads((stage_dir(one, 2) / "manifest.json").read_text())["num_processes"] == 1
+    assert (
+        json.loads((RunLayout.of(one).stage_dir(2) / "manifest.json").read_text())["num_processes"]
+        == 1
+    )
     two_manifest = json.loads((tmp_path / "two" / "stage-2" / "manifest.json").read_text())
     assert two_manifest["num_processes"] == 2
 
@@ -88,7 +92,7 @@ def test_two_rank_build_and_training_match_one_process(prepared_dir, tmp_path):
     assert lr_one == lr_two
     np.testing.assert_allclose(loss_one[:2], loss_two[:2], rtol=1e-6)
     np.testing.assert_allclose(loss_one, loss_two, rtol=1e-3)
-    p1 = BertForMaskedLM.from_pretrained(stage_dir(one, 2) / "model").state_dict()
+    p1 = BertForMaskedLM.from_pretrained(RunLayout.of(one).stage_dir(2) / "model").state_dict()
     p2 = BertForMaskedLM.from_pretrained(tmp_path / "two" / "stage-2" / "model").state_dict()
     for k in p1:
         if "embeddings" in k or ".layer.0." in k or ".layer.1." in k:

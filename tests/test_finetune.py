@@ -18,16 +18,12 @@ from transformers import BertConfig, BertForMaskedLM, DataCollatorWithPadding
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from cached_mslt.config import ConfigError
-from cached_mslt.finetune import (
-    FinetuneArgs,
-    FinetuneError,
-    classification_metrics,
-    evaluate,
-    finetune,
-    load_classifier,
-    tokenize_task,
-)
-from cached_mslt.linear_probe import PROBE_FILE, linear_probe
+from cached_mslt.evaluation import FinetuneArgs, FinetuneError, finetune, linear_probe
+from cached_mslt.evaluation.checkpoint import load_classifier
+from cached_mslt.evaluation.data import tokenize_task
+from cached_mslt.evaluation.finetune import evaluate_classifier
+from cached_mslt.evaluation.probe import PROBE_FILE
+from cached_mslt.evaluation.report import classification_metrics
 from cached_mslt.tasks import TaskOverlapWarning, prepare_task
 from cached_mslt.tokenizer import load_tokenizer
 
@@ -201,7 +197,7 @@ def test_majority_class_model_scores_the_majority_share(tmp_path):
     dl = accelerator.prepare(
         DataLoader(data["test"], batch_size=50, collate_fn=DataCollatorWithPadding(tokenizer))
     )
-    metrics = evaluate(
+    metrics = evaluate_classifier(
         MajorityClassModel(majority, task.num_labels), dl, accelerator, task.num_labels
     )
     assert metrics["accuracy"] == counts.max() / n  # 51 sports articles of 213

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cached_mslt.inspect.probe import fit_probe
+from cached_mslt.evaluation.probe import fit_probe
 
 SPLITS = ("train", "validation", "test")
 

@@ -6,7 +6,12 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForMaskedLM,
+)
 
 from cached_mslt.methods.multilevel import (
     coalesce_depth,
@@ -14,18 +19,18 @@ from cached_mslt.methods.multilevel import (
     decoalesce_depth,
     interpolate,
 )
-from cached_mslt.methods.pld import (
-    PreLNBertConfig,
-    PreLNBertForMaskedLM,
-    keep_prob,
-    layer_keep_probs,
-)
+from cached_mslt.methods.pld import keep_prob, layer_keep_probs
 from cached_mslt.methods.share_unshare import (
     share_layers,
     unshare_layers,
     unshare_optimizer_state,
 )
 from cached_mslt.methods.stacking import stack_double
+from cached_mslt.models import (
+    PreLNBertConfig,
+    PreLNBertForMaskedLM,
+    PreLNBertForSequenceClassification,
+)
 
 SIZES = dict(
     vocab_size=120,
@@ -167,6 +172,8 @@ def test_pld_save_and_from_pretrained_round_trip(tmp_path) -> None:
         assert loaded.cls.predictions.decoder.weight is emb
         with torch.no_grad():
             assert torch.equal(loaded.eval()(ids).logits, model(ids).logits)
+    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    assert type(clf) is PreLNBertForSequenceClassification
 
 
 # --- share, then unshare ----------------------------------------------------------------

@@ -9,9 +9,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
-import cached_mslt.methods.pld  # noqa: F401  (registers the pre-LN model with Auto classes)
+import cached_mslt.models  # noqa: F401  (registers the pre-LN model with Auto classes)
 from cached_mslt.config import MethodArgs
 from cached_mslt.methods.harness import METHODS, run_method
 from cached_mslt.metrics import read_metrics
@@ -80,8 +85,7 @@ def test_compare_writes_report_and_plots(prepared_dir, tmp_path):
 
 def test_report_adds_finetune_accuracy_columns(tmp_path):
     from cached_mslt.compare import finetune_columns
-    from cached_mslt.finetune import RESULTS_FILE, classifier_class
-    from cached_mslt.linear_probe import PROBE_FILE
+    from cached_mslt.evaluation import PROBE_FILE, RESULTS_FILE
 
     out = tmp_path / "full" / "finetune" / "bbc"
     out.mkdir(parents=True)
@@ -90,14 +94,14 @@ def test_report_adds_finetune_accuracy_columns(tmp_path):
     )
     (out / PROBE_FILE).write_text(json.dumps({"task": "bbc", "test_accuracy": 0.7512}))
     assert finetune_columns(tmp_path / "full") == {"bbc acc %": "81.2 ± 1.2", "bbc probe %": "75.1"}
+    # The evaluation loads every checkpoint through the Auto classes, the pre-LN one included.
+    sizes = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
     for model_type, name in (
         ("bert", "BertForSequenceClassification"),
         ("preln-bert", "PreLNBertForSequenceClassification"),
     ):
-        ckpt = tmp_path / model_type
-        ckpt.mkdir()
-        (ckpt / "config.json").write_text(json.dumps({"model_type": model_type}))
-        assert classifier_class(ckpt).__name__ == name
+        config = AutoConfig.for_model(model_type, vocab_size=16, **sizes)
+        assert type(AutoModelForSequenceClassification.from_config(config)).__name__ == name
 
 
 def test_compare_reuse_keeps_finished_runs_and_refuses_other_settings(prepared_dir, tmp_path):

@@ -19,7 +19,8 @@ import zarr
 from transformers import BertForMaskedLM
 
 from cached_mslt.metrics import read_metrics
-from cached_mslt.stages import run_stage, stage_dir
+from cached_mslt.run_layout import RunLayout
+from cached_mslt.stages import run_stage
 from tests.conftest import small_run
 from tests.test_distributed import start_from_stage_one
 
@@ -89,7 +90,7 @@ def test_two_machines_with_the_cache_on_s3_equal_one_process(prepared_dir, tmp_p
     assert len(loss["one"]) == len(loss["two"]) == 4
     np.testing.assert_allclose(loss["one"][:2], loss["two"][:2], rtol=1e-6)
     np.testing.assert_allclose(loss["one"], loss["two"], rtol=1e-3)
-    p1 = BertForMaskedLM.from_pretrained(stage_dir(one, 2) / "model").state_dict()
+    p1 = BertForMaskedLM.from_pretrained(RunLayout.of(one).stage_dir(2) / "model").state_dict()
     p2 = BertForMaskedLM.from_pretrained(tmp_path / "two" / "stage-2" / "model").state_dict()
     for k in p1:
         if "embeddings" in k or ".layer.0." in k or ".layer.1." in k:

@@ -24,8 +24,9 @@ from cached_mslt import trainer
 from cached_mslt.config import ConfigError, parse_args
 from cached_mslt.corpora import DataError
 from cached_mslt.metrics import read_metrics
-from cached_mslt.rundir import LOCK_FILE, DiskFullError, RunLockedError, write_atomic
-from cached_mslt.stages import MANIFEST, StageError, run_stage, stage_dir
+from cached_mslt.run_layout import LOCK_FILE, MANIFEST, RunLayout
+from cached_mslt.rundir import DiskFullError, RunLockedError, write_atomic
+from cached_mslt.stages import StageError, run_stage
 from storage import (
     ActivationStore,
     CorruptStoreError,
@@ -61,10 +62,12 @@ def test_stage_with_nonfinite_loss_fails_and_is_never_done(prepared_dir, tmp_pat
         StageError, match=r"(?s)stage-1 diverged: 2 consecutive .*--stage 1 --learning_rate 0.0001"
     ):
         run_stage(args, 1)
-    assert not (stage_dir(args, 1) / MANIFEST).exists()
-    assert not (stage_dir(args, 1) / "model").exists()
+    assert not (RunLayout.of(args).stage_dir(1) / MANIFEST).exists()
+    assert not (RunLayout.of(args).stage_dir(1) / "model").exists()
     # The one checkpoint it kept is from before the divergence (step 2; none at step 4).
-    saved = json.loads((stage_dir(args, 1) / "checkpoint" / trainer.TRAINER_STATE).read_text())
+    saved = torch.load(
+        RunLayout.of(args).checkpoint_dir(1) / trainer.PROGRESS_FILE, weights_only=False
+    )
     assert saved["step"] == 2
 
 
@@ -133,7 +136,7 @@ def test_one_owner_per_run_and_stage_a_second_command_is_refused(prepared_dir, t
     args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock = stage_dir(args, 1) / LOCK_FILE
+        lock = RunLayout.of(args).stage_dir(1) / LOCK_FILE
         lock.parent.mkdir(parents=True)
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid}))
         with pytest.raises(
@@ -141,14 +144,14 @@ def test_one_owner_per_run_and_stage_a_second_command_is_refused(prepared_dir, t
         ):
             run_stage(args, 1)
         assert lock.exists()  # the owner's lock is left alone
-        assert not (stage_dir(args, 1) / MANIFEST).exists()
+        assert not (RunLayout.of(args).stage_dir(1) / MANIFEST).exists()
     finally:
         sleeper.kill()
         sleeper.wait()
     # Its owner gone (SIGKILL), the lock is stale: the next command takes it over and finishes.
     with pytest.warns(UserWarning, match="taking over"):
         run_stage(args, 1)
-    assert (stage_dir(args, 1) / MANIFEST).exists() and not lock.exists()
+    assert (RunLayout.of(args).stage_dir(1) / MANIFEST).exists() and not lock.exists()
 
 
 def test_full_disk_while_writing_a_manifest_keeps_the_old_one_and_says_so(tmp_path):
@@ -185,7 +188,7 @@ def test_corrupt_store_of_a_finished_stage_is_repaired_by_the_command_its_error_
     # Stage 3 builds incrementally from stage 2's store and hits the flipped byte.
     with pytest.raises(CorruptStoreError, match=r"(?s)crc32c.*fix: .* --stage 2 --rebuild_cache$"):
         run_stage(args, 3)
-    assert (stage_dir(args, 2) / MANIFEST).exists()
+    assert (RunLayout.of(args).stage_dir(2) / MANIFEST).exists()
     rebuilt = run_stage(args, 2, rebuild_cache=True)  # only the store; training untouched
     assert rebuilt["cache"]["how"] == "full"
     assert (
@@ -232,12 +235,14 @@ def test_store_attributes_say_how_it_was_actually_built(prepared_dir, tmp_path, 
 def test_stale_store_error_names_the_command_and_that_command_works(prepared_dir, tmp_path):
     args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
     run_stage(args, 1)
-    model = BertForMaskedLM.from_pretrained(stage_dir(args, 1) / "model")
+    model = BertForMaskedLM.from_pretrained(RunLayout.of(args).stage_dir(1) / "model")
     run_stage(args, 2)
-    shutil.rmtree(stage_dir(args, 2))  # stage 2 reruns over the store stage 1 no longer matches
+    shutil.rmtree(
+        RunLayout.of(args).stage_dir(2)
+    )  # stage 2 reruns over the store stage 1 no longer matches
     with torch.no_grad():
         model.bert.encoder.layer[0].output.dense.bias.add_(1.0)
-    model.save_pretrained(stage_dir(args, 1) / "model")
+    model.save_pretrained(RunLayout.of(args).stage_dir(1) / "model")
     with pytest.raises(StaleStoreError) as err:
         run_stage(args, 2)
     command = str(err.value).rsplit("fix: ", 1)[1]
@@ -248,7 +253,7 @@ def test_stale_store_error_names_the_command_and_that_command_works(prepared_dir
         argv, cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env()
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (stage_dir(args, 2) / MANIFEST).exists()
+    assert (RunLayout.of(args).stage_dir(2) / MANIFEST).exists()
 
 
 @pytest.mark.parametrize(
@@ -302,7 +307,7 @@ def test_full_disk_during_checkpoint_names_path_and_free_space_and_leaves_no_tmp
         DiskFullError, match=r"checkpoint into .*stage-1 failed: no space left.*MiB free"
     ):
         run_stage(args, 1)
-    assert sorted(p.name for p in stage_dir(args, 1).iterdir()) == []
+    assert sorted(p.name for p in RunLayout.of(args).stage_dir(1).iterdir()) == []
     monkeypatch.undo()
 
     def full(self, *a, **k):
@@ -311,8 +316,8 @@ def test_full_disk_during_checkpoint_names_path_and_free_space_and_leaves_no_tmp
     monkeypatch.setattr(BertForMaskedLM, "save_pretrained", full)
     with pytest.raises(DiskFullError, match="saving the model into"):
         run_stage(args, 1)
-    assert not (stage_dir(args, 1) / "model.tmp").exists()
-    assert not (stage_dir(args, 1) / MANIFEST).exists()
+    assert not (RunLayout.of(args).stage_dir(1) / "model.tmp").exists()
+    assert not (RunLayout.of(args).stage_dir(1) / MANIFEST).exists()
 
 
 def test_metrics_hold_each_step_once_after_a_crash_before_the_first_checkpoint(
@@ -397,3 +402,12 @@ def test_verify_reports_a_store_written_with_nan_before_builds_refused_it(tmp_pa
         CorruptStoreError, match="hold 32 non-finite hidden values .*first in row 4"
     ):
         verify_store(ActivationStore.open(str(tmp_path / "s")))
+
+
+def test_checkpoint_of_the_old_format_is_refused_with_the_fix(tmp_path):
+    old = tmp_path / "checkpoint"
+    old.mkdir()
+    (old / trainer.LEGACY_TRAINER_STATE).write_text("{}")
+    with pytest.raises(trainer.OldCheckpointError, match=f"rm -rf {old}"):
+        trainer.has_checkpoint(old)
+    assert not trainer.has_checkpoint(tmp_path / "none") and not trainer.has_checkpoint(None)

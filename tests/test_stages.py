@@ -16,7 +16,8 @@ from cached_mslt import trainer
 from cached_mslt.config import ConfigError
 from cached_mslt.metrics import read_metrics
 from cached_mslt.prepare import load_prepared
-from cached_mslt.stages import StageError, run_all, run_stage, stage_dir
+from cached_mslt.run_layout import RunLayout
+from cached_mslt.stages import StageError, run_all, run_stage
 from storage import StaleStoreError
 from tests.conftest import small_run
 
@@ -35,7 +36,7 @@ def test_full_schedule_writes_loadable_tied_checkpoint_and_metrics(prepared_dir,
     args = small_run(prepared_dir, tmp_path / "run")
     manifests = run_all(args)
     assert [m["mode"] for m in manifests] == ["live", "cached"]
-    final = stage_dir(args, 2) / "model"
+    final = RunLayout.of(args).stage_dir(2) / "model"
     model = BertForMaskedLM.from_pretrained(final).eval()
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     assert model.config.num_hidden_layers == 4
@@ -67,7 +68,10 @@ def test_full_schedule_writes_loadable_tied_checkpoint_and_metrics(prepared_dir,
 def test_bottom_is_bitwise_unchanged_by_a_stage(prepared_dir, tmp_path):
     args = small_run(prepared_dir, tmp_path / "run")
     run_all(args)
-    before, after = params(stage_dir(args, 1) / "model"), params(stage_dir(args, 2) / "model")
+    before, after = (
+        params(RunLayout.of(args).stage_dir(1) / "model"),
+        params(RunLayout.of(args).stage_dir(2) / "model"),
+    )
     bottom = [k for k in before if "embeddings" in k or ".layer.0." in k or ".layer.1." in k]
     assert bottom
     for k in bottom:
@@ -109,12 +113,15 @@ def test_cached_stage_trains_exactly_like_live_stage(prepared_dir, tmp_path):
     run_all(live)
     cached_dir = tmp_path / "cached"
     cached_dir.mkdir()
-    shutil.copytree(stage_dir(live, 1), cached_dir / "stage-1")
+    shutil.copytree(RunLayout.of(live).stage_dir(1), cached_dir / "stage-1")
     shutil.copy(tmp_path / "live" / "config.json", cached_dir / "config.json")
     cached = small_run(prepared_dir, cached_dir, cache="always")
     manifest = run_stage(cached, 2)
     assert manifest["mode"] == "cached"
-    assert_same_params(params(stage_dir(live, 2) / "model"), params(stage_dir(cached, 2) / "model"))
+    assert_same_params(
+        params(RunLayout.of(live).stage_dir(2) / "model"),
+        params(RunLayout.of(cached).stage_dir(2) / "model"),
+    )
 
 
 def test_incremental_rebuild_equals_full_rebuild(prepared_dir, tmp_path):
@@ -127,8 +134,8 @@ def test_incremental_rebuild_equals_full_rebuild(prepared_dir, tmp_path):
     (full_dir / "cache").mkdir()
     shutil.copytree(tmp_path / "inc" / "cache" / "stage-2", full_dir / "cache" / "stage-2")
     run_stage(full, 3)
-    m_inc = json.loads((stage_dir(inc, 3) / "manifest.json").read_text())
-    m_full = json.loads((stage_dir(full, 3) / "manifest.json").read_text())
+    m_inc = json.loads((RunLayout.of(inc).stage_dir(3) / "manifest.json").read_text())
+    m_full = json.loads((RunLayout.of(full).stage_dir(3) / "manifest.json").read_text())
     assert m_inc["cache"]["how"].startswith("incremental") and m_full["cache"]["how"] == "full"
     a = zarr.open_group(str(tmp_path / "inc" / "cache" / "stage-3"), mode="r")
     b = zarr.open_group(str(full_dir / "cache" / "stage-3"), mode="r")
@@ -161,12 +168,13 @@ def test_stage_killed_mid_training_resumes_to_the_same_parameters(
     monkeypatch.setattr(trainer.MetricsWriter, "log", crash_after_checkpoint)
     with pytest.raises(Crash):
         run_stage(resumed, 2)
-    assert (stage_dir(resumed, 2) / "checkpoint" / "trainer_state.json").exists()
-    assert not (stage_dir(resumed, 2) / "manifest.json").exists()
+    assert (RunLayout.of(resumed).checkpoint_dir(2) / trainer.PROGRESS_FILE).exists()
+    assert not (RunLayout.of(resumed).stage_dir(2) / "manifest.json").exists()
     monkeypatch.setattr(trainer.MetricsWriter, "log", real_log)
     run_stage(resumed, 2)
     assert_same_params(
-        params(stage_dir(straight, 2) / "model"), params(stage_dir(resumed, 2) / "model")
+        params(RunLayout.of(straight).stage_dir(2) / "model"),
+        params(RunLayout.of(resumed).stage_dir(2) / "model"),
     )
     steps = [r["step"] for r in read_metrics(tmp_path / "resumed")]
     assert steps == sorted(set(steps)), "a resumed stage must not log a step twice"
@@ -194,11 +202,11 @@ def test_stale_store_is_refused_unless_asked_to_rebuild(prepared_dir, tmp_path):
     args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
     run_all(args)
     # Pretend stage 1 trained differently: its successor's store no longer matches.
-    shutil.rmtree(stage_dir(args, 2))
-    model = BertForMaskedLM.from_pretrained(stage_dir(args, 1) / "model")
+    shutil.rmtree(RunLayout.of(args).stage_dir(2))
+    model = BertForMaskedLM.from_pretrained(RunLayout.of(args).stage_dir(1) / "model")
     with torch.no_grad():
         model.bert.encoder.layer[0].output.dense.bias.add_(1.0)
-    model.save_pretrained(stage_dir(args, 1) / "model")
+    model.save_pretrained(RunLayout.of(args).stage_dir(1) / "model")
     with pytest.raises(StaleStoreError, match="weights"):
         run_stage(args, 2)
     rebuilt = small_run(prepared_dir, tmp_path / "run", stage_steps="2", overwrite_cache=True)
@@ -227,7 +235,7 @@ def test_mixed_precision_bf16_stage_runs(prepared_dir, tmp_path):
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert all(m["train"]["val_loss"] < 20 for m in manifests)
-    model = BertForMaskedLM.from_pretrained(stage_dir(args, 2) / "model")
+    model = BertForMaskedLM.from_pretrained(RunLayout.of(args).stage_dir(2) / "model")
     assert model.dtype == torch.float32  # autocast computes in bf16; weights stay float32
 
 

@@ -15,7 +15,8 @@ import zarr
 from transformers import BertForMaskedLM
 
 from cached_mslt.metrics import read_metrics
-from cached_mslt.stages import run_stage, stage_dir
+from cached_mslt.run_layout import RunLayout
+from cached_mslt.stages import run_stage
 from storage import ActivationStore
 from tests.conftest import small_run
 from tests.test_distributed import launch_two_ranks, start_from_stage_one
@@ -55,7 +56,10 @@ def test_stages_2_and_3_on_s3_equal_a_local_run_and_store_no_credentials(
         assert b.attrs["complete"]
         for name in ARRAYS:
             assert a[name][:].tobytes() == b[name][:].tobytes(), (k, name)
-        mine, theirs = state(stage_dir(local, k) / "model"), state(stage_dir(remote, k) / "model")
+        mine, theirs = (
+            state(RunLayout.of(local).stage_dir(k) / "model"),
+            state(RunLayout.of(remote).stage_dir(k) / "model"),
+        )
         assert all(torch.equal(mine[p], theirs[p]) for p in mine), k
     assert not (tmp_path / "s3" / "cache").exists()
 

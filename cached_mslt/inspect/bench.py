@@ -10,13 +10,12 @@ logical bytes of all four row arrays (MB = 1e6 bytes), which both sides read.
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cached_mslt.bench import interleaved_medians
 from cached_mslt.inspect.api import single_threaded_compute
 from cached_mslt.inspect.similarity import similarity
 from cached_mslt.inspect.stats import hidden_stats
@@ -39,17 +38,7 @@ def sequential_read_one_thread(store: ActivationStore) -> None:
         sequential_read(store)
 
 
-def _median_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():  # interleaved, so drift hits every side alike
-            began = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - began)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def measure(spec: StoreSpec, root: Path, repeats: int, with_similarity: bool) -> list[dict]:
+def measure_inspect(spec: StoreSpec, root: Path, repeats: int, with_similarity: bool) -> list[dict]:
     url = root / f"{spec.num_rows}x{spec.seq_len}x{spec.hidden_size}-{spec.dtype}"
     writer = ActivationStore.create(url, spec, fingerprint={"bench": "inspect"})
     write_synthetic_shards(writer, list(range(writer.num_shards)))
@@ -63,7 +52,7 @@ def measure(spec: StoreSpec, root: Path, repeats: int, with_similarity: bool) ->
     }
     if with_similarity:
         fns["similarity"] = lambda: similarity([store, store])
-    seconds = _median_seconds(fns, repeats)
+    seconds = interleaved_medians(fns, repeats)
     tags = {"shape": f"{spec.seq_len}x{spec.hidden_size}", "rows": spec.num_rows}
     tags |= {"dtype": spec.dtype, "codec": spec.codec, "store_mb": round(mb, 1)}
     figures = [
@@ -100,7 +89,7 @@ def inspect_benchmarks(
         for shape, (t, h) in SHAPES.items():
             spec = StoreSpec(num_rows=rows[shape], seq_len=t, hidden_size=h, dtype="float16")
             # CKA over H x H products is compute-bound at H=768; time it on tiny only.
-            figures += measure(spec, Path(tmp), repeats, with_similarity=shape == "tiny")
+            figures += measure_inspect(spec, Path(tmp), repeats, with_similarity=shape == "tiny")
     return figures
 
 

@@ -13,24 +13,20 @@ checkpoint is run.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from transformers import BertForMaskedLM
 
-from cached_mslt.inspect.text import mean_pool
-from cached_mslt.model import frozen_modules, layer_mask
+from cached_mslt.evaluation.probe import fit_probe
+from cached_mslt.model import bottom_fingerprint, layer_mask, mean_pool
+from cached_mslt.run_layout import RunLayout
 from cached_mslt.tasks import DEFAULT_TASK_DIR, prepare_task
 from cached_mslt.tokenizer import load_tokenizer
-from storage import fingerprint_module
 
 SEQ_LEN = 128
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # chosen on the validation split
 BATCH_ROWS = 64
 
 
@@ -78,48 +74,6 @@ def pooled_features(
     return {d: torch.cat(v) for d, v in out.items()}
 
 
-def train_logistic(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression, full-batch L-BFGS from zero: deterministic."""
-    w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + l2 * w.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), b.detach()
-
-
-class ProbeFit(NamedTuple):
-    valid_accuracy: float
-    test_accuracy: float
-    l2: float
-    test_predictions: torch.Tensor
-
-
-def fit_probe(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], num_classes: int) -> ProbeFit:
-    """Probe on train, L2 chosen on validation (the first best on ties), scored on test.
-    Features are standardised with training statistics, in float64."""
-    mean, std = x["train"].mean(0), x["train"].std(0).clamp_min(1e-6)
-    z = {k: ((v - mean) / std).double() for k, v in x.items()}
-
-    best = None
-    for l2 in L2_GRID:
-        w, b = train_logistic(z["train"], y["train"], num_classes, l2)
-        pred = {split: (z[split] @ w + b).argmax(-1) for split in ("validation", "test")}
-        valid = float((pred["validation"] == y["validation"]).double().mean())
-        if best is None or valid > best.valid_accuracy:
-            test = float((pred["test"] == y["test"]).double().mean())
-            best = ProbeFit(valid, test, l2, pred["test"])
-    return best
-
-
 def _subsample(ds, max_examples: int | None) -> tuple[list[str], list[int]]:
     """Texts and labels of a split, or a seeded random subset: splits are stored in
     source order, i.e. grouped by topic, so their head would hold one or two topics."""
@@ -130,20 +84,17 @@ def _subsample(ds, max_examples: int | None) -> tuple[list[str], list[int]]:
     return list(rows["text"]), list(rows["label"])
 
 
-def _stage_bottoms(run: Path) -> list[tuple[int, int, str, Path]]:
+def _stage_bottoms(run: RunLayout) -> list[tuple[int, int, str, Path]]:
     """(stage, frozen layers, recorded bottom fingerprint, checkpoint) of finished stages."""
-    out = []
-    for path in sorted(run.glob("stage-*/manifest.json")):
-        m = json.loads(path.read_text())
-        out.append(
-            (
-                m["stage"]["index"],
-                m["stage"]["frozen_layers"],
-                m["fingerprints"]["frozen_bottom"],
-                path.parent / "model",
-            )
+    return [
+        (
+            m["stage"]["index"],
+            m["stage"]["frozen_layers"],
+            m["fingerprints"]["frozen_bottom"],
+            run.model_dir(m["stage"]["index"]),
         )
-    return sorted(out)
+        for m in run.stages()
+    ]
 
 
 def probe_run(
@@ -154,10 +105,10 @@ def probe_run(
     max_examples: int | None = None,
 ) -> list[ProbeResult]:
     """Probe accuracy for the embeddings, every stage's frozen bottom and the final model."""
-    run = Path(run_dir)
+    run = RunLayout(run_dir)
     stages = _stage_bottoms(run)
     if not stages:
-        raise FileNotFoundError(f"{run} has no finished stage (no stage-K/manifest.json)")
+        raise FileNotFoundError(f"{run.root} has no finished stage (no stage-K/manifest.json)")
     final_ckpt = stages[-1][3]
     task = prepare_task("bbc", task_dir, verbose=False)
     tokenizer = load_tokenizer(str(final_ckpt))
@@ -177,7 +128,7 @@ def probe_run(
     for stage, frozen, fp, ckpt in stages:
         if frozen == 0:
             continue
-        bottom = fingerprint_module(torch.nn.ModuleList(frozen_modules(final, frozen)))
+        bottom = bottom_fingerprint(final, frozen)
         (shared if bottom == fp else own).append((stage, frozen, ckpt))
     feats = features(final, sorted({0, depth, *(f for _, f, _ in shared)}))
 

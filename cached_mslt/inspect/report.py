@@ -22,11 +22,11 @@ from cached_mslt.inspect.summary import (
     StoreSummary,
     is_store,
     prepared_dir_of,
-    run_of_store,
     summarize_run,
     summarize_store,
 )
 from cached_mslt.inspect.text import Neighbour, RowText, nearest_rows, original_text, row_text
+from cached_mslt.run_layout import RunLayout
 from storage import ActivationStore, CorruptStoreError, IncompleteStoreError, StaleStoreError
 
 if TYPE_CHECKING:
@@ -103,9 +103,9 @@ def _open(report: Report, label: str) -> ActivationStore | None:
 def gather(opts: InspectOptions) -> Report:
     path = Path(opts.path)
     if "://" in opts.path or is_store(path):
-        run = Path(opts.run) if opts.run else run_of_store(opts.path)
-        report = Report(opts.path, str(run) if run else None)
-        summary = summarize_store(opts.path, run)
+        run = RunLayout(opts.run) if opts.run else RunLayout.of_store(opts.path)
+        report = Report(opts.path, str(run.root) if run else None)
+        summary = summarize_store(opts.path, run.root if run else None)
         report.stores[_label(summary)] = summary
     elif path.is_dir():
         report = Report(opts.path, opts.path)
@@ -220,7 +220,7 @@ def _text(report: Report, opts: InspectOptions) -> None:
         return
     prepared_dir = Path(opts.prepared) if opts.prepared else None
     if prepared_dir is None and report.run_dir:
-        prepared_dir = prepared_dir_of(Path(report.run_dir))
+        prepared_dir = prepared_dir_of(RunLayout(report.run_dir))
     if prepared_dir is None:
         raise InspectError("showing text needs the prepared data: pass --prepared DIR")
     data = load_prepared(prepared_dir)

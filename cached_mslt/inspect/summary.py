@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import torch
 import zarr
 from transformers import BertForMaskedLM
 
-from cached_mslt.model import frozen_modules
+from cached_mslt.model import bottom_fingerprint
+from cached_mslt.run_layout import RunLayout
 from storage import (
     ActivationStore,
     StoreError,
     StoreNotFoundError,
-    fingerprint_module,
 )
 
 # Exit status of `pipelines/inspect_cache.py`: the worst store decides. Argparse errors use 2.
@@ -144,7 +143,7 @@ def summarize_store(url: str, run_dir: str | os.PathLike[str] | None = None) -> 
             f"{summary.shards_done}/{summary.num_shards} shards written and the build never "
             "committed; rerun the stage's cache build to resume it"
         )
-    run = Path(run_dir) if run_dir is not None else run_of_store(url)
+    run = RunLayout(run_dir) if run_dir is not None else RunLayout.of_store(url)
     if run is not None:
         summary.validity = check_validity(store.fingerprint, attrs.get("stage"), run)
         if summary.validity.valid is False and summary.status == "ok":
@@ -152,50 +151,40 @@ def summarize_store(url: str, run_dir: str | os.PathLike[str] | None = None) -> 
             checks = summary.validity.checks.items()
             bad = [f"{k}: {v}" for k, v in checks if v.startswith("differs")]
             summary.problem = (
-                f"not valid for run {run}: {'; '.join(bad)}. Rebuild it (rerun the stage "
+                f"not valid for run {run.root}: {'; '.join(bad)}. Rebuild it (rerun the stage "
                 "with --overwrite_cache)"
             )
     return summary
 
 
-def run_of_store(url: str) -> Path | None:
-    """`<run>/cache/stage-K` -> `<run>`, if that directory is a run."""
-    path = Path(url)
-    if "://" in url or path.parent.name != "cache":
-        return None
-    run = path.parent.parent
-    return run if (run / "config.json").is_file() else None
-
-
-def prepared_dir_of(run_dir: Path) -> Path | None:
+def prepared_dir_of(run: RunLayout) -> Path | None:
     """The run's prepared data directory. config.json records it as given (usually relative
     to the repository the run was started from): try there, then beside the run."""
-    config = json.loads((run_dir / "config.json").read_text())
-    given = Path(config["data"]["prepared_dir"])
-    candidates = [given] if given.is_absolute() else [given, run_dir.parent.parent / given]
+    given = Path(run.read_config()["data"]["prepared_dir"])
+    candidates = [given] if given.is_absolute() else [given, run.root.parent.parent / given]
     return next((p for p in candidates if (p / "manifest.json").is_file()), None)
 
 
-def bottom_fingerprint(checkpoint: Path, frozen_layers: int) -> str:
+def checkpoint_bottom_fingerprint(checkpoint: Path, frozen_layers: int) -> str:
     """Fingerprint of the first `frozen_layers` layers (and embeddings) of a checkpoint,
     computed as the cache build computes it (cached_mslt.cache.store_fingerprint)."""
     model = BertForMaskedLM.from_pretrained(checkpoint)
-    return fingerprint_module(torch.nn.ModuleList(frozen_modules(model, frozen_layers)))
+    return bottom_fingerprint(model, frozen_layers)
 
 
-def check_validity(fingerprint: dict[str, str], stage: int | None, run_dir: Path) -> Validity:
-    """Compare what the store was built from with what `run_dir` holds now."""
-    out = Validity(str(run_dir), stage, None)
-    checkpoint = run_dir / f"stage-{stage}" / "model"
+def check_validity(fingerprint: dict[str, str], stage: int | None, run: RunLayout) -> Validity:
+    """Compare what the store was built from with what the run holds now."""
+    out = Validity(str(run.root), stage, None)
+    checkpoint = run.model_dir(stage)
     frozen = int(fingerprint.get("frozen_layers", 0))
     if stage is None or not (checkpoint / "config.json").is_file():
         out.checks["weights"] = f"unchecked: {checkpoint} does not exist (stage not finished)"
     else:
-        found = bottom_fingerprint(checkpoint, frozen)
+        found = checkpoint_bottom_fingerprint(checkpoint, frozen)
         out.checks["weights"] = _compare(
             fingerprint.get("weights"), found, f"stage-{stage}/model, {frozen} frozen layers"
         )
-    prepared = prepared_dir_of(run_dir)
+    prepared = prepared_dir_of(run)
     if prepared is None:
         out.checks["data"] = "unchecked: the run's prepared data directory is gone"
     else:
@@ -232,10 +221,9 @@ class StageEntry:
 def summarize_run(run_dir: str | os.PathLike[str]) -> list[StageEntry]:
     """Every stage of a run: finished stages from their manifests, plus any store under
     `cache/` whose stage has not finished (a build in progress or a crashed one)."""
-    run = Path(run_dir)
+    run = RunLayout(run_dir)
     stages: dict[int, StageEntry] = {}
-    for manifest_path in sorted(run.glob("stage-*/manifest.json")):
-        m = json.loads(manifest_path.read_text())
+    for m in run.stages():
         index = m["stage"]["index"]
         url = m["cache"].get("url") if m["mode"] == "cached" else None
         stages[index] = StageEntry(
@@ -243,25 +231,24 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> list[StageEntry]:
             m["mode"],
             m["stage"]["num_layers"],
             m["stage"]["frozen_layers"],
-            summarize_store(_resolve(url, run), run) if url else None,
+            summarize_store(_resolve(url, run, index), run.root) if url else None,
         )
-    for store_dir in sorted((run / "cache").glob("stage-*")):
-        index = int(store_dir.name.removeprefix("stage-"))
+    for index, store_dir in run.local_stores().items():
         if index not in stages:
             stages[index] = StageEntry(
-                index, "unfinished", None, None, summarize_store(str(store_dir), run)
+                index, "unfinished", None, None, summarize_store(str(store_dir), run.root)
             )
     if not stages:
         raise FileNotFoundError(
-            f"{run} holds no finished stage and no store under cache/; is it a run directory "
+            f"{run.root} holds no finished stage and no store under cache/; is it a run directory "
             "(runs/<preset>) or a store (runs/<preset>/cache/stage-K)?"
         )
     return [stages[i] for i in sorted(stages)]
 
 
-def _resolve(url: str, run: Path) -> str:
+def _resolve(url: str, run: RunLayout, index: int) -> str:
     """Where stage K's store is now: `<run>/cache/stage-K` if there (the run's own layout,
     which survives moving the run), else the URL the manifest recorded, which may be
     relative to wherever the run was started."""
-    beside = run / "cache" / Path(url).name
+    beside = run.local_store(index)
     return str(beside) if is_store(beside) else url

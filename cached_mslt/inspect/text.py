@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cached_mslt.inspect.api import block_ranges, iter_blocks, single_threaded_compute
+from cached_mslt.model import mean_pool
 from storage import ActivationStore, StaleStoreError
 
 IGNORE_INDEX = -100
@@ -117,12 +118,6 @@ def original_text(prepared_train, index: int, tokenizer: PreTrainedTokenizerBase
     example = prepared_example(prepared_train, index)
     ids = torch.where(example["labels"] != IGNORE_INDEX, example["labels"], example["input_ids"])
     return tokenizer.decode(ids[example["attention_mask"].bool()], skip_special_tokens=True)
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[rows, T, H] -> [rows, H]: mean over real tokens, in float32."""
-    mask = attention_mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 @dataclass

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from cached_mslt.methods.harness import MethodContext
 
-def run(ctx) -> nn.Module:
+
+def run(ctx: MethodContext) -> nn.Module:
     model = ctx.new_model(ctx.args.model.num_layers)
     ctx.train("full", model, 1.0)
     return model

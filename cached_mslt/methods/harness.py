@@ -1,10 +1,11 @@
 """One harness for every method: same data, model family, optimizer settings, budget and
-metrics. A method is a `run(ctx)` function that changes the model between phases and says
+metrics. A method is a `run(ctx)` function (`MethodRun`, listed in `cached_mslt.methods.METHODS`) that changes the model between phases and says
 what trains in each; `ctx.train` is the shared loop (cached_mslt.trainer.train_phase).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import time
@@ -23,13 +24,14 @@ from cached_mslt.blocks import PreparedBlocks
 from cached_mslt.budget import Budget, PhaseShare
 from cached_mslt.config import MethodArgs, RunArgs
 from cached_mslt.flops import step_flops
+from cached_mslt.methods import METHODS
 from cached_mslt.metrics import MetricsWriter, RunClock
 from cached_mslt.model import build_model
 from cached_mslt.prepare import PreparedData, load_prepared
+from cached_mslt.run_layout import RunLayout
 from cached_mslt.stages import UNBOUNDED_STEPS, block_rows_for, train_rows
 from cached_mslt.trainer import Phase, train_phase
 
-RESULT = "result.json"
 DEFAULT_BUDGET_TOKENS = 2_097_152
 
 
@@ -121,6 +123,10 @@ class MethodContext:
         return stats
 
 
+# A method: builds its model(s), trains them through `MethodContext.train`, returns the final model.
+MethodRun = Callable[[MethodContext], nn.Module]
+
+
 def method_budget(method: MethodArgs) -> Budget:
     """The budget every method of a comparison gets (tokens by default)."""
     given = dict(
@@ -134,37 +140,12 @@ def method_budget(method: MethodArgs) -> Budget:
     return Budget(**given)
 
 
-def _method(name: str):
-    """The module that implements `name` (imported lazily: PLD registers Auto classes)."""
-    from cached_mslt.methods import full, mslt, multilevel, pld, share_unshare, stacking
-
-    registry = {
-        "full": full.run,
-        "stacking": stacking.run,
-        "mslt-live": mslt.run_live,
-        "mslt-cached": mslt.run_cached,
-        "mslt-live-joint": mslt.run_live_joint,
-        "mslt-cached-joint": mslt.run_cached_joint,
-        "pld": pld.run,
-        "share-unshare": share_unshare.run,
-        "multilevel": multilevel.run,
-    }
-    if name not in registry:
-        raise ValueError(f"unknown method {name!r}; choose from {sorted(registry)}")
-    return registry[name]
-
-
-METHODS = (
-    "full",
-    "stacking",
-    "mslt-live",
-    "mslt-cached",
-    "mslt-live-joint",
-    "mslt-cached-joint",
-    "pld",
-    "share-unshare",
-    "multilevel",
-)
+def method_runner(name: str) -> MethodRun:
+    """The `run(ctx)` function of method `name`."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    module, function = METHODS[name]
+    return getattr(importlib.import_module(f"cached_mslt.methods.{module}"), function)
 
 
 # Method options that say how a comparison is run, not what a method trains.
@@ -185,7 +166,7 @@ def run_settings(args: RunArgs, method: MethodArgs, data_fingerprint: str) -> di
 def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> dict[str, Any]:
     """Run one method into `run_dir` (metrics.jsonl, final/ checkpoint, result.json).
     A failure is recorded in result.json and returned, not raised: a comparison goes on."""
-    run = _method(name)
+    run = method_runner(name)
     run_dir = Path(run_dir)
     args = replace(args, train=replace(args.train, run_dir=str(run_dir)))
     # PLD skips layers, so some parameters get no gradient in a step: DDP must allow that.
@@ -207,9 +188,10 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
     started = time.time()
     settings = run_settings(args, method, data.manifest["fingerprint"])
     result: dict[str, Any] = {"method": name, "settings": settings}
+    layout = RunLayout(run_dir)
     try:
         model = run(ctx)
-        final = run_dir / "final"
+        final = layout.final_model
         if accelerator.is_main_process:
             model.save_pretrained(final)
             data.tokenizer().save_pretrained(final)
@@ -222,6 +204,6 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
     accelerator.wait_for_everyone()
     result.update(clock=ctx.clock.to_dict(), phases=ctx.phases, elapsed_s=time.time() - started)
     if accelerator.is_main_process:
-        (run_dir / RESULT).write_text(json.dumps(result, indent=2, default=str))
+        layout.result.write_text(json.dumps(result, indent=2, default=str))
     accelerator.free_memory()
     return result

@@ -13,12 +13,14 @@ from itertools import accumulate
 from transformers import AutoModelForMaskedLM, PreTrainedModel
 
 from cached_mslt.config import RunArgs
+from cached_mslt.methods.harness import MethodContext
 from cached_mslt.metrics import RunClock
 from cached_mslt.plan import StagePlan
-from cached_mslt.stages import read_manifest, run_stage, stage_dir
+from cached_mslt.run_layout import RunLayout
+from cached_mslt.stages import run_stage
 
 
-def _run(ctx, cache: str, with_joint: bool = False) -> PreTrainedModel:
+def _run(ctx: MethodContext, cache: str, with_joint: bool = False) -> PreTrainedModel:
     budget = ctx.budget
     joint = ctx.method.mslt_joint_fraction if with_joint else 0.0
     weights = stage_weights(ctx.args)
@@ -59,8 +61,9 @@ def _run(ctx, cache: str, with_joint: bool = False) -> PreTrainedModel:
         if stage.index == 1 and not budget.tokens:
             estimates = estimated_stage_tokens(args, weights, manifest["train"]["tokens"])
             args = replace(args, schedule=replace(schedule, stage_tokens=estimates))
-    assert read_manifest(args, done) is not None
-    return AutoModelForMaskedLM.from_pretrained(stage_dir(args, done) / "model")
+    layout = RunLayout.of(args)
+    assert layout.read_manifest(done) is not None
+    return AutoModelForMaskedLM.from_pretrained(layout.model_dir(done))
 
 
 def stage_weights(args: RunArgs) -> list[float]:
@@ -88,17 +91,17 @@ def estimated_stage_tokens(args: RunArgs, weights: list[float], stage_one_tokens
     )
 
 
-def run_live(ctx) -> PreTrainedModel:
+def run_live(ctx: MethodContext) -> PreTrainedModel:
     return _run(ctx, "never")
 
 
-def run_cached(ctx) -> PreTrainedModel:
+def run_cached(ctx: MethodContext) -> PreTrainedModel:
     return _run(ctx, "always")
 
 
-def run_live_joint(ctx) -> PreTrainedModel:
+def run_live_joint(ctx: MethodContext) -> PreTrainedModel:
     return _run(ctx, "never", with_joint=True)
 
 
-def run_cached_joint(ctx) -> PreTrainedModel:
+def run_cached_joint(ctx: MethodContext) -> PreTrainedModel:
     return _run(ctx, "always", with_joint=True)

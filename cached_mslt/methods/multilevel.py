@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import torch
 from transformers import BertForMaskedLM
 
-from cached_mslt.methods._layers import clone_model, copy_layer, set_encoder_layers
+from cached_mslt.methods.harness import MethodContext
+from cached_mslt.model import clone_model, copy_layer, set_encoder_layers
 
 DEFAULT_ALPHA = 0.5  # the BERT/GPT examples of the reference code (docs/methods.md)
 
@@ -110,7 +111,7 @@ def coalesce_width(model: BertForMaskedLM) -> BertForMaskedLM:
     )
 
 
-def run(ctx) -> BertForMaskedLM:
+def run(ctx: MethodContext) -> BertForMaskedLM:
     """One V-cycle: train the large model briefly, coalesce to half depth, train the small
     model (at `vcycle_small_lr_multiplier` x the learning rate), de-coalesce, interpolate with
     the large model (alpha), and train the large model to the end of the budget."""

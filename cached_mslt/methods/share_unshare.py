@@ -22,7 +22,8 @@ import re
 import torch
 from transformers import BertForMaskedLM
 
-from cached_mslt.methods._layers import clone_model, copy_layer, set_encoder_layers
+from cached_mslt.methods.harness import MethodContext
+from cached_mslt.model import clone_model, copy_layer, set_encoder_layers
 
 _LAYER_PREFIX = re.compile(r"^bert\.encoder\.layer\.\d+\.")
 
@@ -82,7 +83,7 @@ def unshare_optimizer_state(
     return copied
 
 
-def run(ctx) -> BertForMaskedLM:
+def run(ctx: MethodContext) -> BertForMaskedLM:
     """One shared block for the first `share_fraction` of the budget, then L untied copies
     that keep the shared block's AdamW state, trained to the end of the budget."""
     shared = share_layers(ctx.new_model(ctx.args.model.num_layers))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from transformers import BertForMaskedLM
 
-from cached_mslt.methods._layers import clone_model, copy_layer, set_encoder_layers
+from cached_mslt.methods.harness import MethodContext
+from cached_mslt.model import clone_model, copy_layer, set_encoder_layers
 
 
 def stack_double(model: BertForMaskedLM) -> BertForMaskedLM:
@@ -22,7 +23,7 @@ def stack_double(model: BertForMaskedLM) -> BertForMaskedLM:
     return set_encoder_layers(new, bottom + top)
 
 
-def run(ctx) -> BertForMaskedLM:
+def run(ctx: MethodContext) -> BertForMaskedLM:
     """3 -> 6 -> 12 by doubling, every layer training, optimizer state reset at each doubling
     (as published); budget shares per depth from `stacking_fractions`, the rest at full depth."""
     layers = [int(v) for v in ctx.method.stacking_layers.split(",")]

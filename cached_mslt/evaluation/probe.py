@@ -6,38 +6,80 @@ does not train the encoder: it mean-pools the last hidden states of the frozen c
 once and fits a multinomial logistic regression on them (L2 strength chosen on the
 validation split), which is deterministic, needs no seeds and takes a forward pass. It
 answers a narrower question (what a linear reader finds in the features), beside the
-fine-tuning numbers rather than instead of them.
+fine-tuning numbers rather than instead of them. `fit_probe` also serves the per-stage
+probe of `cached_mslt.inspect.probe`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
-from cached_mslt.finetune import (
-    FinetuneArgs,
-    checkpoint_tokenizer,
-    classification_metrics,
-    load_classifier,
-    load_task,
+from cached_mslt.evaluation.args import FinetuneArgs
+from cached_mslt.evaluation.checkpoint import checkpoint_tokenizer, load_classifier
+from cached_mslt.evaluation.data import (
     result_header,
+    task_from_args,
     task_output_dir,
     tokenize_task,
 )
-from cached_mslt.inspect.probe import fit_probe
-from cached_mslt.inspect.text import mean_pool
-from cached_mslt.metrics import markdown_table
+from cached_mslt.evaluation.report import classification_metrics
+from cached_mslt.model import mean_pool
 from cached_mslt.tasks import Task
 
 PROBE_FILE = "probe_results.json"
 BATCH = 64
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # chosen on the validation split
+
+
+def train_logistic(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, full-batch L-BFGS from zero: deterministic."""
+    w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+class ProbeFit(NamedTuple):
+    valid_accuracy: float
+    test_accuracy: float
+    l2: float
+    test_predictions: torch.Tensor
+
+
+def fit_probe(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], num_classes: int) -> ProbeFit:
+    """Probe on train, L2 chosen on validation (the first best on ties), scored on test.
+    Features are standardised with training statistics, in float64."""
+    mean, std = x["train"].mean(0), x["train"].std(0).clamp_min(1e-6)
+    z = {k: ((v - mean) / std).double() for k, v in x.items()}
+
+    best = None
+    for l2 in L2_GRID:
+        w, b = train_logistic(z["train"], y["train"], num_classes, l2)
+        pred = {split: (z[split] @ w + b).argmax(-1) for split in ("validation", "test")}
+        valid = float((pred["validation"] == y["validation"]).double().mean())
+        if best is None or valid > best.valid_accuracy:
+            test = float((pred["test"] == y["test"]).double().mean())
+            best = ProbeFit(valid, test, l2, pred["test"])
+    return best
 
 
 @torch.no_grad()
@@ -69,7 +111,7 @@ def linear_probe(
     its numbers sit beside the fine-tuning ones on the same examples. One process."""
     checkpoint_dir = Path(checkpoint_dir)
     tokenizer = checkpoint_tokenizer(checkpoint_dir, tokenizer)
-    task = task if isinstance(task, Task) else load_task(task, args)
+    task = task if isinstance(task, Task) else task_from_args(task, args)
     data = tokenize_task(task, tokenizer, args.max_seq_len, args.max_train_examples)
     model = load_classifier(checkpoint_dir, task.num_labels, model_class)
     model.to(PartialState().device)  # the process's accelerator, if it has one
@@ -91,18 +133,3 @@ def linear_probe(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / PROBE_FILE).write_text(json.dumps(result, indent=2))
     return result
-
-
-def format_probes(results: list[dict[str, Any]]) -> str:
-    """A Markdown table of `linear_probe` results, in %."""
-    rows = [
-        {
-            "task": r["task"],
-            "linear probe accuracy (%)": f"{100 * r['test_accuracy']:.1f}",
-            "macro-F1 (%)": f"{100 * r['test_macro_f1']:.1f}",
-            "majority class (%)": f"{100 * r['majority_accuracy']:.1f}",
-            "L2": f"{r['l2']:g}",
-        }
-        for r in results
-    ]
-    return markdown_table(rows, list(rows[0]) if rows else [])

@@ -1,0 +1,245 @@
+"""Fine-tune a pretrained checkpoint on a classification task, over several seeds.
+
+The loop is transformers' `run_glue_no_trainer.py` in miniature: `Accelerator()`, AdamW
+without decay on biases and LayerNorms, a linear schedule with warmup, one validation pass
+per epoch. The weights of the best validation epoch are tested, and training stops after
+`early_stopping_patience` epochs without improvement. Each task writes
+`<output_dir>/<task>/finetune_metrics.jsonl` (train loss every few steps, validation every
+epoch, test per seed) and `finetune_results.json` (mean and std over seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from datasets import DatasetDict
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import (
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_linear_schedule_with_warmup,
+    set_seed,
+)
+
+from cached_mslt.evaluation.args import FinetuneArgs
+from cached_mslt.evaluation.checkpoint import checkpoint_tokenizer, load_classifier
+from cached_mslt.evaluation.data import (
+    pretraining_overlap,
+    result_header,
+    task_from_args,
+    task_output_dir,
+    tokenize_task,
+)
+from cached_mslt.evaluation.report import classification_metrics, mean_std
+from cached_mslt.metrics import MetricsWriter
+from cached_mslt.model import decay_param_groups
+from cached_mslt.tasks import Task
+
+FINETUNE_METRICS_FILE = "finetune_metrics.jsonl"
+RESULTS_FILE = "finetune_results.json"
+Log = Callable[[dict[str, Any]], None]
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator, num_labels: int
+) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean loss over every example of `dataloader`, all processes."""
+    model.eval()
+    preds, labels, losses = [], [], []
+    for batch in dataloader:
+        logits = model(**batch).logits
+        loss = F.cross_entropy(logits, batch["labels"], reduction="none")
+        # gather_for_metrics drops the samples DistributedSampler repeats to even out ranks.
+        gathered = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
+        for out, t in zip((preds, labels, losses), gathered):
+            out.append(t.cpu())
+    metrics = classification_metrics(
+        torch.cat(preds).numpy(), torch.cat(labels).numpy(), num_labels
+    )
+    return {**metrics, "loss": float(torch.cat(losses).mean())}
+
+
+def _optimizer(model: PreTrainedModel, args: FinetuneArgs, steps_per_epoch: int):
+    """AdamW and its linear schedule with warmup. Steps are counted before `prepare`, over
+    all processes: the prepared scheduler steps once per process for every optimizer step."""
+    optimizer = torch.optim.AdamW(
+        decay_param_groups(model, args.finetune_weight_decay), lr=args.finetune_lr
+    )
+    total_steps = steps_per_epoch * args.finetune_epochs
+    warmup_steps = math.ceil(args.finetune_warmup_ratio * total_steps)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+
+
+@dataclass
+class _Training:
+    """What one fine-tuning run steps through, prepared by Accelerate."""
+
+    model: PreTrainedModel
+    train_dl: DataLoader
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    accelerator: Accelerator
+    args: FinetuneArgs
+    log: Log
+    desc: str
+
+
+def _train_epoch(run: _Training, epoch: int, step: int) -> int:
+    """One pass over the training split; returns the optimizer step count after it."""
+    run.model.train()
+    losses = []
+    bar = tqdm(
+        run.train_dl,
+        desc=f"{run.desc} epoch {epoch}",
+        disable=not run.accelerator.is_local_main_process,
+    )
+    for batch in bar:
+        loss = run.model(**batch).loss
+        run.accelerator.backward(loss)
+        run.accelerator.clip_grad_norm_(run.model.parameters(), 1.0)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+        step += 1
+        losses.append(loss.item())
+        if step % run.args.finetune_log_every == 0:
+            lr = run.lr_scheduler.get_last_lr()[0]
+            run.log({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)), "lr": lr})
+            losses = []
+    return step
+
+
+def _fit(
+    model: PreTrainedModel,
+    data: DatasetDict,
+    collate: DataCollatorWithPadding,
+    args: FinetuneArgs,
+    accelerator: Accelerator,
+    log: Log,
+    desc: str,
+) -> dict[str, Any]:
+    """Train with early stopping on validation, then test the best epoch's weights."""
+    num_labels = model.config.num_labels
+    train_dl = DataLoader(
+        data["train"], shuffle=True, batch_size=args.finetune_batch_size, collate_fn=collate
+    )
+    valid_dl, test_dl = (
+        DataLoader(data[s], batch_size=2 * args.finetune_batch_size, collate_fn=collate)
+        for s in ("validation", "test")
+    )
+    optimizer, lr_scheduler = _optimizer(model, args, len(train_dl))
+    model, optimizer, train_dl, valid_dl, test_dl, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dl, valid_dl, test_dl, lr_scheduler
+    )
+    run = _Training(model, train_dl, optimizer, lr_scheduler, accelerator, args, log, desc)
+    step, best, best_epoch, best_state, stale = 0, None, -1, None, 0
+    for epoch in range(args.finetune_epochs):
+        step = _train_epoch(run, epoch, step)
+        valid = evaluate_classifier(model, valid_dl, accelerator, num_labels)
+        log({"epoch": epoch, "step": step, **{f"valid_{k}": v for k, v in valid.items()}})
+        # Ties in accuracy are common early on (a model stuck on one class), so lower
+        # validation loss also counts as progress; otherwise such runs would stop at epoch 1.
+        if best is None or (valid["accuracy"], -valid["loss"]) > (best["accuracy"], -best["loss"]):
+            best, best_epoch, stale = valid, epoch, 0
+            # Kept in memory: a few MB for tiny models, 440 MB for bert-base.
+            state = accelerator.unwrap_model(model).state_dict()
+            best_state = {k: v.detach().clone() for k, v in state.items()}
+        else:
+            stale += 1
+            if stale >= args.early_stopping_patience:
+                break
+    accelerator.unwrap_model(model).load_state_dict(best_state)
+    test = evaluate_classifier(model, test_dl, accelerator, num_labels)
+    accelerator.free_memory()
+    return {
+        "best_epoch": best_epoch,
+        "epochs_run": epoch + 1,
+        "steps": step,
+        "valid_accuracy": best["accuracy"],
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "test_loss": test["loss"],
+    }
+
+
+def _over_seeds(runs: list[dict[str, Any]]) -> dict[str, float]:
+    acc_mean, acc_std = mean_std([r["test_accuracy"] for r in runs])
+    f1_mean, f1_std = mean_std([r["test_macro_f1"] for r in runs])
+    return {
+        "accuracy_mean": acc_mean,
+        "accuracy_std": acc_std,
+        "macro_f1_mean": f1_mean,
+        "macro_f1_std": f1_std,
+    }
+
+
+def finetune(
+    checkpoint_dir: str | Path,
+    task: str | Task,
+    args: FinetuneArgs,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    model_class: type[PreTrainedModel] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `checkpoint_dir` on `task` once per seed in `args.seeds` and test each run.
+
+    `task` is a prepared `Task` or a name for `prepare_task`. `model_class` is any
+    `...ForSequenceClassification` whose `from_pretrained` reads the checkpoint (default:
+    the one the Auto classes register for the checkpoint's architecture).
+    Returns (and writes to `finetune_results.json`) the per-seed runs and their summary.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tokenizer = checkpoint_tokenizer(checkpoint_dir, tokenizer)
+    accelerator = Accelerator()
+    if not isinstance(task, Task):
+        with accelerator.main_process_first():  # rank 0 prepares, the others read its files
+            task = task_from_args(task, args, verbose=accelerator.is_main_process)
+    overlap = None
+    if accelerator.is_main_process:
+        overlap = pretraining_overlap(task, checkpoint_dir, args.overlap_corpus)
+    data = tokenize_task(task, tokenizer, args.max_seq_len, args.max_train_examples)
+    collate = DataCollatorWithPadding(tokenizer)
+
+    out_dir = task_output_dir(checkpoint_dir, args, task)
+    # The one metrics writer, under its own file name: a fine-tuning log must not mix with
+    # the pretraining metrics.jsonl of the run it evaluates.
+    writer = MetricsWriter(
+        out_dir, accelerator, base={"task": task.name}, filename=FINETUNE_METRICS_FILE
+    )
+    if accelerator.is_main_process:
+        writer.path.unlink(missing_ok=True)
+    runs = []
+    for seed in args.seeds:
+        set_seed(seed)  # before loading: the new classifier head is drawn from this seed
+        start = time.perf_counter()
+        model = load_classifier(checkpoint_dir, task.num_labels, model_class)
+        writer.base["seed"] = seed
+        run = _fit(model, data, collate, args, accelerator, writer.log, f"{task.name} seed {seed}")
+        run = {"seed": seed, **run, "seconds": time.perf_counter() - start}
+        writer.log({"split": "test", **run})
+        runs.append(run)
+
+    result = {
+        **result_header(task, checkpoint_dir, data),
+        **_over_seeds(runs),
+        "pretraining_overlap": overlap,
+        "runs": runs,
+        "args": dataclasses.asdict(args),
+    }
+    if accelerator.is_main_process:
+        (out_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
+    return result

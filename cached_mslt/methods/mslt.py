@@ -66,10 +66,15 @@ def _run(ctx: MethodContext, cache: str, with_joint: bool = False) -> PreTrained
     return AutoModelForMaskedLM.from_pretrained(layout.model_dir(done))
 
 
+def _growth_stages(args: RunArgs) -> list:
+    """The plan's growing stages (the joint phase, if any, left out)."""
+    return [s for s in StagePlan.from_args(args).stages if not s.joint]
+
+
 def stage_weights(args: RunArgs) -> list[float]:
     """Each stage's part of the staged budget, in proportion to the plan's stage tokens
     (equal parts when the plan counts steps instead)."""
-    stages = [s for s in StagePlan.from_args(args).stages if not s.joint]
+    stages = _growth_stages(args)
     if any(s.tokens is None for s in stages):
         return [1.0] * len(stages)
     return [float(s.tokens) for s in stages]
@@ -79,7 +84,7 @@ def estimated_stage_tokens(args: RunArgs, weights: list[float], stage_one_tokens
     """What each stage will read under a time or FLOP budget, run live: stage 1's tokens
     scaled by the stage's share and by its live cost per token relative to stage 1's
     (frozen layers count one forward, trained ones three: docs/design.md cost model)."""
-    stages = [s for s in StagePlan.from_args(args).stages if not s.joint]
+    stages = _growth_stages(args)
 
     def live_cost(stage) -> int:
         return stage.frozen_layers + 3 * (stage.num_layers - stage.frozen_layers)

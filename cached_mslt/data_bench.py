@@ -121,6 +121,8 @@ def data_benchmarks(
 ) -> list[dict[str, Any]]:
     """Make the corpus in a temporary folder under `scratch` (default: the system's),
     prepare it once per process count, and delete everything again."""
+    if scratch is not None:
+        Path(scratch).mkdir(parents=True, exist_ok=True)  # a named scratch folder may be new
     work = Path(tempfile.mkdtemp(prefix="bench-data-", dir=scratch))
     try:
         corpus = synthetic_corpus(work / "synthetic.txt", size_bytes)

@@ -174,10 +174,13 @@ def run_peak(
     *,
     half: bool = False,
     peak_tflops: float | None = None,
-) -> dict[str, float | str]:
+) -> dict[str, float | str | None]:
     """What a run records in `peak.json` for its MFU: the peak (as `peak_for`) and, on a
     CPU, the rate of the model's FFN matmul for a batch of `tokens` tokens."""
-    out = peak_for(device, half=half, peak_tflops=peak_tflops).to_dict()
+    try:
+        out = peak_for(device, half=half, peak_tflops=peak_tflops).to_dict()
+    except ValueError as e:  # an unknown GPU: the run goes on, its summary shows no MFU
+        return {"peak_flops_per_s": None, "peak_source": str(e)}
     if torch.device(device).type == "cpu":
         out["ffn_matmul_flops_per_s"] = matmul_flops_per_s(*ffn_shape(config, tokens))
         out["threads"] = torch.get_num_threads()

@@ -642,6 +642,19 @@ def summary_rows(
     return rows
 
 
+def _mfu_note(peak: dict[str, Any]) -> str:
+    """What the summary's speed columns mean and which peak MFU divides by."""
+    if not peak:
+        return ""
+    if not peak.get("peak_flops_per_s"):
+        return f"MFU: no peak known ({peak['peak_source']}).\n"
+    return (
+        "tokens/s and MFU: training between a stage's first and last log lines (validation "
+        f"excluded); MFU = counted model FLOP/s / {peak['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s "
+        f"per device ({peak['peak_source']}, `peak.json`).\n"
+    )
+
+
 def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: Path) -> str:
     unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
     layout = RunLayout.of(args)
@@ -664,15 +677,8 @@ def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: P
         if unigram is not None and final is not None
         else ""
     )
-    mfu_note = (
-        f"tokens/s and MFU: training between a stage's first and last log lines (validation "
-        f"excluded); MFU = counted model FLOP/s / {peak['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s "
-        f"per device ({peak['peak_source']}, `peak.json`).\n"
-        if peak
-        else ""
-    )
     text = (
-        f"# Run summary: {layout.root}\n\n{table}\n\n{mfu_note}{reference}"
+        f"# Run summary: {layout.root}\n\n{table}\n\n{_mfu_note(peak)}{reference}"
         f"Total: {total['step']:,} steps, {total['tokens']:,} tokens, {total['wall_s']:.0f} s "
         f"wall-clock ({total.get('cpu_s', 0):.0f} s CPU), cache builds included, validation "
         "excluded.\n"

@@ -11,7 +11,7 @@ import torch
 
 from cached_mslt.background import ShardWriter, read_ahead
 from cached_mslt.bench import build_benchmark, step_benchmarks
-from cached_mslt.flops import gpu_peak, peak_for
+from cached_mslt.flops import gpu_peak, peak_for, run_peak
 from cached_mslt.interleave import interleaved_rounds
 from cached_mslt.metrics import stage_speeds
 
@@ -128,6 +128,13 @@ def test_peak_comes_from_the_override_the_gpu_table_or_a_measurement() -> None:
     assert gpu_peak("NVIDIA L40S", half=True).flops_per_s == 362e12  # not the L4's
     assert gpu_peak("Some Future GPU", half=True) is None
     assert peak_for("cpu").source.startswith("measured")
+
+
+def test_a_run_on_an_unknown_gpu_records_no_peak_instead_of_failing(monkeypatch) -> None:
+    monkeypatch.setattr("cached_mslt.flops.torch.cuda.get_device_name", lambda _: "Future GPU")
+    config = type("C", (), {"hidden_size": 4, "intermediate_size": 8})()
+    peak = run_peak(config, 16, "cuda:0")
+    assert peak["peak_flops_per_s"] is None and "--peak_tflops" in peak["peak_source"]
 
 
 def test_stage_speeds_use_the_span_between_a_stages_log_lines() -> None:

@@ -10,6 +10,7 @@ token ids (the layer math does not depend on batch composition here, docs/librar
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers import BertForMaskedLM
 
+from cached_mslt.background import ShardWriter, read_ahead
 from cached_mslt.blocks import PreparedBlocks
 from cached_mslt.model import bottom_fingerprint, bottom_forward, frozen_modules, run_layers
 from storage import (
@@ -28,6 +30,8 @@ from storage import (
     StoreNotFoundError,
     StoreSpec,
 )
+
+SHARD_ARRAYS = ("hidden", "attention_mask", "labels", "row_index")
 
 
 @dataclass(frozen=True)
@@ -122,9 +126,7 @@ def build_cache(
     began = time.perf_counter()
     prepared = PreparedBlocks(prepared_train, block_rows=batch_rows, num_rows=req.num_rows)
     try:
-        for shard in pending:
-            rows = _shard_rows(model, req, store, shard, prepared, source, state.device, bar)
-            store.write_shard(shard, **rows)
+        _build_shards(model, req, store, pending, prepared, source, state.device, bar)
     except BaseException:
         # A failed build gives up its lock at once (a rerun in this process, or another
         # job, resumes it); a killed one leaves it for stale-lock takeover.
@@ -194,34 +196,56 @@ def _open_for_build(state, model, req, fingerprint, how, source, overwrite) -> A
     return store
 
 
-def _shard_rows(model, req, store, shard, prepared, source, device, bar) -> dict:
-    """One shard's rows: the frozen bottom's output (from token ids, or the source store's
-    hidden states pushed through the newly frozen layers) and what training reads beside it."""
+def _build_shards(model, req, store, pending, prepared, source, device, bar) -> None:
+    """Compute and write the pending shards, the source read ahead and each shard written
+    on a background thread while the next one is computed (cached_mslt/background.py)."""
     start_layer = int(source.fingerprint["frozen_layers"]) if source is not None else 0
-    dtype = store.spec.torch_dtype
-    lo, hi = store.shard_rows(shard)
-    batch_rows = prepared.block_rows
-    parts: dict[str, list[torch.Tensor]] = {
-        "hidden": [],
-        "attention_mask": [],
-        "labels": [],
-        "row_index": [],
-    }
-    for a in range(lo, hi, batch_rows):
-        b = min(a + batch_rows, hi)
-        rows = prepared.rows(a, b)
+    writer = ShardWriter(store)
+    batches = read_ahead(_input_batches(store, pending, prepared, source))
+    try:
+        dtype = store.spec.torch_dtype
+        for shard, rows in _shard_rows(model, req, batches, start_layer, dtype, device, bar):
+            writer.put(shard, rows)
+    finally:
+        batches.close()  # stops the reader
+        writer.close(raise_error=False)  # nothing may write once the lock is released
+    writer.close()  # a failed write raises here
+
+
+def _input_batches(store, pending, prepared, source) -> Iterator[tuple[int, int, int, dict]]:
+    """(shard, a, b, rows) for every batch of rows [a, b) of the pending shards, in order:
+    the prepared rows and, for an incremental build, the source store's hidden states."""
+    for shard in pending:
+        lo, hi = store.shard_rows(shard)
+        for a in range(lo, hi, prepared.block_rows):
+            b = min(a + prepared.block_rows, hi)
+            rows = prepared.rows(a, b)
+            if source is not None:
+                rows["previous"] = source.read_rows(a, b)["hidden"]
+            yield shard, a, hi, rows
+
+
+def _shard_rows(model, req, batches, start_layer, dtype, device, bar) -> Iterator[tuple[int, dict]]:
+    """Each shard's rows, once its last batch is computed: the frozen bottom's output (from
+    token ids, or the source store's hidden states pushed through the newly frozen layers)
+    and what training reads beside it."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in SHARD_ARRAYS}
+    for shard, a, hi, rows in batches:
         mask = rows["attention_mask"].to(device)
-        if source is None:
+        if "previous" not in rows:
             hidden = bottom_forward(model, rows["input_ids"].to(device), mask, req.frozen_layers)
         else:
-            previous = source.read_rows(a, b)["hidden"].to(device, torch.float32)
+            previous = rows["previous"].to(device, torch.float32)
             hidden = run_layers(model, previous, mask, start_layer, req.frozen_layers)
         parts["hidden"].append(hidden.to(dtype).cpu())
         parts["attention_mask"].append(rows["attention_mask"].to(torch.uint8))
         parts["labels"].append(rows["labels"].to(torch.int32))
         parts["row_index"].append(rows["row_index"])
+        b = a + len(rows["row_index"])
         bar.update(b - a)
-    return {k: torch.cat(v) for k, v in parts.items()}
+        if b == hi:
+            yield shard, {k: torch.cat(v) for k, v in parts.items()}
+            parts = {k: [] for k in SHARD_ARRAYS}
 
 
 def _commit(state, store, req, fingerprint, how, rows_total: int, elapsed: float) -> tuple:

@@ -112,6 +112,7 @@ RANGES: dict[str, tuple[Any, str, str]] = {
     "checkpoint_every": (lambda v: _whole(v) and v >= 1, "a whole number of steps >= 1", "200"),
     "num_workers": (lambda v: _whole(v) and v >= 0, "a whole number >= 0", "0"),
     "max_wall_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "3600"),
+    "peak_tflops": (lambda v: v is None or _finite(v) and v > 0, "TFLOP/s > 0", "312"),
     "warmup_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.06"),
     "joint_tokens": (lambda v: _finite(v) and v >= 0, "a token count >= 0", "0"),
     "budget_tokens": (lambda v: v is None or _finite(v) and v >= 1, "tokens >= 1", "2097152"),
@@ -322,6 +323,13 @@ class TrainArgs:
     )
     report_to: str | None = field(
         default=None, metadata={"help": "Accelerate tracker, e.g. tensorboard"}
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={
+            "help": "MFU reference: dense peak TFLOP/s of one device; default: the GPU table "
+            "of cached_mslt/flops.py, or on a CPU an fp32 matmul measured at the run's start"
+        },
     )
 
 

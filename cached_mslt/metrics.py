@@ -142,6 +142,37 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def stage_speeds(
+    records: list[dict[str, Any]], peak_flops_per_s: float | None, devices: int = 1
+) -> dict[str, dict[str, float | None]]:
+    """Per stage: training tokens/s, FLOP/s and MFU between its first and last log lines.
+
+    The clock is cumulative and paused during validation, and a stage's cache build (wall
+    time and FLOPs) is charged before its first step, so the span between two log lines of
+    one stage is training only (checkpoints included). A stage with one log line has no
+    span: None. MFU divides by the peak of all `devices` (counters are summed over ranks).
+    """
+    spans: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if "stage" in r and "wall_s" in r and "train_loss" in r:
+            spans.setdefault(str(r["stage"]), []).append(r)
+    out: dict[str, dict[str, float | None]] = {}
+    for stage, lines in spans.items():
+        first, last = lines[0], lines[-1]
+        wall = last["wall_s"] - first["wall_s"]
+        if wall <= 0:
+            out[stage] = {"tokens_per_s": None, "flops_per_s": None, "mfu": None}
+            continue
+        flops_per_s = (last["flops"] - first["flops"]) / wall
+        mfu = flops_per_s / (peak_flops_per_s * devices) if peak_flops_per_s else None
+        out[stage] = {
+            "tokens_per_s": (last["tokens"] - first["tokens"]) / wall,
+            "flops_per_s": flops_per_s,
+            "mfu": mfu,
+        }
+    return out
+
+
 def below_unigram(loss: float | None, unigram: float | None) -> float | None:
     """How far below the unigram loss a loss is, in percent of it (what a loss means)."""
     if loss is None or not unigram or math.isnan(loss):

@@ -71,6 +71,11 @@ class RunLayout:
         return self.root / METRICS
 
     @property
+    def peak(self) -> Path:
+        """The FLOP/s the run's MFU is measured against (cached_mslt.flops.Peak)."""
+        return self.root / "peak.json"
+
+    @property
     def summary(self) -> Path:
         return self.root / "summary.md"
 

@@ -25,7 +25,7 @@ from cached_mslt.budget import PhaseShare
 from cached_mslt.cache import CacheRequest, build_cache
 from cached_mslt.config import ConfigError, RunArgs
 from cached_mslt.corpora import DataError
-from cached_mslt.flops import layer_forward_flops, step_flops
+from cached_mslt.flops import layer_forward_flops, run_peak, step_flops
 from cached_mslt.metrics import (
     MetricsWriter,
     RunClock,
@@ -34,8 +34,9 @@ from cached_mslt.metrics import (
     markdown_table,
     plot_curves,
     read_metrics,
+    stage_speeds,
 )
-from cached_mslt.model import bottom_fingerprint, build_model, check_tied, grow
+from cached_mslt.model import bert_config, bottom_fingerprint, build_model, check_tied, grow
 from cached_mslt.plan import Stage, StagePlan
 from cached_mslt.prepare import PreparedData, check_prepared, load_prepared, prepared_manifest
 from cached_mslt.run_layout import RunLayout
@@ -575,6 +576,7 @@ def run_all(args: RunArgs) -> list[dict[str, Any]]:
     check_cache_location(args, StagePlan.from_args(args))
     accelerator = make_accelerator(args)
     plan = StagePlan.from_args(args)
+    record_peak(args, accelerator)
     manifests = []
     for st in plan.stages:
         manifests.append(run_stage(args, st.index, accelerator))
@@ -595,24 +597,70 @@ def run_all(args: RunArgs) -> list[dict[str, Any]]:
     return manifests
 
 
+def record_peak(args: RunArgs, accelerator: Accelerator) -> None:
+    """Write the run's MFU reference (cached_mslt.flops.run_peak) beside config.json, once:
+    a resumed run keeps the first measurement. On a CPU it is measured now, at the run's
+    FFN shape and a large square, before training loads the machine."""
+    layout = RunLayout.of(args)
+    if accelerator.is_main_process and not layout.peak.exists():
+        config = bert_config(args.model, vocab_size=2, num_layers=1)  # only H and I matter
+        tokens = args.train.batch_size * args.data.seq_len
+        half = args.train.mixed_precision in ("bf16", "fp16")
+        peak = run_peak(
+            config, tokens, accelerator.device, half=half, peak_tflops=args.train.peak_tflops
+        )
+        layout.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(layout.peak, json.dumps(peak, indent=2))
+    accelerator.wait_for_everyone()
+
+
+def summary_rows(
+    manifests: list[dict[str, Any]], metrics: list[dict[str, Any]], peak: dict, unigram
+) -> list[dict[str, Any]]:
+    """One row per stage: what it was, its times, its training speed (tokens/s and MFU
+    between its first and last log lines, cached_mslt.metrics.stage_speeds) and loss."""
+    devices = manifests[-1].get("num_processes", 1) if manifests else 1
+    speeds = stage_speeds(metrics, peak.get("peak_flops_per_s"), devices)
+    rows = []
+    for m in manifests:
+        speed = speeds.get(m["stage"]["name"], {})
+        mfu = speed.get("mfu")
+        rows.append(
+            {
+                "stage": m["stage"]["name"],
+                "layers": m["stage"]["num_layers"],
+                "frozen": m["stage"]["frozen_layers"],
+                "mode": m["mode"],
+                "cache build s": m["timings"]["build_s"],
+                "train s": m["timings"]["train_s"],
+                "tokens/s": speed.get("tokens_per_s", m["train"]["tokens_per_s"]),
+                "MFU %": None if mfu is None else 100.0 * mfu,
+                "val loss": m["train"]["val_loss"],
+                "below unigram %": below_unigram(m["train"]["val_loss"], unigram),
+            }
+        )
+    return rows
+
+
+def _mfu_note(peak: dict[str, Any]) -> str:
+    """What the summary's speed columns mean and which peak MFU divides by."""
+    if not peak:
+        return ""
+    if not peak.get("peak_flops_per_s"):
+        return f"MFU: no peak known ({peak['peak_source']}).\n"
+    return (
+        "tokens/s and MFU: training between a stage's first and last log lines (validation "
+        f"excluded); MFU = counted model FLOP/s / {peak['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s "
+        f"per device ({peak['peak_source']}, `peak.json`).\n"
+    )
+
+
 def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: Path) -> str:
     unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
-    rows = [
-        {
-            "stage": m["stage"]["name"],
-            "layers": m["stage"]["num_layers"],
-            "frozen": m["stage"]["frozen_layers"],
-            "mode": m["mode"],
-            "cache build s": m["timings"]["build_s"],
-            "train s": m["timings"]["train_s"],
-            "tokens/s": m["train"]["tokens_per_s"],
-            "val loss": m["train"]["val_loss"],
-            "below unigram %": below_unigram(m["train"]["val_loss"], unigram),
-        }
-        for m in manifests
-    ]
-    table = markdown_table(rows, list(rows[0]))
     layout = RunLayout.of(args)
+    peak = json.loads(layout.peak.read_text()) if layout.peak.is_file() else {}
+    rows = summary_rows(manifests, read_metrics(layout.root), peak, unigram)
+    table = markdown_table(rows, list(rows[0]))
     plot_curves(
         {"mslt": read_metrics(layout.root)},
         "wall_s",
@@ -630,7 +678,7 @@ def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: P
         else ""
     )
     text = (
-        f"# Run summary: {layout.root}\n\n{table}\n\n{reference}"
+        f"# Run summary: {layout.root}\n\n{table}\n\n{_mfu_note(peak)}{reference}"
         f"Total: {total['step']:,} steps, {total['tokens']:,} tokens, {total['wall_s']:.0f} s "
         f"wall-clock ({total.get('cpu_s', 0):.0f} s CPU), cache builds included, validation "
         "excluded.\n"

@@ -1,15 +1,19 @@
 """Benchmarks: one JSON object per line, `{"name", "value", "unit", ...}` plus `model_ratio`
 where the cost model of docs/design.md predicts the figure. Measures, never asserts.
 
-    python pipelines/bench.py --quick          # tiny preset, under 5 minutes on 2 cores
-    python pipelines/bench.py                  # tiny and mini, bert-base storage shapes
+    python pipelines/bench.py --quick          # every figure of docs/benchmarks.md (tiny and
+                                               # mini), under 6 minutes on an idle 2-core machine
+    python pipelines/bench.py                  # the same with longer time caps and bigger stores
+    python pipelines/bench.py --peak_tflops 312  # MFU against a given peak, not a measured matmul
     python pipelines/bench.py --quick --s3     # plus stores on an S3 API on loopback (moto)
     python pipelines/bench.py --data           # data preparation only: 2 GB under 3 GiB (docs/data.md)
 """
 
 import argparse
 import json
+import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +26,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="tiny preset only")
+    parser.add_argument(
+        "--quick", action="store_true", help="short time caps and small stores (~6 minutes)"
+    )
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="MFU reference (dense TFLOP/s); default: an fp32 matmul measured in the same rounds",
+    )
     parser.add_argument(
         "--s3", action="store_true", help="also stores on a loopback S3 API (dev extra: moto)"
     )
@@ -36,10 +48,13 @@ def main() -> None:
         "--data_repo", default=str(ROOT), help="a checkout whose prepare_data.py to measure"
     )
     args = parser.parse_args()
+    began = time.perf_counter()
     machine = {
         "machine": platform.machine(),
         "cpus": torch.get_num_threads(),
         "torch": torch.__version__,
+        # other processes' load when the run started: absolute rates hold only for it
+        "load_avg_1m_at_start": os.getloadavg()[0],
     }
     if args.data:
         limit = int(args.data_limit_gib * 2**30)
@@ -47,7 +62,15 @@ def main() -> None:
             args.data_dir, int(args.data_bytes), tuple(args.data_procs), limit, Path(args.data_repo)
         )
     else:
-        figures = all_benchmarks(quick=args.quick, s3=args.s3)
+        figures = all_benchmarks(quick=args.quick, s3=args.s3, peak_tflops=args.peak_tflops)
+    figures.append(
+        {
+            "name": "bench_wall_s",
+            "value": time.perf_counter() - began,
+            "unit": "s",
+            "load_avg_at_end": os.getloadavg(),
+        }
+    )
     for figure in figures:
         print(json.dumps({**figure, **machine}), flush=True)
 

@@ -54,6 +54,8 @@ def test_full_schedule_writes_loadable_tied_checkpoint_and_metrics(prepared_dir,
         in summary
     )
     assert "below unigram %" in summary
+    # Speeds come with their MFU against the reference the run recorded (docs/benchmarks.md).
+    assert "MFU %" in summary and (tmp_path / "run" / "peak.json").is_file()
     # The checkpoint loads with its own tokenizer, the one the data was prepared with.
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert tokenizer.get_vocab() == load_prepared(prepared_dir).tokenizer().get_vocab()

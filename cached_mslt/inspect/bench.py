@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cached_mslt.bench import interleaved_medians
 from cached_mslt.inspect.api import single_threaded_compute
 from cached_mslt.inspect.similarity import similarity
 from cached_mslt.inspect.stats import hidden_stats
 from cached_mslt.inspect.summary import logical_bytes
+from cached_mslt.interleave import interleaved_rounds
 from storage import ActivationStore, StoreSpec
 from storage.synthetic import write_synthetic_shards
 
@@ -38,7 +38,9 @@ def sequential_read_one_thread(store: ActivationStore) -> None:
         sequential_read(store)
 
 
-def measure_inspect(spec: StoreSpec, root: Path, repeats: int, with_similarity: bool) -> list[dict]:
+def measure_inspect(
+    spec: StoreSpec, root: Path, repeats: int, with_similarity: bool, cap_s: float = 20.0
+) -> list[dict]:
     url = root / f"{spec.num_rows}x{spec.seq_len}x{spec.hidden_size}-{spec.dtype}"
     writer = ActivationStore.create(url, spec, fingerprint={"bench": "inspect"})
     write_synthetic_shards(writer, list(range(writer.num_shards)))
@@ -52,7 +54,9 @@ def measure_inspect(spec: StoreSpec, root: Path, repeats: int, with_similarity: 
     }
     if with_similarity:
         fns["similarity"] = lambda: similarity([store, store])
-    seconds = interleaved_medians(fns, repeats)
+    pairs = [("read", "stats"), ("read_1thread", "stats")]
+    rounds = interleaved_rounds(fns, pairs, window=repeats, cap_s=cap_s)
+    seconds = {name: rounds.median_s(name) for name in fns}
     tags = {"shape": f"{spec.seq_len}x{spec.hidden_size}", "rows": spec.num_rows}
     tags |= {"dtype": spec.dtype, "codec": spec.codec, "store_mb": round(mb, 1)}
     figures = [
@@ -60,13 +64,13 @@ def measure_inspect(spec: StoreSpec, root: Path, repeats: int, with_similarity: 
         {"name": "inspect_stats", "value": mb / seconds["stats"], "unit": "MB/s"},
         {
             "name": "stats_vs_sequential_read",
-            "value": seconds["read"] / seconds["stats"],
+            **rounds.ratio("read", "stats"),
             "unit": "ratio",
             "goal": 0.5,
         },
         {
             "name": "stats_vs_sequential_read_1thread",
-            "value": seconds["read_1thread"] / seconds["stats"],
+            **rounds.ratio("read_1thread", "stats"),
             "unit": "ratio",
         },
     ]

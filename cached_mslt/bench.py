@@ -318,6 +318,24 @@ def build_benchmark(
     the two. Also the store loader's rows/s, for `loader_vs_train_consumption`."""
     torch.set_flush_denormal(True)
     model = build_model(ModelArgs(preset=preset), VOCAB, 12).eval()
+    timing = _time_build(model, rows, seq_len, first, last, plain_rows)
+    flops = rows * seq_len * (last - first) * layer_forward_flops(model.config, seq_len)
+    peak = peak or Peak(
+        statistics.mean(timing["square"]), f"measured: fp32 matmul {SQUARE}^3 before and after"
+    )
+    return _build_figures(
+        timing,
+        flops,
+        peak,
+        rows,
+        plain_rows,
+        {"preset": preset, "rows": rows, "layers": last - first},
+    )
+
+
+def _time_build(model, rows: int, seq_len: int, first: int, last: int, plain_rows: int) -> dict:
+    """Seconds of one build between two plain forwards, the square matmul's rate before
+    and after, and the store loader's rows/s."""
     batch = _batch(rows, seq_len)
     data = _FakePrepared(batch)
     # build_cache reports progress on stdout; bench's stdout is JSON lines only.
@@ -343,12 +361,14 @@ def build_benchmark(
         plain_s.append(_timed(plain))
         square.append(matmul_flops_per_s(SQUARE, SQUARE, SQUARE))
         loader_rows_s = _loader_rows_per_s(source)
+    return {"build_s": build_s, "plain_s": plain_s, "square": square, "loader": loader_rows_s}
+
+
+def _build_figures(
+    timing: dict, flops: float, peak: Peak, rows: int, plain_rows: int, tag: dict
+) -> list[dict]:
+    build_s, plain_s = timing["build_s"], timing["plain_s"]
     build_rate, plain_rates = rows / build_s, [plain_rows / s for s in plain_s]
-    flops = rows * seq_len * (last - first) * layer_forward_flops(model.config, seq_len)
-    peak = peak or Peak(
-        statistics.mean(square), f"measured: fp32 matmul {SQUARE}^3 before and after"
-    )
-    tag = {"preset": preset, "rows": rows, "layers": last - first}
     ratios = [build_rate / r for r in plain_rates]
     how = f"one build of {rows} rows between plain forwards of {plain_rows} rows"
     return [
@@ -379,7 +399,7 @@ def build_benchmark(
             "unit": "x",
             **tag,
         },
-        {"name": "store_loader_rows_per_s", "value": loader_rows_s, "unit": "rows/s", **tag},
+        {"name": "store_loader_rows_per_s", "value": timing["loader"], "unit": "rows/s", **tag},
     ]
 
 

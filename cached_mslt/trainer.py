@@ -490,7 +490,7 @@ class _PhaseLoop:
         self.read = _Read(loss, int(masked), int(run))
         tally.worst.zero_()
         if worst >= self.t.nonfinite_patience:
-            norm = None if math.isnan(bad_norm) else bad_norm
+            norm = None if self.accelerator.scaler is not None else bad_norm  # else measured
             raise _diverged(self.phase, self.progress.step, int(worst), bad_loss, norm, self.args)
         if not self.solo:
             self.lr_progress = self.done_fraction()

@@ -109,6 +109,7 @@ RANGES: dict[str, tuple[Any, str, str]] = {
     "eval_every": (lambda v: _whole(v) and v >= 1, "a whole number of steps >= 1", "100"),
     "eval_batches": (lambda v: v is None or _whole(v) and v >= 1, "None or >= 1", "20"),
     "log_every": (lambda v: _whole(v) and v >= 1, "a whole number of steps >= 1", "10"),
+    "sync_every": (lambda v: v is None or _whole(v) and v >= 1, "None or steps >= 1", "10"),
     "checkpoint_every": (lambda v: _whole(v) and v >= 1, "a whole number of steps >= 1", "200"),
     "num_workers": (lambda v: _whole(v) and v >= 0, "a whole number >= 0", "0"),
     "max_wall_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "3600"),
@@ -311,6 +312,19 @@ class TrainArgs:
     eval_every: int = field(default=100, metadata={"help": "validation every N optimizer steps"})
     eval_batches: int | None = field(default=None, metadata={"help": "cap validation batches"})
     log_every: int = 10
+    sync_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "every N optimizer steps the device's loss and non-finite counters are read "
+            "and, with several processes, the ranks reconcile token counts and clocks and agree "
+            "to stop (a budget then ends within N steps); default: --log_every. One process "
+            "checks its budgets every step on host values (docs/design.md, the hot path)"
+        },
+    )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the trainable top (docs/levers.md, compile)"},
+    )
     checkpoint_every: int = field(
         default=200, metadata={"help": "save_state every N steps (resume)"}
     )

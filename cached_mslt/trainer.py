@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
@@ -26,11 +28,13 @@ from cached_mslt.budget import PhaseShare, lr_factor
 from cached_mslt.config import RunArgs
 from cached_mslt.metrics import MetricsWriter, RunClock, Stopwatch
 from cached_mslt.model import (
+    IGNORE_INDEX,
     TopModel,
     bottom_forward,
     decay_param_groups,
     freeze_bottom,
     frozen_modules,
+    masked_targets,
 )
 from cached_mslt.rundir import saving
 from storage import make_block_loader
@@ -39,6 +43,8 @@ from storage.dataset import Blocks
 # What Accelerate names the first object registered for checkpointing (our TrainProgress).
 PROGRESS_FILE = "custom_checkpoint_0.pkl"
 LEGACY_TRAINER_STATE = "trainer_state.json"  # the format before TrainProgress
+# Devices whose AdamW has the fused kernel that honours `found_inf` (torch 2.13).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
 class DivergenceError(RuntimeError):
@@ -99,10 +105,11 @@ def validation_loss(
             torch.as_tensor(batch["attention_mask"], device=device),
             input_ids=torch.as_tensor(batch["input_ids"], device=device),
         )
-        total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
-    total = accelerator.reduce(total, reduction="sum")
+        total[0] += loss.detach().double() * n  # read once, after the last batch
+        total[1] += n
+    loss_sum, count = accelerator.reduce(total, reduction="sum").tolist()
     whole_model_loss.train(was_training)
-    return float(total[0] / total[1]) if total[1] > 0 else math.nan
+    return loss_sum / count if count > 0 else math.nan
 
 
 class OldCheckpointError(RuntimeError):
@@ -180,21 +187,89 @@ def save_checkpoint(accelerator: Accelerator, directory: Path) -> None:
 
 
 @dataclass
+class BatchCounts:
+    """What the host knows of a batch before it moves to the device: counting it there
+    costs the step no wait for the device."""
+
+    tokens: int  # attended positions
+    masked: int  # positions with a label
+    padded: bool  # some position does not attend
+
+
+def host_batch(
+    batch: dict[str, torch.Tensor], per_row: int | None
+) -> tuple[BatchCounts, dict[str, Any]]:
+    """Count a batch still on the host (numpy: no tensor is read) and add the flat targets
+    of its masked positions, so the head's gather has a shape the host knows. An unpadded
+    batch loses its attention mask: transformers would drop it too, after checking it on
+    the device (`padding_mask.all()`, a wait per layer stack on a GPU)."""
+    attends = batch["attention_mask"].numpy()
+    tokens = int(np.count_nonzero(attends))
+    masked = int(np.count_nonzero(batch["labels"].numpy() != IGNORE_INDEX))
+    counts = BatchCounts(tokens, masked, padded=tokens != attends.size)
+    batch = {**batch, **masked_targets(batch["labels"], per_row)}
+    if not counts.padded:
+        batch["attention_mask"] = None
+    return counts, batch
+
+
+class _Tally:
+    """What the steps add up on the device between two reads, so that no step waits for
+    it: the log window's loss sum, this optimizer step's loss sum so far, the run of
+    consecutive skipped (non-finite) optimizer steps, the longest run since the last read,
+    and the last skipped step's loss sum and gradient norm (for the divergence message)."""
+
+    def __init__(self, device: torch.device):
+        values = torch.zeros(6, dtype=torch.float64, device=device)
+        self.values = values
+        self.loss, self.step_loss, self.run, self.worst = values[0], values[1], values[2], values[3]
+        self.bad_loss, self.bad_norm = values[4], values[5]
+        self.bad_norm.fill_(math.nan)  # nan: not measured
+
+    def add(self, loss: torch.Tensor, masked: int) -> None:
+        loss_sum = loss.detach().double() * masked
+        self.loss.add_(loss_sum)
+        self.step_loss.add_(loss_sum)
+
+    def end_step(self, norm: torch.Tensor | None) -> torch.Tensor:
+        """Close an optimizer step; returns whether to skip it (a bool on the device)."""
+        bad = ~torch.isfinite(self.step_loss)
+        if norm is not None:
+            norm = norm.detach().double()
+            bad = bad | ~torch.isfinite(norm)
+            self.bad_norm.copy_(torch.where(bad, norm, self.bad_norm))
+        self.bad_loss.copy_(torch.where(bad, self.step_loss, self.bad_loss))
+        self.run.copy_((self.run + 1) * bad)
+        self.worst.copy_(torch.maximum(self.worst, self.run))
+        self.step_loss.zero_()
+        return bad
+
+
+@dataclass
 class _Window:
-    """What the steps since the last log line accumulated (losses summed over all ranks)."""
+    """Host counts not yet logged (masked) or, with several processes, not yet in the
+    clock (tokens, FLOPs): this rank's own, until a sync sums them over ranks."""
+
+    masked: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+
+
+@dataclass
+class _Read:
+    """The device's counters as the last sync read them (summed or maxed over ranks)."""
 
     loss_sum: float = 0.0
     masked: int = 0
-    finite: bool = True  # every micro-batch of the current optimizer step so far
-    nonfinite_run: int = 0  # consecutive skipped optimizer steps
-    grad_norm: float | None = None
-    last_loss_sum: float = 0.0
+    run: int = 0  # consecutive skipped steps up to the sync
 
 
 class _PhaseLoop:
     """One phase's training, in the shape of the Accelerate examples: build (optimizer,
     scheduler, loader, prepare), resume, then per batch `train_step` and, per optimizer
-    step, `end_step` (clock, schedule, stop, evaluate, log, checkpoint)."""
+    step, `end_step` (clock, schedule, stop, evaluate, log, checkpoint). A step never
+    reads the device; `sync` does, every `--sync_every` steps and where a log line, an
+    evaluation or a checkpoint needs exact counts (docs/design.md, the hot path)."""
 
     def __init__(self, accelerator, phase: Phase, args: RunArgs, clock, metrics, valid):
         self.accelerator, self.phase, self.t = accelerator, phase, args.train
@@ -205,6 +280,8 @@ class _PhaseLoop:
         # Validation always runs the whole model: the trainable module itself when nothing
         # is frozen (it starts at token ids), else the same model seen from the embeddings.
         self.whole_model_loss = trainable if phase.frozen_layers == 0 else TopModel(model, 0)
+        if self.t.compile:
+            trainable.compile()  # in place: prepare, DDP and validation see one module
         self.progress = start_progress(accelerator, clock)
         optimizer, scheduler = self._optimizer()
         loader = make_block_loader(
@@ -213,12 +290,20 @@ class _PhaseLoop:
             shuffle=True,
             seed=self.t.seed,
             num_workers=self.t.num_workers,
+            pin_memory=accelerator.device.type == "cuda",
         )
+        # The loader stays on the host: `stage_batch` counts a batch there, then moves it.
         self.trainable, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
-            trainable, optimizer, loader, scheduler
+            trainable, optimizer, loader, scheduler, device_placement=[None, None, False, None]
         )
         model.to(accelerator.device)  # the frozen bottom lives outside the prepared module's DDP
-        self.window, self.last_val = _Window(), None
+        self.window, self.read, self.tally = _Window(), _Read(), _Tally(accelerator.device)
+        self.last_val, self.solo = None, accelerator.num_processes == 1
+        self.sync_every = self.t.sync_every or self.t.log_every
+        # A compiled top gets one gather shape for every full batch: the most positions
+        # static masking can pick in a row, times the rows (docs/design.md, the hot path).
+        data = args.data
+        self.per_row = max(1, round(data.mask_prob * data.seq_len)) if self.t.compile else None
         budget = phase.share.budget if phase.share else None
         self.watches_time = self.t.max_wall_s is not None or bool(
             budget and (budget.wall_s or budget.cpu_s)
@@ -226,11 +311,15 @@ class _PhaseLoop:
 
     def _optimizer(self) -> tuple[torch.optim.Optimizer, LambdaLR]:
         phase, t = self.phase, self.t
+        # Fused where the device has the kernel: it skips a non-finite step on the device
+        # (`optimizer_step`). Its numbers differ from the for-loop AdamW's in the last bit
+        # (7e-9 after 5 steps of tiny's top here); both sides of every comparison use it.
         optimizer = torch.optim.AdamW(
             decay_param_groups(phase.model, t.weight_decay, self.params),
             lr=phase.learning_rate,
             betas=(t.adam_beta1, t.adam_beta2),
             eps=t.adam_epsilon,
+            fused=self.accelerator.device.type in FUSED_ADAMW_DEVICES,
         )
         if phase.init_optimizer is not None:
             phase.init_optimizer(optimizer)
@@ -248,6 +337,16 @@ class _PhaseLoop:
     def done_fraction(self) -> float:
         share = self.phase.share
         return share.progress(self.clock) if share else self.progress.step / self.phase.steps
+
+    def estimated_progress(self) -> float:
+        """Several processes between syncs: the clock holds the last values all ranks
+        agreed on, so the schedule extrapolates from them at the phase's average rate so
+        far, the same number on every rank (a step count is exact as it is)."""
+        if self.phase.share is None:
+            return self.done_fraction()
+        (step0, progress0), (step, progress) = self.started, self.synced
+        rate = (progress - progress0) / (step - step0) if step > step0 else 0.0
+        return min(1.0, progress + rate * (self.progress.step - step))
 
     def out_of_budget(self) -> bool:
         """The run's wall-clock or the phase's share of a budget is used up."""
@@ -269,89 +368,158 @@ class _PhaseLoop:
         self.metrics.truncate_after(phase.name, self.clock.step)
         self.lr_progress = self.done_fraction()  # where a resumed phase stands
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def stage_batch(self, batch: dict[str, torch.Tensor]) -> tuple[BatchCounts, dict[str, Any]]:
+        """Count a batch on the host, then move it (from pinned memory on CUDA, without
+        waiting for the copy)."""
+        counts, batch = host_batch(batch, self.per_row)
+        device = self.accelerator.device
+        return counts, send_to_device(batch, device, non_blocking=device.type == "cuda")
+
+    def train_step(self, batch: dict[str, Any], counts: BatchCounts) -> None:
         """Forward, backward and (at an accumulation boundary) the optimizer step of one
-        batch; returns [tokens, masked tokens, loss sum] summed over all ranks."""
-        accelerator, phase, w = self.accelerator, self.phase, self.window
+        batch, without reading the device: the loss adds up in the tally, and a non-finite
+        step is skipped on the device (`optimizer_step`)."""
+        accelerator, phase = self.accelerator, self.phase
         if phase.before_step is not None:
             phase.before_step(self.progress.step)
         with accelerator.accumulate(self.trainable):
-            inputs = _phase_inputs(phase.model, phase, batch)
-            loss, n_masked = self.trainable(batch["labels"], batch["attention_mask"], **inputs)
+            inputs = _phase_inputs(phase.model, phase, batch, accelerator)
+            loss, _ = self.trainable(
+                batch["labels"],
+                batch["attention_mask"],
+                masked_positions=batch["masked_positions"],
+                masked_labels=batch["masked_labels"],
+                **inputs,
+            )
             accelerator.backward(loss)
-            # Reduced before the step so every rank takes the same skip decision.
-            counts = accelerator.reduce(
-                torch.tensor(
-                    [int(batch["attention_mask"].sum()), n_masked, loss.item() * n_masked],
-                    dtype=torch.float64,
-                    device=accelerator.device,
-                ),
-                reduction="sum",
-            )
-            w.finite = w.finite and math.isfinite(float(counts[2]))
-            w.grad_norm = None
-            if accelerator.sync_gradients and self.t.max_grad_norm > 0:
-                w.grad_norm = float(accelerator.clip_grad_norm_(self.params, self.t.max_grad_norm))
-                # Under fp16 the loss scaler skips overflowing steps itself and inf norms
-                # while it calibrates are expected: only the loss counts there.
-                if accelerator.scaler is None:
-                    w.finite = w.finite and math.isfinite(w.grad_norm)
-            # A non-finite step is skipped, never applied: one bad batch does not poison
-            # the weights, and `nonfinite_patience` bad steps in a row stop the stage.
-            if w.finite or not accelerator.sync_gradients:
-                self.optimizer.step()
+            self.tally.add(loss, counts.masked)
+            if accelerator.sync_gradients:
+                self.optimizer_step(self.tally.end_step(self.grad_norm()))
             self.optimizer.zero_grad()
-        return counts
 
-    def count(self, counts: torch.Tensor) -> None:
-        """Charge a batch to the clock and the log window."""
-        self.clock.tokens += int(counts[0])
-        self.window.loss_sum += float(counts[2])
-        self.window.masked += int(counts[1])
-        self.window.last_loss_sum = float(counts[2])
-        if self.phase.flops_per_step is not None:
-            self.clock.flops += self.phase.flops_per_step(
-                {"tokens": int(counts[0]), "masked": int(counts[1])}
+    def grad_norm(self) -> torch.Tensor | None:
+        """The gradients' total norm (clipped to --max_grad_norm when set), which decides
+        with the loss whether a step is finite. After DDP's all-reduce every rank holds
+        the same gradients, so every rank takes the same decision. None under fp16's loss
+        scaler, which skips overflowing steps itself (inf norms while it calibrates are
+        expected there)."""
+        accelerator, max_norm = self.accelerator, self.t.max_grad_norm
+        if max_norm > 0:
+            norm = accelerator.clip_grad_norm_(self.params, max_norm)
+        elif accelerator.scaler is None:
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.params if p.grad is not None]
             )
+        return None if accelerator.scaler is not None else norm
+
+    def optimizer_step(self, skip: torch.Tensor) -> None:
+        """Apply the step unless `skip`: a non-finite step is never applied, so one bad batch
+        does not poison the weights, and `nonfinite_patience` bad steps in a row stop the
+        phase (at the next sync). The fused AdamW skips on the device, as it does for
+        GradScaler (`found_inf`); fp16's scaler decides itself; another optimizer (a
+        device without the fused kernel) reads `skip` here, a wait per step."""
+        inner = self.optimizer.optimizer
+        if self.accelerator.scaler is not None:
+            self.optimizer.step()
+        elif inner.defaults.get("fused"):
+            inner.found_inf = skip.float()
+            self.optimizer.step()
+            del inner.found_inf
+        elif not bool(skip):
+            self.optimizer.step()
+
+    def count(self, counts: BatchCounts) -> None:
+        """Charge a batch: to the clock at once with one process (its counts are the run's),
+        else to the window the next sync sums over ranks."""
+        flops = 0.0
+        if self.phase.flops_per_step is not None:
+            flops = self.phase.flops_per_step({"tokens": counts.tokens, "masked": counts.masked})
+        self.window.masked += counts.masked
+        if self.solo:
+            self.clock.tokens += counts.tokens
+            self.clock.flops += flops
+        else:
+            self.window.tokens += counts.tokens
+            self.window.flops += flops
 
     def end_step(self) -> bool:
         """After an optimizer step: advance the clock and schedule, decide (on every rank
-        alike) whether to stop, evaluate, log and checkpoint. Returns True on the last step."""
+        alike) whether to stop, evaluate, log and checkpoint. Returns True on the last step.
+        One process checks its budget every step on host values; several agree at syncs."""
         self.progress.step += 1
         self.clock.step += 1
         self.bar.update(1)
-        w = self.window
-        w.nonfinite_run = 0 if w.finite else w.nonfinite_run + 1
-        w.finite = True
-        if w.nonfinite_run >= self.t.nonfinite_patience:
-            raise _diverged(
-                self.phase,
-                self.progress.step,
-                w.nonfinite_run,
-                w.last_loss_sum,
-                w.grad_norm,
-                self.args,
-            )
-        if self.watches_time:
-            # Every rank takes the slowest rank's clock, so all see the same progress and
-            # learning rate, and stop at the same step (else the next all-reduce would hang).
-            self.watch.tick()
-            times = torch.tensor(
-                [self.clock.wall_s, self.clock.cpu_s],
-                dtype=torch.float64,
-                device=self.accelerator.device,
-            )
-            times = self.accelerator.reduce(times, reduction="max").tolist()
-            self.clock.wall_s, self.clock.cpu_s = times
-        self.lr_progress = self.done_fraction()
+        step = self.progress.step
+        if self.solo:
+            if self.watches_time:
+                self.watch.tick()
+            self.lr_progress = self.done_fraction()
+            self.stopped = self.out_of_budget()
+        else:
+            self.lr_progress = self.estimated_progress()
+        if self.stopped or step == self.phase.steps or self.is_sync_step(step):
+            self.sync()
+        last = step == self.phase.steps or self.stopped
         self.scheduler.step()  # the next step's rate
-        if self.out_of_budget():
-            self.accelerator.set_trigger()
-        self.stopped = self.accelerator.check_trigger()
-        last = self.progress.step == self.phase.steps or self.stopped
         self.evaluate_and_log(last)
         self.maybe_checkpoint()
         return last
+
+    def is_sync_step(self, step: int) -> bool:
+        """Every `--sync_every` steps, and wherever a log line, an evaluation or a checkpoint
+        needs exact counts; with several processes also the phase's first step, where the
+        schedule's rate estimate starts."""
+        t = self.t
+        return (
+            step % self.sync_every == 0
+            or step % t.log_every == 0
+            or step % t.eval_every == 0
+            or (self.phase.checkpoint_dir is not None and step % t.checkpoint_every == 0)
+            or (not self.solo and step == self.started[0] + 1)
+        )
+
+    def sync(self) -> None:
+        """Read the device's counters and stop a diverged phase; with several processes,
+        also sum the counts over ranks, take the slowest rank's clock and agree to stop.
+        The one place the loop waits for the device."""
+        tally = self.tally
+        if self.solo:
+            loss, _, run, worst, bad_loss, bad_norm = tally.values.tolist()
+            masked = self.window.masked
+        else:
+            loss, masked, run, worst, bad_loss, bad_norm = self.reconcile()
+        self.read = _Read(loss, int(masked), int(run))
+        tally.worst.zero_()
+        if worst >= self.t.nonfinite_patience:
+            norm = None if self.accelerator.scaler is not None else bad_norm  # else measured
+            raise _diverged(self.phase, self.progress.step, int(worst), bad_loss, norm, self.args)
+        if not self.solo:
+            self.lr_progress = self.done_fraction()
+            self.synced = (self.progress.step, self.lr_progress)
+            if self.out_of_budget():
+                self.accelerator.set_trigger()
+            self.stopped = self.accelerator.check_trigger()
+
+    def reconcile(self) -> list[float]:
+        """Sum the window's counts over ranks and take the slowest rank's clock (so every
+        rank sees the same progress and learning rate, and stops at the same step, else
+        the next all-reduce would hang); returns the window's loss sum and masked count and
+        the non-finite run, worst run, last bad loss sum and norm."""
+        acc, w, device, tally = self.accelerator, self.window, self.accelerator.device, self.tally
+        if self.watches_time:
+            self.watch.tick()
+        host = [w.masked, w.tokens, w.flops, self.clock.wall_s, self.clock.cpu_s]
+        host = torch.tensor(host, dtype=torch.float64, device=device)
+        sums = acc.reduce(torch.cat([tally.values[:1], host[:3]]), reduction="sum")
+        maxes = acc.reduce(torch.cat([tally.values[2:], host[3:]]), reduction="max")
+        loss, masked, tokens, flops = sums.tolist()
+        run, worst, bad_loss, bad_norm, wall, cpu = maxes.tolist()
+        self.clock.tokens += int(tokens)
+        self.clock.flops += flops
+        w.tokens, w.flops = 0, 0.0
+        if self.watches_time:
+            self.clock.wall_s, self.clock.cpu_s = wall, cpu
+        return [loss, masked, run, worst, bad_loss, bad_norm]
 
     def evaluate_and_log(self, last: bool) -> None:
         t, step = self.t, self.progress.step
@@ -375,14 +543,15 @@ class _PhaseLoop:
                 wall_s=round(self.clock.wall_s, 3),
                 cpu_s=round(self.clock.cpu_s, 3),
                 flops=self.clock.flops,
-                train_loss=self.window.loss_sum / max(self.window.masked, 1),
+                train_loss=self.read.loss_sum / max(self.read.masked, 1),
                 lr=self.scheduler.get_last_lr()[0],
                 stage=self.phase.name,
                 **self.phase.extra,
             )
             self.metrics.log(record)
             self.bar.set_postfix(loss=f"{record['train_loss']:.3f}")
-            self.window.loss_sum, self.window.masked = 0.0, 0
+            self.tally.loss.zero_()  # a new window: log steps are sync steps, read just now
+            self.window.masked = 0
 
     def maybe_checkpoint(self) -> None:
         phase, step = self.phase, self.progress.step
@@ -390,7 +559,7 @@ class _PhaseLoop:
             phase.checkpoint_dir is not None
             and step % self.t.checkpoint_every == 0
             and step < phase.steps
-            and self.window.nonfinite_run == 0
+            and self.read.run == 0  # checkpoint steps are sync steps: read just now
             and _all_finite(self.params)  # never checkpoint weights a resume cannot use
         ):
             self.watch.tick()
@@ -409,6 +578,7 @@ class _PhaseLoop:
             unit="step",
             disable=not self.accelerator.is_local_main_process,
         )
+        self.started = self.synced = (p.step, self.lr_progress)  # for estimated_progress
         self.stopped = self.out_of_budget()
         while p.step < phase.steps and not self.stopped:
             if self.run_epoch():
@@ -428,7 +598,9 @@ class _PhaseLoop:
             loader = self.accelerator.skip_first_batches(loader, p.batches_in_epoch)
         for batch in loader:
             p.batches_in_epoch += 1
-            self.count(self.train_step(batch))
+            counts, batch = self.stage_batch(batch)
+            self.train_step(batch, counts)
+            self.count(counts)
             if self.accelerator.sync_gradients and self.end_step():
                 return True
         p.epoch += 1
@@ -485,13 +657,19 @@ def _diverged(
     )
 
 
-def _phase_inputs(model: nn.Module, phase: Phase, batch: dict) -> dict[str, torch.Tensor]:
+def _phase_inputs(
+    model: nn.Module, phase: Phase, batch: dict, accelerator: Accelerator
+) -> dict[str, torch.Tensor]:
     if phase.frozen_layers == 0:
         return {"input_ids": batch["input_ids"]}
     if phase.cached:
-        # 16-bit stores are widened here; the top always computes in float32 (or autocast).
-        return {"hidden_states": batch["hidden"].float()}
-    with torch.no_grad():
+        hidden = batch["hidden"]
+        # Under autocast the top's matmuls cast 16-bit inputs themselves and the residual
+        # sum with the input promotes to float32: widening first would compute the same
+        # numbers after one more pass over the batch. Without it, float32 weights need
+        # float32 inputs.
+        return {"hidden_states": hidden if accelerator.native_amp else hidden.float()}
+    with torch.no_grad(), accelerator.autocast():  # the frozen bottom at the top's precision
         return {
             "hidden_states": bottom_forward(
                 model, batch["input_ids"], batch["attention_mask"], phase.frozen_layers

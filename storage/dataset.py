@@ -138,10 +138,15 @@ def make_block_loader(
     seed: int,
     num_workers: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> BlockLoader:
     """Map-style loader yielding batches of `rows_per_batch` rows (fewer at the end).
 
     `dataset` is a `BlockDataset` or any map-style dataset of blocks with `block_rows`.
+
+    `pin_memory` (for a CUDA device): batches arrive in page-locked memory, so the copy to
+    the device can run without the host waiting for it (`non_blocking=True`). With workers
+    the loader already reads ahead (`prefetch_factor` batches per worker) while a step runs.
 
     Call `set_epoch(epoch)` before each epoch (a loader from `accelerator.prepare` does it
     itself). Under accelerate, a batch count that does not divide by the process count
@@ -163,6 +168,7 @@ def make_block_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
+        pin_memory=pin_memory,
         # Its own generator: otherwise every new iterator draws its worker base seed from
         # the global torch RNG, shifting the dropout stream of a run resumed mid-epoch.
         generator=torch.Generator().manual_seed(seed),

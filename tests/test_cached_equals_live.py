@@ -7,7 +7,14 @@ import torch
 
 from cached_mslt.cache import CacheRequest, build_cache
 from cached_mslt.config import ModelArgs
-from cached_mslt.model import TopModel, bottom_forward, build_model, freeze_bottom, top_forward
+from cached_mslt.model import (
+    TopModel,
+    bottom_forward,
+    build_model,
+    freeze_bottom,
+    masked_targets,
+    top_forward,
+)
 from storage import BlockDataset
 
 # 16-bit storage rounds the hidden states once; these bound what that does downstream
@@ -73,13 +80,18 @@ def cached_rows(tmp_path, model, frozen, data, dtype):
     return BlockDataset(store, block_rows=4, in_memory=True).store.read_rows(0, len(data))
 
 
-def step(model, frozen, labels, mask, **inputs):
-    """One training step of the top; returns loss, logits-free grads and updated params."""
+def step(model, frozen, labels, mask, compiled=False, **inputs):
+    """One training step of the top (through torch.compile with the trainer's padded
+    gather if `compiled`); returns loss, logits-free grads and updated params."""
     params = freeze_bottom(model, frozen)
     model.zero_grad(set_to_none=True)
     model.eval()  # dropout off so the two sides are comparable draw for draw
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    loss, _ = TopModel(model, frozen)(labels, mask, **inputs)
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)  # the trainer's optimizer
+    top = TopModel(model, frozen)
+    if compiled:
+        top.compile()
+        inputs.update(masked_targets(labels, per_row=labels.shape[1] // 2))
+    loss, _ = top(labels, mask, **inputs)
     loss.backward()
     grads = [p.grad.clone() for p in params]
     opt.step()
@@ -89,6 +101,17 @@ def step(model, frozen, labels, mask, **inputs):
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("seed", range(4))
 def test_cached_equals_live_bitwise_in_float32(tmp_path, seed, padded):
+    check_cached_equals_live(tmp_path, seed, padded, compiled=False)
+
+
+# Compiling takes 1-5 minutes a case on 2 shared cores: two cases, in `make test-slow`.
+@pytest.mark.slow
+@pytest.mark.parametrize(("seed", "padded"), [(0, True), (1, False)])
+def test_cached_equals_live_bitwise_in_float32_compiled(tmp_path, seed, padded):
+    check_cached_equals_live(tmp_path, seed, padded, compiled=True)
+
+
+def check_cached_equals_live(tmp_path, seed, padded, compiled):
     model, frozen, data = random_case(seed, padded)
     cached = cached_rows(tmp_path, model, frozen, data, "float32")
     ids, mask, labels = (data.cols[k] for k in ("input_ids", "attention_mask", "labels"))
@@ -103,10 +126,15 @@ def test_cached_equals_live_bitwise_in_float32(tmp_path, seed, padded):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         live_hidden = bottom_forward(model, ids, mask, frozen)
-    live = step(model, frozen, labels, mask, hidden_states=live_hidden)
+    live = step(model, frozen, labels, mask, compiled, hidden_states=live_hidden)
     model.load_state_dict(state)
     from_cache = step(
-        model, frozen, cached["labels"], cached["attention_mask"], hidden_states=cached["hidden"]
+        model,
+        frozen,
+        cached["labels"],
+        cached["attention_mask"],
+        compiled,
+        hidden_states=cached["hidden"],
     )
     assert torch.equal(live[0], from_cache[0])
     assert all(torch.equal(a, b) for a, b in zip(live[1], from_cache[1]))

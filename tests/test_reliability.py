@@ -48,9 +48,9 @@ def test_stage_with_nonfinite_loss_fails_and_is_never_done(prepared_dir, tmp_pat
     args = small_run(prepared_dir, tmp_path / "run", stage_steps="8", nonfinite_patience=2)
     real = trainer._phase_inputs
 
-    def poisoned_from_step_3(model, phase, batch, calls=[0]):  # noqa: B006 - a call counter
+    def poisoned_from_step_3(model, phase, batch, *rest, calls=[0]):  # noqa: B006 - a counter
         calls[0] += 1
-        out = real(model, phase, batch)
+        out = real(model, phase, batch, *rest)
         if calls[0] >= 3:
             out = {k: v * float("nan") if v.is_floating_point() else v for k, v in out.items()}
             if "input_ids" in out:
@@ -326,11 +326,11 @@ def test_metrics_hold_each_step_once_after_a_crash_before_the_first_checkpoint(
     args = small_run(prepared_dir, tmp_path / "run", stage_steps="6", checkpoint_every=100)
     real = trainer._phase_inputs
 
-    def crash_at_step_4(model, phase, batch, calls=[0]):  # noqa: B006 - a call counter
+    def crash_at_step_4(model, phase, batch, *rest, calls=[0]):  # noqa: B006 - a counter
         calls[0] += 1
         if calls[0] == 4:
             raise KeyboardInterrupt
-        return real(model, phase, batch)
+        return real(model, phase, batch, *rest)
 
     monkeypatch.setattr(trainer, "_phase_inputs", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):

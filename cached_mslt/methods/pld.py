@@ -44,9 +44,18 @@ class _MaskedLMLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, labels, attention_mask=None, hidden_states=None, input_ids=None):
+    def forward(
+        self,
+        labels,
+        attention_mask=None,
+        hidden_states=None,
+        input_ids=None,
+        masked_positions=None,
+        masked_labels=None,
+    ):
         hidden = self.model.bert(input_ids, attention_mask).last_hidden_state
-        return mlm_head_loss(self.model, hidden, labels)
+        targets = None if masked_positions is None else (masked_positions, masked_labels)
+        return mlm_head_loss(self.model, hidden, labels, targets)
 
 
 def run(ctx: MethodContext) -> PreLNBertForMaskedLM:

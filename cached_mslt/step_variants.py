@@ -1,0 +1,158 @@
+"""The trainer's own step, measured: float32 against bf16 autocast and `torch.compile`,
+and a real stage's training rate against the benchmark step of the same shape.
+
+`cached_mslt/bench.py` times a bare top step (plain AdamW, no clipping, an in-RAM batch);
+these figures time the step `cached_mslt/trainer.py` takes (fused AdamW, gradient
+clipping, host-side gather targets) and a whole phase through `train_phase` (store on
+disk, loader, logging). Ratios come from one run, interleaved (docs/benchmarks.md).
+Run: `python pipelines/step_variants.py` (docs/levers.md, precision and compile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+
+from cached_mslt.bench import VOCAB, _batch, _FakePrepared, interleaved_medians, step_benchmarks
+from cached_mslt.cache import CacheRequest, build_cache
+from cached_mslt.config import ModelArgs, run_args
+from cached_mslt.metrics import MetricsWriter, RunClock
+from cached_mslt.model import (
+    TopModel,
+    bottom_forward,
+    build_model,
+    clone_model,
+    decay_param_groups,
+    freeze_bottom,
+    masked_targets,
+)
+from cached_mslt.trainer import Phase, train_phase
+from storage import BlockDataset
+
+VARIANTS = {"fp32": (False, False), "bf16": (True, False), "compiled": (False, True)}
+
+
+def trainer_step(model, frozen: int, data: dict, hidden16, *, bf16: bool, compiled: bool):
+    """The trainer's cached step on one batch: `bf16` under CPU autocast, reading the
+    16-bit activations as they are; `compiled`: the top through torch.compile with the
+    padded gather. Returns a function that takes one step and returns its loss."""
+    params = freeze_bottom(model, frozen)
+    top = TopModel(model, frozen)
+    if compiled:
+        top.compile()
+    opt = torch.optim.AdamW(decay_param_groups(model, 0.01, params), lr=1e-3, fused=True)
+    per_row = round(0.15 * data["labels"].shape[1]) if compiled else None
+    targets = masked_targets(data["labels"], per_row)
+
+    def step() -> torch.Tensor:
+        hidden = hidden16 if bf16 else hidden16.float()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss, _ = top(data["labels"], None, hidden_states=hidden, **targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def precision_benchmarks(preset: str, *, repeats: int = 5, frozen: int = 9) -> list[dict]:
+    """Tokens/s of the trainer's cached step in float32, bf16 autocast and compiled, their
+    ratios to float32, compile time, and how far 5 steps of each drift from float32."""
+    torch.set_flush_denormal(True)
+    base = build_model(ModelArgs(preset=preset), VOCAB, 12)
+    data = _batch(32, 128)
+    with torch.no_grad():
+        base.eval()
+        hidden16 = bottom_forward(base, data["input_ids"], None, frozen).half()
+    drift, steps, compile_s = {}, {}, None
+    for name, (bf16, compiled) in VARIANTS.items():
+        model = clone_model(base)
+        started = time.perf_counter()
+        step = trainer_step(model, frozen, data, hidden16, bf16=bf16, compiled=compiled)
+        drift[name] = [float(step()) for _ in range(5)]  # same start, same batch, 5 steps
+        if compiled:
+            compile_s = time.perf_counter() - started
+        steps[name] = step
+    t = interleaved_medians(steps, repeats, warmup=1)
+    tag = {"preset": preset, "frozen": frozen, "trained": 12 - frozen, "batch_tokens": 32 * 128}
+    out = [
+        {"name": f"trainer_step_{k}_tokens_per_s", "value": 4096 / v, "unit": "tokens/s", **tag}
+        for k, v in t.items()
+    ]
+    for k in ("bf16", "compiled"):
+        gap = max(abs(a - b) for a, b in zip(drift[k], drift["fp32"]))
+        out.append(
+            {"name": f"{k}_vs_fp32_step", "value": t["fp32"] / t[k], "unit": "x", **tag}
+            | {"max_loss_diff_5_steps": gap, "losses": drift[k], "fp32_losses": drift["fp32"]}
+        )
+    out.append({"name": "compile_s", "value": compile_s, "unit": "s", **tag})
+    return out
+
+
+def _store_phase(preset: str, rows: int, frozen: int, tmp: str) -> Callable[[int], dict]:
+    """A cached phase fed from a float16 store on disk through the trainer's loader, at
+    the benchmark step's shape (12 layers, `frozen` frozen, 32 x 128, vocabulary 30,522)."""
+    model = build_model(ModelArgs(preset=preset), VOCAB, 12)
+    data = _FakePrepared(_batch(rows, 128))
+    request = CacheRequest(
+        url=f"{tmp}/store", frozen_layers=frozen, dtype="float16", codec="none",
+        rows_per_chunk=8, data_fingerprint="bench", mask_seed=0, seq_len=128,
+        num_rows=rows, stage=4,
+    )  # fmt: skip
+    with contextlib.redirect_stdout(sys.stderr):
+        store, _ = build_cache(model, request, data)
+    accelerator = Accelerator(cpu=True)
+    valid = _FakePrepared(_batch(32, 128, seed=1))
+
+    def run(steps: int) -> dict:
+        args = run_args(
+            preset, batch_size=32, seq_len=128, prepared_dir=tmp, run_dir=tmp,
+            eval_every=10**6, eval_batches=1, checkpoint_every=10**6, mask_prob=0.15,
+        )  # fmt: skip
+        phase = Phase(
+            name="stage-4", model=model, frozen_layers=frozen, steps=steps,
+            blocks=BlockDataset(store, block_rows=8), cached=True, learning_rate=1e-4,
+            warmup_fraction=0.0,
+        )  # fmt: skip
+        metrics = MetricsWriter(tmp, accelerator)
+        return train_phase(accelerator, phase, args, RunClock(), metrics, valid)
+
+    return run
+
+
+def stage_vs_bench(preset: str, *, steps: int = 30, rounds: int = 3, frozen: int = 9) -> list[dict]:
+    """A real phase's training tokens/s (evaluation and checkpoints excluded, as a stage
+    reports it) against `bench.step_benchmarks`' cached step of the same shape, in turns."""
+    torch.set_flush_denormal(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        phase = _store_phase(preset, rows=32 * steps, frozen=frozen, tmp=tmp)
+        phase(3)  # warm up the loader and the allocator
+        stage, bench = [], []
+        for _ in range(rounds):
+            stage.append(phase(steps)["tokens_per_s"])
+            figures = step_benchmarks(preset, frozen=frozen, repeats=1)
+            cached = next(f for f in figures if f["name"] == "cached_step_tokens_per_s")
+            bench.append(cached["value"])
+    stage_rate, bench_rate = statistics.median(stage), statistics.median(bench)
+    tag = {"preset": preset, "frozen": frozen, "steps": steps, "rounds": rounds}
+    return [
+        {
+            "name": "stage_tokens_per_s",
+            "value": stage_rate,
+            "unit": "tokens/s",
+            "all": stage,
+            **tag,
+        },
+        {"name": "bench_cached_step_tokens_per_s", "value": bench_rate, "unit": "tokens/s"}
+        | {"all": bench, **tag},
+        {"name": "stage_vs_bench_step", "value": stage_rate / bench_rate, "unit": "x", **tag},
+    ]

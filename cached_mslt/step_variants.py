@@ -5,7 +5,7 @@ and a real stage's training rate against the benchmark step of the same shape.
 these figures time the step `cached_mslt/trainer.py` takes (fused AdamW, gradient
 clipping, host-side gather targets) and a whole phase through `train_phase` (store on
 disk, loader, logging). Ratios come from one run, interleaved (docs/benchmarks.md).
-Run: `python pipelines/step_variants.py` (docs/levers.md, precision and compile).
+Run: `python pipelines/bench.py --variants precision stage` (docs/levers.md, precision and compile).
 """
 
 from __future__ import annotations

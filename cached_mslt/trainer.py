@@ -536,7 +536,11 @@ class _PhaseLoop:
             set_modes(self.phase.model, self.phase.frozen_layers)
             record["val_loss"] = self.last_val
         if step % t.log_every == 0 or record or last:
-            self.watch.tick()
+            if not self.watches_time:
+                self.watch.tick()
+            # else the clock stands where the stop decision read it (end_step, or the sync),
+            # so a log line never shows a time past the budget on a step that went on; the
+            # moments since are the next step's.
             record.update(
                 step=self.clock.step,
                 tokens=self.clock.tokens,

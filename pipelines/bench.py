@@ -7,6 +7,10 @@ where the cost model of docs/design.md predicts the figure. Measures, never asse
     python pipelines/bench.py --peak_tflops 312  # MFU against a given peak, not a measured matmul
     python pipelines/bench.py --quick --s3     # plus stores on an S3 API on loopback (moto)
     python pipelines/bench.py --data           # data preparation only: 2 GB under 3 GiB (docs/data.md)
+    python pipelines/bench.py --variants precision --preset tiny   # the trainer's step in
+                                               # float32, bf16 and compiled (minutes: compiling)
+    python pipelines/bench.py --variants stage --preset tiny --steps 12 --rounds 3
+                                               # a real stage against the bench step
 """
 
 import argparse
@@ -20,6 +24,7 @@ import torch
 
 from cached_mslt.bench import all_benchmarks
 from cached_mslt.data_bench import ROOT, data_benchmarks
+from cached_mslt.step_variants import precision_benchmarks, stage_vs_bench
 
 
 def main() -> None:
@@ -47,6 +52,18 @@ def main() -> None:
     data.add_argument(
         "--data_repo", default=str(ROOT), help="a checkout whose prepare_data.py to measure"
     )
+    variants = parser.add_argument_group("the trainer's step (--variants)")
+    variants.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["precision", "stage"],
+        default=None,
+        help="only these: the trainer's step in float32/bf16/compiled; a stage vs the bench step",
+    )
+    variants.add_argument("--preset", default="tiny", help="the shape the variants run at")
+    variants.add_argument("--repeats", type=int, default=5, help="precision: interleaved rounds")
+    variants.add_argument("--steps", type=int, default=30, help="stage: steps per phase run")
+    variants.add_argument("--rounds", type=int, default=3, help="stage: stage/bench alternations")
     args = parser.parse_args()
     began = time.perf_counter()
     machine = {
@@ -61,6 +78,12 @@ def main() -> None:
         figures = data_benchmarks(
             args.data_dir, int(args.data_bytes), tuple(args.data_procs), limit, Path(args.data_repo)
         )
+    elif args.variants:
+        figures = []
+        if "precision" in args.variants:
+            figures += precision_benchmarks(args.preset, repeats=args.repeats)
+        if "stage" in args.variants:
+            figures += stage_vs_bench(args.preset, steps=args.steps, rounds=args.rounds)
     else:
         figures = all_benchmarks(quick=args.quick, s3=args.s3, peak_tflops=args.peak_tflops)
     figures.append(

@@ -20,9 +20,10 @@ from collections.abc import Callable
 import torch
 from accelerate import Accelerator
 
-from cached_mslt.bench import VOCAB, _batch, _FakePrepared, interleaved_medians, step_benchmarks
+from cached_mslt.bench import VOCAB, _batch, _FakePrepared, step_benchmarks
 from cached_mslt.cache import CacheRequest, build_cache
 from cached_mslt.config import ModelArgs, run_args
+from cached_mslt.interleave import interleaved_rounds
 from cached_mslt.metrics import MetricsWriter, RunClock
 from cached_mslt.model import (
     TopModel,
@@ -64,9 +65,12 @@ def trainer_step(model, frozen: int, data: dict, hidden16, *, bf16: bool, compil
     return step
 
 
-def precision_benchmarks(preset: str, *, repeats: int = 5, frozen: int = 9) -> list[dict]:
-    """Tokens/s of the trainer's cached step in float32, bf16 autocast and compiled, their
-    ratios to float32, compile time, and how far 5 steps of each drift from float32."""
+def precision_benchmarks(
+    preset: str, *, repeats: int = 5, frozen: int = 9, variants: tuple[str, ...] = tuple(VARIANTS)
+) -> list[dict]:
+    """Tokens/s of the trainer's cached step in float32 and each of `variants` (bf16
+    autocast, compiled), their ratios to float32, compile time, and how far 5 steps of
+    each drift from float32."""
     torch.set_flush_denormal(True)
     base = build_model(ModelArgs(preset=preset), VOCAB, 12)
     data = _batch(32, 128)
@@ -74,7 +78,8 @@ def precision_benchmarks(preset: str, *, repeats: int = 5, frozen: int = 9) -> l
         base.eval()
         hidden16 = bottom_forward(base, data["input_ids"], None, frozen).half()
     drift, steps, compile_s = {}, {}, None
-    for name, (bf16, compiled) in VARIANTS.items():
+    for name in dict.fromkeys(("fp32", *variants)):
+        bf16, compiled = VARIANTS[name]
         model = clone_model(base)
         started = time.perf_counter()
         step = trainer_step(model, frozen, data, hidden16, bf16=bf16, compiled=compiled)
@@ -82,19 +87,22 @@ def precision_benchmarks(preset: str, *, repeats: int = 5, frozen: int = 9) -> l
         if compiled:
             compile_s = time.perf_counter() - started
         steps[name] = step
-    t = interleaved_medians(steps, repeats, warmup=1)
+    others = [k for k in steps if k != "fp32"]
+    rounds = interleaved_rounds(steps, [("fp32", k) for k in others], window=repeats)
     tag = {"preset": preset, "frozen": frozen, "trained": 12 - frozen, "batch_tokens": 32 * 128}
     out = [
-        {"name": f"trainer_step_{k}_tokens_per_s", "value": 4096 / v, "unit": "tokens/s", **tag}
-        for k, v in t.items()
+        {"name": f"trainer_step_{k}_tokens_per_s", "unit": "tokens/s", **tag}
+        | {"value": 4096 / rounds.median_s(k)}
+        for k in steps
     ]
-    for k in ("bf16", "compiled"):
+    for k in others:
         gap = max(abs(a - b) for a, b in zip(drift[k], drift["fp32"]))
         out.append(
-            {"name": f"{k}_vs_fp32_step", "value": t["fp32"] / t[k], "unit": "x", **tag}
+            {"name": f"{k}_vs_fp32_step", "unit": "x", **tag, **rounds.ratio("fp32", k)}
             | {"max_loss_diff_5_steps": gap, "losses": drift[k], "fp32_losses": drift["fp32"]}
         )
-    out.append({"name": "compile_s", "value": compile_s, "unit": "s", **tag})
+    if compile_s is not None:
+        out.append({"name": "compile_s", "value": compile_s, "unit": "s", **tag})
     return out
 
 
@@ -139,7 +147,7 @@ def stage_vs_bench(preset: str, *, steps: int = 30, rounds: int = 3, frozen: int
         stage, bench = [], []
         for _ in range(rounds):
             stage.append(phase(steps)["tokens_per_s"])
-            figures = step_benchmarks(preset, frozen=frozen, repeats=1)
+            figures = step_benchmarks(preset, frozen=frozen, window=1)  # one round
             cached = next(f for f in figures if f["name"] == "cached_step_tokens_per_s")
             bench.append(cached["value"])
     stage_rate, bench_rate = statistics.median(stage), statistics.median(bench)

@@ -14,6 +14,7 @@ from cached_mslt.bench import build_benchmark, step_benchmarks
 from cached_mslt.flops import gpu_peak, peak_for, run_peak
 from cached_mslt.interleave import interleaved_rounds
 from cached_mslt.metrics import stage_speeds
+from cached_mslt.step_variants import precision_benchmarks, stage_vs_bench
 
 
 def test_step_benchmark_names_every_figure_with_mfu_and_spread() -> None:
@@ -148,3 +149,18 @@ def test_stage_speeds_use_the_span_between_a_stages_log_lines() -> None:
     speeds = stage_speeds(records, peak_flops_per_s=1e9, devices=2)
     assert speeds["stage-1"] == {"tokens_per_s": 100.0, "flops_per_s": 2e8, "mfu": 0.1}
     assert speeds["stage-2"]["mfu"] is None  # one line: no span
+
+
+def test_the_trainer_step_in_bf16_is_timed_against_float32_and_computes_the_same_model():
+    figures = {f["name"]: f for f in precision_benchmarks("tiny", repeats=1, variants=("bf16",))}
+    assert {"trainer_step_fp32_tokens_per_s", "trainer_step_bf16_tokens_per_s"} <= set(figures)
+    ratio = figures["bf16_vs_fp32_step"]
+    assert ratio["value"] > 0 and ratio["min"] <= ratio["value"] <= ratio["max"]
+    assert ratio["max_loss_diff_5_steps"] < 0.05  # bf16 rounding, not another model
+
+
+def test_a_real_stage_is_timed_against_the_bench_step_of_its_shape():
+    figures = {f["name"]: f for f in stage_vs_bench("tiny", steps=2, rounds=1)}
+    stage, bench = figures["stage_tokens_per_s"], figures["bench_cached_step_tokens_per_s"]
+    assert stage["value"] > 0 and bench["value"] > 0
+    assert figures["stage_vs_bench_step"]["value"] == stage["value"] / bench["value"]

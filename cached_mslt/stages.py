@@ -23,6 +23,7 @@ from cached_mslt import __version__
 from cached_mslt.blocks import PreparedBlocks
 from cached_mslt.budget import PhaseShare
 from cached_mslt.cache import CacheRequest, build_cache
+from cached_mslt.checkpointing import OldCheckpointError
 from cached_mslt.config import ConfigError, RunArgs
 from cached_mslt.corpora import DataError
 from cached_mslt.flops import layer_forward_flops, run_peak, step_flops
@@ -47,7 +48,7 @@ from cached_mslt.rundir import (
     stage_lock,
     write_atomic,
 )
-from cached_mslt.trainer import DivergenceError, OldCheckpointError, Phase, train_phase
+from cached_mslt.trainer import DivergenceError, Phase, train_phase
 from storage import (
     ActivationStore,
     BlockDataset,

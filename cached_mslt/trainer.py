@@ -9,14 +9,11 @@ trainable part starts at the token ids (nothing frozen); the step after that is 
 from __future__ import annotations
 
 import math
-import shutil
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
@@ -25,24 +22,20 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from cached_mslt.budget import PhaseShare, lr_factor
+from cached_mslt.checkpointing import has_checkpoint, save_checkpoint, start_progress
 from cached_mslt.config import RunArgs
 from cached_mslt.metrics import MetricsWriter, RunClock, Stopwatch
 from cached_mslt.model import (
-    IGNORE_INDEX,
     TopModel,
     bottom_forward,
     decay_param_groups,
     freeze_bottom,
     frozen_modules,
-    masked_targets,
 )
-from cached_mslt.rundir import saving
+from cached_mslt.step_counts import BatchCounts, Read, Tally, Window, host_batch
 from storage import make_block_loader
 from storage.dataset import Blocks
 
-# What Accelerate names the first object registered for checkpointing (our TrainProgress).
-PROGRESS_FILE = "custom_checkpoint_0.pkl"
-LEGACY_TRAINER_STATE = "trainer_state.json"  # the format before TrainProgress
 # Devices whose AdamW has the fused kernel that honours `found_inf` (torch 2.13).
 FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
@@ -112,158 +105,6 @@ def validation_loss(
     return loss_sum / count if count > 0 else math.nan
 
 
-class OldCheckpointError(RuntimeError):
-    """A mid-phase checkpoint written in a format this version cannot resume from."""
-
-
-@dataclass
-class TrainProgress:
-    """Where a phase stands. Registered with `accelerator.register_for_checkpointing`, so
-    `save_state`/`load_state` carry it beside the model, optimizer and RNG states."""
-
-    clock: RunClock
-    step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    clock_at_start: dict[str, Any] = field(default_factory=dict)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batches_in_epoch": self.batches_in_epoch,
-            "clock": self.clock.to_dict(),
-            "clock_at_start": self.clock_at_start,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.batches_in_epoch = state["batches_in_epoch"]
-        self.clock_at_start = state["clock_at_start"]
-        for k, v in state["clock"].items():
-            setattr(self.clock, k, v)
-
-
-# One progress object per Accelerator: registered objects stay registered for its lifetime
-# (free_memory keeps them), so every phase it runs reuses the same one.
-_PROGRESS: weakref.WeakKeyDictionary[Accelerator, TrainProgress] = weakref.WeakKeyDictionary()
-
-
-def start_progress(accelerator: Accelerator, clock: RunClock) -> TrainProgress:
-    """The accelerator's progress object, reset to the start of a phase at `clock`."""
-    progress = _PROGRESS.get(accelerator)
-    if progress is None:
-        progress = _PROGRESS[accelerator] = TrainProgress(clock)
-        accelerator.register_for_checkpointing(progress)
-    progress.clock, progress.step, progress.epoch, progress.batches_in_epoch = clock, 0, 0, 0
-    progress.clock_at_start = clock.to_dict()
-    return progress
-
-
-def has_checkpoint(directory: Path | None) -> bool:
-    """A complete checkpoint (save_state writes the registered progress last)."""
-    if directory is None:
-        return False
-    if (directory / LEGACY_TRAINER_STATE).exists() and not (directory / PROGRESS_FILE).exists():
-        raise OldCheckpointError(
-            f"{directory} was written by an older version (trainer_state.json), which this "
-            f"version cannot resume; restart the phase from its beginning: rm -rf {directory}"
-        )
-    return (directory / PROGRESS_FILE).exists()
-
-
-def save_checkpoint(accelerator: Accelerator, directory: Path) -> None:
-    """save_state into a temporary dir, then swap it in: a crash mid-save leaves the
-    previous checkpoint intact."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    with saving(tmp, "checkpoint"):
-        accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every rank has written its RNG state before the swap
-    if accelerator.is_main_process:
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    accelerator.wait_for_everyone()
-
-
-@dataclass
-class BatchCounts:
-    """What the host knows of a batch before it moves to the device: counting it there
-    costs the step no wait for the device."""
-
-    tokens: int  # attended positions
-    masked: int  # positions with a label
-    padded: bool  # some position does not attend
-
-
-def host_batch(
-    batch: dict[str, torch.Tensor], per_row: int | None
-) -> tuple[BatchCounts, dict[str, Any]]:
-    """Count a batch still on the host (numpy: no tensor is read) and add the flat targets
-    of its masked positions, so the head's gather has a shape the host knows. An unpadded
-    batch loses its attention mask: transformers would drop it too, after checking it on
-    the device (`padding_mask.all()`, a wait per layer stack on a GPU)."""
-    attends = batch["attention_mask"].numpy()
-    tokens = int(np.count_nonzero(attends))
-    masked = int(np.count_nonzero(batch["labels"].numpy() != IGNORE_INDEX))
-    counts = BatchCounts(tokens, masked, padded=tokens != attends.size)
-    batch = {**batch, **masked_targets(batch["labels"], per_row)}
-    if not counts.padded:
-        batch["attention_mask"] = None
-    return counts, batch
-
-
-class _Tally:
-    """What the steps add up on the device between two reads, so that no step waits for
-    it: the log window's loss sum, this optimizer step's loss sum so far, the run of
-    consecutive skipped (non-finite) optimizer steps, the longest run since the last read,
-    and the last skipped step's loss sum and gradient norm (for the divergence message)."""
-
-    def __init__(self, device: torch.device):
-        values = torch.zeros(6, dtype=torch.float64, device=device)
-        self.values = values
-        self.loss, self.step_loss, self.run, self.worst = values[0], values[1], values[2], values[3]
-        self.bad_loss, self.bad_norm = values[4], values[5]
-        self.bad_norm.fill_(math.nan)  # nan: not measured
-
-    def add(self, loss: torch.Tensor, masked: int) -> None:
-        loss_sum = loss.detach().double() * masked
-        self.loss.add_(loss_sum)
-        self.step_loss.add_(loss_sum)
-
-    def end_step(self, norm: torch.Tensor | None) -> torch.Tensor:
-        """Close an optimizer step; returns whether to skip it (a bool on the device)."""
-        bad = ~torch.isfinite(self.step_loss)
-        if norm is not None:
-            norm = norm.detach().double()
-            bad = bad | ~torch.isfinite(norm)
-            self.bad_norm.copy_(torch.where(bad, norm, self.bad_norm))
-        self.bad_loss.copy_(torch.where(bad, self.step_loss, self.bad_loss))
-        self.run.copy_((self.run + 1) * bad)
-        self.worst.copy_(torch.maximum(self.worst, self.run))
-        self.step_loss.zero_()
-        return bad
-
-
-@dataclass
-class _Window:
-    """Host counts not yet logged (masked) or, with several processes, not yet in the
-    clock (tokens, FLOPs): this rank's own, until a sync sums them over ranks."""
-
-    masked: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-
-
-@dataclass
-class _Read:
-    """The device's counters as the last sync read them (summed or maxed over ranks)."""
-
-    loss_sum: float = 0.0
-    masked: int = 0
-    run: int = 0  # consecutive skipped steps up to the sync
-
-
 class _PhaseLoop:
     """One phase's training, in the shape of the Accelerate examples: build (optimizer,
     scheduler, loader, prepare), resume, then per batch `train_step` and, per optimizer
@@ -297,7 +138,7 @@ class _PhaseLoop:
             trainable, optimizer, loader, scheduler, device_placement=[None, None, False, None]
         )
         model.to(accelerator.device)  # the frozen bottom lives outside the prepared module's DDP
-        self.window, self.read, self.tally = _Window(), _Read(), _Tally(accelerator.device)
+        self.window, self.read, self.tally = Window(), Read(), Tally(accelerator.device)
         self.last_val, self.solo = None, accelerator.num_processes == 1
         self.sync_every = self.t.sync_every or self.t.log_every
         # A compiled top gets one gather shape for every full batch: the most positions
@@ -488,7 +329,7 @@ class _PhaseLoop:
             masked = self.window.masked
         else:
             loss, masked, run, worst, bad_loss, bad_norm = self.reconcile()
-        self.read = _Read(loss, int(masked), int(run))
+        self.read = Read(loss, int(masked), int(run))
         tally.worst.zero_()
         if worst >= self.t.nonfinite_patience:
             norm = None if self.accelerator.scaler is not None else bad_norm  # else measured

@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import BertForMaskedLM
 
-from cached_mslt import trainer
+from cached_mslt import checkpointing, trainer
 from cached_mslt.config import ConfigError, parse_args
 from cached_mslt.corpora import DataError
 from cached_mslt.metrics import read_metrics
@@ -66,7 +66,7 @@ def test_stage_with_nonfinite_loss_fails_and_is_never_done(prepared_dir, tmp_pat
     assert not (RunLayout.of(args).stage_dir(1) / "model").exists()
     # The one checkpoint it kept is from before the divergence (step 2; none at step 4).
     saved = torch.load(
-        RunLayout.of(args).checkpoint_dir(1) / trainer.PROGRESS_FILE, weights_only=False
+        RunLayout.of(args).checkpoint_dir(1) / checkpointing.PROGRESS_FILE, weights_only=False
     )
     assert saved["step"] == 2
 
@@ -407,7 +407,9 @@ def test_verify_reports_a_store_written_with_nan_before_builds_refused_it(tmp_pa
 def test_checkpoint_of_the_old_format_is_refused_with_the_fix(tmp_path):
     old = tmp_path / "checkpoint"
     old.mkdir()
-    (old / trainer.LEGACY_TRAINER_STATE).write_text("{}")
-    with pytest.raises(trainer.OldCheckpointError, match=f"rm -rf {old}"):
-        trainer.has_checkpoint(old)
-    assert not trainer.has_checkpoint(tmp_path / "none") and not trainer.has_checkpoint(None)
+    (old / checkpointing.LEGACY_TRAINER_STATE).write_text("{}")
+    with pytest.raises(checkpointing.OldCheckpointError, match=f"rm -rf {old}"):
+        checkpointing.has_checkpoint(old)
+    assert not checkpointing.has_checkpoint(tmp_path / "none") and not checkpointing.has_checkpoint(
+        None
+    )

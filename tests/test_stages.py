@@ -12,7 +12,7 @@ import torch
 import zarr
 from transformers import AutoTokenizer, BertForMaskedLM
 
-from cached_mslt import trainer
+from cached_mslt import checkpointing, trainer
 from cached_mslt.config import ConfigError
 from cached_mslt.metrics import read_metrics
 from cached_mslt.prepare import load_prepared
@@ -170,7 +170,7 @@ def test_stage_killed_mid_training_resumes_to_the_same_parameters(
     monkeypatch.setattr(trainer.MetricsWriter, "log", crash_after_checkpoint)
     with pytest.raises(Crash):
         run_stage(resumed, 2)
-    assert (RunLayout.of(resumed).checkpoint_dir(2) / trainer.PROGRESS_FILE).exists()
+    assert (RunLayout.of(resumed).checkpoint_dir(2) / checkpointing.PROGRESS_FILE).exists()
     assert not (RunLayout.of(resumed).stage_dir(2) / "manifest.json").exists()
     monkeypatch.setattr(trainer.MetricsWriter, "log", real_log)
     run_stage(resumed, 2)

@@ -660,10 +660,11 @@ def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: P
     unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
     layout = RunLayout.of(args)
     peak = json.loads(layout.peak.read_text()) if layout.peak.is_file() else {}
-    rows = summary_rows(manifests, read_metrics(layout.root), peak, unigram)
+    metrics = read_metrics(layout.root)
+    rows = summary_rows(manifests, metrics, peak, unigram)
     table = markdown_table(rows, list(rows[0]))
     plot_curves(
-        {"mslt": read_metrics(layout.root)},
+        {"mslt": metrics},
         "wall_s",
         layout.loss_plot,
         f"{args.model.preset}: validation loss",

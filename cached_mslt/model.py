@@ -14,15 +14,13 @@ import copy
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, PretrainedConfig
 from transformers.masking_utils import create_bidirectional_mask
 
 from cached_mslt.config import GROWTH_INITS, ModelArgs
+from cached_mslt.mlm_loss import IGNORE_INDEX, masked_lm_cross_entropy
 from storage import fingerprint_module
-
-IGNORE_INDEX = -100
 
 
 def bert_config(args: ModelArgs, vocab_size: int, num_layers: int) -> BertConfig:
@@ -105,7 +103,7 @@ def mlm_head_loss(
         positions, target = targets
         picked, count = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions), None
     # Padding entries carry IGNORE_INDEX: the mean is over the real ones only.
-    return F.cross_entropy(model.cls(picked).float(), target), count
+    return masked_lm_cross_entropy(model.cls(picked), target), count
 
 
 def masked_targets(labels: torch.Tensor, per_row: int | None = None) -> dict[str, torch.Tensor]:

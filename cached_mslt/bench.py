@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cached_mslt.cache import CacheRequest, build_cache
-from cached_mslt.config import ModelArgs, TrainArgs
+from cached_mslt.config import PRESETS, ModelArgs, TrainArgs
 from cached_mslt.flops import (
     SQUARE,
     Peak,
@@ -29,18 +29,33 @@ from cached_mslt.flops import (
     step_flops,
 )
 from cached_mslt.interleave import Rounds, interleaved_rounds
-from cached_mslt.model import TopModel, bottom_forward, build_model, freeze_bottom, run_layers
+from cached_mslt.mlm_loss import IGNORE_INDEX
+from cached_mslt.model import (
+    TopModel,
+    bottom_forward,
+    build_model,
+    decay_param_groups,
+    freeze_bottom,
+    run_layers,
+)
 from cached_mslt.stages import block_rows_for
+from cached_mslt.step_counts import host_batch, padded_gather_per_row
 from storage import ActivationStore, BlockDataset, StoreSpec, make_block_loader
 
-VOCAB = 30522
+
+def run_shape(preset: str) -> tuple[int, float]:
+    """The vocabulary size and masking rate a run of `preset` trains with (config.PRESETS):
+    the MLM head's share of a step depends on both (docs/benchmarks.md)."""
+    return PRESETS[preset]["vocab_size"], PRESETS[preset]["mask_prob"]
 
 
-def _batch(rows: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _batch(preset: str, rows: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids of `preset`'s vocabulary, labelled at its masking rate."""
+    vocab, mask_prob = run_shape(preset)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, VOCAB, (rows, seq_len), generator=g)
-    labels = torch.full_like(ids, -100)
-    chosen = torch.rand(rows, seq_len, generator=g) < 0.15
+    ids = torch.randint(5, vocab, (rows, seq_len), generator=g)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    chosen = torch.rand(rows, seq_len, generator=g) < mask_prob
     labels[chosen] = ids[chosen]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
@@ -58,20 +73,42 @@ class _FakePrepared:
         return {k: v[key] for k, v in self.batch.items()}
 
 
-def _train_step(model, frozen_layers: int, inputs: Callable[[], dict]) -> Callable[[], None]:
-    """One optimizer step of the top above `frozen_layers`; `inputs()` gives the batch's
-    labels, attention_mask and the top's input (token ids or hidden states)."""
-    params = freeze_bottom(model, frozen_layers)
-    top = TopModel(model, frozen_layers)
-    opt = torch.optim.AdamW(params, lr=1e-4)
+def trainer_step(
+    model,
+    frozen: int,
+    inputs: Callable[[], dict],
+    *,
+    bf16: bool = False,
+    compiled: bool = False,
+    mask_prob: float = 0.15,
+) -> Callable[[], torch.Tensor]:
+    """One optimizer step of the top above `frozen` as cached_mslt/trainer.py takes it: the
+    batch counted on the host with its gather targets (`host_batch`), the top under bf16
+    autocast when asked (compiled: through torch.compile, with the padded gather), backward,
+    clipping to norm 1, fused AdamW. `inputs()` gives labels, attention_mask and the top's
+    input (token ids or hidden states). Not timed: the trainer's non-finite skip and its
+    device tallies (a few scalar ops). Returns the step, which returns its loss."""
+    params = freeze_bottom(model, frozen)
+    top = TopModel(model, frozen)
+    if compiled:
+        top.compile()
+    opt = torch.optim.AdamW(decay_param_groups(model, 0.01, params), lr=1e-4, fused=True)
+    per_row = None  # set from the first batch's length when compiled
 
-    def step() -> None:
-        freeze_bottom(model, frozen_layers)
+    def step() -> torch.Tensor:
+        nonlocal per_row
+        freeze_bottom(model, frozen)  # the bench's steps share one model, each its own frozen part
         batch = inputs()
-        loss, _ = top(batch.pop("labels"), batch.pop("attention_mask"), **batch)
+        if compiled and per_row is None:
+            per_row = padded_gather_per_row(mask_prob, batch["labels"].shape[1])
+        _, batch = host_batch(batch, per_row)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss, _ = top(batch.pop("labels"), batch.pop("attention_mask"), **batch)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
 
@@ -169,10 +206,10 @@ def step_benchmarks(
     MSLT step and a full-model step, their ratios, and the matmul references, all timed in
     the same interleaved rounds (cached_mslt/interleave.py)."""
     torch.set_flush_denormal(True)  # AdamW's tiny second moments are denormal; CPUs crawl on them
-    model = build_model(ModelArgs(preset=preset), VOCAB, layers)
-    data = _batch(batch_rows, seq_len)
+    model = build_model(ModelArgs(preset=preset), run_shape(preset)[0], layers)
+    data = _batch(preset, batch_rows, seq_len)
     ids, mask = data["input_ids"], data["attention_mask"]
-    tokens, masked = batch_rows * seq_len, int((data["labels"] != -100).sum())
+    tokens, masked = batch_rows * seq_len, int((data["labels"] != IGNORE_INDEX).sum())
     with torch.no_grad():
         model.eval()
         hidden16 = bottom_forward(model, ids, mask, frozen).half()
@@ -189,10 +226,10 @@ def step_benchmarks(
         from_store = _store_feed(f"{tmp}/store", hidden16, data, copies=8)
         fns = {
             # what a float16 store hands over, already in RAM
-            "cached": _train_step(model, frozen, lambda: batch(hidden_states=hidden16.float())),
-            "store": _train_step(model, frozen, from_store),
-            "live": _train_step(model, frozen, live),
-            "full": _train_step(model, 0, lambda: batch(input_ids=ids)),
+            "cached": trainer_step(model, frozen, lambda: batch(hidden_states=hidden16.float())),
+            "store": trainer_step(model, frozen, from_store),
+            "live": trainer_step(model, frozen, live),
+            "full": trainer_step(model, 0, lambda: batch(input_ids=ids)),
             **{name: fn for name, (fn, _) in matmuls.items()},
         }
         pairs = list(STEP_RATIOS.values())
@@ -317,8 +354,8 @@ def build_benchmark(
     per row, the batch the same), so the pair brackets the build in time and the spread is
     the two. Also the store loader's rows/s, for `loader_vs_train_consumption`."""
     torch.set_flush_denormal(True)
-    model = build_model(ModelArgs(preset=preset), VOCAB, 12).eval()
-    timing = _time_build(model, rows, seq_len, first, last, plain_rows)
+    model = build_model(ModelArgs(preset=preset), run_shape(preset)[0], 12).eval()
+    timing = _time_build(model, preset, rows, seq_len, first, last, plain_rows)
     flops = rows * seq_len * (last - first) * layer_forward_flops(model.config, seq_len)
     peak = peak or Peak(
         statistics.mean(timing["square"]), f"measured: fp32 matmul {SQUARE}^3 before and after"
@@ -333,10 +370,12 @@ def build_benchmark(
     )
 
 
-def _time_build(model, rows: int, seq_len: int, first: int, last: int, plain_rows: int) -> dict:
+def _time_build(
+    model, preset: str, rows: int, seq_len: int, first: int, last: int, plain_rows: int
+) -> dict:
     """Seconds of one build between two plain forwards, the square matmul's rate before
     and after, and the store loader's rows/s."""
-    batch = _batch(rows, seq_len)
+    batch = _batch(preset, rows, seq_len)
     data = _FakePrepared(batch)
     # build_cache reports progress on stdout; bench's stdout is JSON lines only.
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):

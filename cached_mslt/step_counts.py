@@ -24,6 +24,13 @@ class BatchCounts:
     padded: bool  # some position does not attend
 
 
+def padded_gather_per_row(mask_prob: float, seq_len: int) -> int:
+    """Gather positions per row of a compiled top: the most static masking picks in a row,
+    so every full batch has one gather shape and the top never recompiles (docs/design.md,
+    the hot path)."""
+    return max(1, round(mask_prob * seq_len))
+
+
 def host_batch(
     batch: dict[str, torch.Tensor], per_row: int | None
 ) -> tuple[BatchCounts, dict[str, Any]]:

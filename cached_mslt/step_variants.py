@@ -1,11 +1,10 @@
 """The trainer's own step, measured: float32 against bf16 autocast and `torch.compile`,
 and a real stage's training rate against the benchmark step of the same shape.
 
-`cached_mslt/bench.py` times a bare top step (plain AdamW, no clipping, an in-RAM batch);
-these figures time the step `cached_mslt/trainer.py` takes (fused AdamW, gradient
-clipping, host-side gather targets) and a whole phase through `train_phase` (store on
-disk, loader, logging). Ratios come from one run, interleaved (docs/benchmarks.md).
-Run: `python pipelines/bench.py --variants precision stage` (docs/levers.md, precision and compile).
+Both time the step `cached_mslt/trainer.py` takes (`bench.trainer_step`: host-side
+gather targets, fused AdamW, gradient clipping); the stage figure also a whole phase
+through `train_phase` (store on disk, loader, logging). Ratios come from one run,
+interleaved (docs/benchmarks.md). Run: `python pipelines/bench.py --variants precision stage` (docs/levers.md, precision and compile).
 """
 
 from __future__ import annotations
@@ -20,49 +19,20 @@ from collections.abc import Callable
 import torch
 from accelerate import Accelerator
 
-from cached_mslt.bench import VOCAB, _batch, _FakePrepared, step_benchmarks
+from cached_mslt.bench import _batch, _FakePrepared, run_shape, step_benchmarks, trainer_step
 from cached_mslt.cache import CacheRequest, build_cache
 from cached_mslt.config import ModelArgs, run_args
 from cached_mslt.interleave import interleaved_rounds
 from cached_mslt.metrics import MetricsWriter, RunClock
 from cached_mslt.model import (
-    TopModel,
     bottom_forward,
     build_model,
     clone_model,
-    decay_param_groups,
-    freeze_bottom,
-    masked_targets,
 )
 from cached_mslt.trainer import Phase, train_phase
 from storage import BlockDataset
 
 VARIANTS = {"fp32": (False, False), "bf16": (True, False), "compiled": (False, True)}
-
-
-def trainer_step(model, frozen: int, data: dict, hidden16, *, bf16: bool, compiled: bool):
-    """The trainer's cached step on one batch: `bf16` under CPU autocast, reading the
-    16-bit activations as they are; `compiled`: the top through torch.compile with the
-    padded gather. Returns a function that takes one step and returns its loss."""
-    params = freeze_bottom(model, frozen)
-    top = TopModel(model, frozen)
-    if compiled:
-        top.compile()
-    opt = torch.optim.AdamW(decay_param_groups(model, 0.01, params), lr=1e-3, fused=True)
-    per_row = round(0.15 * data["labels"].shape[1]) if compiled else None
-    targets = masked_targets(data["labels"], per_row)
-
-    def step() -> torch.Tensor:
-        hidden = hidden16 if bf16 else hidden16.float()
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            loss, _ = top(data["labels"], None, hidden_states=hidden, **targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
 
 
 def precision_benchmarks(
@@ -72,8 +42,9 @@ def precision_benchmarks(
     autocast, compiled), their ratios to float32, compile time, and how far 5 steps of
     each drift from float32."""
     torch.set_flush_denormal(True)
-    base = build_model(ModelArgs(preset=preset), VOCAB, 12)
-    data = _batch(32, 128)
+    vocab, mask_prob = run_shape(preset)
+    base = build_model(ModelArgs(preset=preset), vocab, 12)
+    data = _batch(preset, 32, 128)
     with torch.no_grad():
         base.eval()
         hidden16 = bottom_forward(base, data["input_ids"], None, frozen).half()
@@ -82,7 +53,15 @@ def precision_benchmarks(
         bf16, compiled = VARIANTS[name]
         model = clone_model(base)
         started = time.perf_counter()
-        step = trainer_step(model, frozen, data, hidden16, bf16=bf16, compiled=compiled)
+        step = trainer_step(
+            model,
+            frozen,
+            # bf16: the 16-bit activations go in as they are, as the trainer hands them over
+            lambda bf16=bf16: {**data, "hidden_states": hidden16 if bf16 else hidden16.float()},
+            bf16=bf16,
+            compiled=compiled,
+            mask_prob=mask_prob,
+        )
         drift[name] = [float(step()) for _ in range(5)]  # same start, same batch, 5 steps
         if compiled:
             compile_s = time.perf_counter() - started
@@ -109,8 +88,8 @@ def precision_benchmarks(
 def _store_phase(preset: str, rows: int, frozen: int, tmp: str) -> Callable[[int], dict]:
     """A cached phase fed from a float16 store on disk through the trainer's loader, at
     the benchmark step's shape (12 layers, `frozen` frozen, 32 x 128, vocabulary 30,522)."""
-    model = build_model(ModelArgs(preset=preset), VOCAB, 12)
-    data = _FakePrepared(_batch(rows, 128))
+    model = build_model(ModelArgs(preset=preset), run_shape(preset)[0], 12)
+    data = _FakePrepared(_batch(preset, rows, 128))
     request = CacheRequest(
         url=f"{tmp}/store", frozen_layers=frozen, dtype="float16", codec="none",
         rows_per_chunk=8, data_fingerprint="bench", mask_seed=0, seq_len=128,
@@ -119,7 +98,7 @@ def _store_phase(preset: str, rows: int, frozen: int, tmp: str) -> Callable[[int
     with contextlib.redirect_stdout(sys.stderr):
         store, _ = build_cache(model, request, data)
     accelerator = Accelerator(cpu=True)
-    valid = _FakePrepared(_batch(32, 128, seed=1))
+    valid = _FakePrepared(_batch(preset, 32, 128, seed=1))
 
     def run(steps: int) -> dict:
         args = run_args(

@@ -32,7 +32,14 @@ from cached_mslt.model import (
     freeze_bottom,
     frozen_modules,
 )
-from cached_mslt.step_counts import BatchCounts, Read, Tally, Window, host_batch
+from cached_mslt.step_counts import (
+    BatchCounts,
+    Read,
+    Tally,
+    Window,
+    host_batch,
+    padded_gather_per_row,
+)
 from storage import make_block_loader
 from storage.dataset import Blocks
 
@@ -141,10 +148,10 @@ class _PhaseLoop:
         self.window, self.read, self.tally = Window(), Read(), Tally(accelerator.device)
         self.last_val, self.solo = None, accelerator.num_processes == 1
         self.sync_every = self.t.sync_every or self.t.log_every
-        # A compiled top gets one gather shape for every full batch: the most positions
-        # static masking can pick in a row, times the rows (docs/design.md, the hot path).
         data = args.data
-        self.per_row = max(1, round(data.mask_prob * data.seq_len)) if self.t.compile else None
+        self.per_row = (
+            padded_gather_per_row(data.mask_prob, data.seq_len) if self.t.compile else None
+        )
         budget = phase.share.budget if phase.share else None
         self.watches_time = self.t.max_wall_s is not None or bool(
             budget and (budget.wall_s or budget.cpu_s)

@@ -81,17 +81,22 @@ def trainer_step(
     bf16: bool = False,
     compiled: bool = False,
     mask_prob: float = 0.15,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> Callable[[], torch.Tensor]:
     """One optimizer step of the top above `frozen` as cached_mslt/trainer.py takes it: the
     batch counted on the host with its gather targets (`host_batch`), the top under bf16
     autocast when asked (compiled: through torch.compile, with the padded gather), backward,
     clipping to norm 1, fused AdamW. `inputs()` gives labels, attention_mask and the top's
     input (token ids or hidden states). Not timed: the trainer's non-finite skip and its
-    device tallies (a few scalar ops). Returns the step, which returns its loss."""
+    device tallies (a few scalar ops). `wrap` (e.g. `Accelerator.prepare_model`) puts the
+    top in DDP across launched processes, as a run does. Returns the step, which returns
+    its loss."""
     params = freeze_bottom(model, frozen)
     top = TopModel(model, frozen)
     if compiled:
         top.compile()
+    if wrap is not None:
+        top = wrap(top)
     opt = torch.optim.AdamW(decay_param_groups(model, 0.01, params), lr=1e-4, fused=True)
     per_row = None  # set from the first batch's length when compiled
 

@@ -10,6 +10,7 @@ interleaved (docs/benchmarks.md). Run: `python pipelines/bench.py --variants pre
 from __future__ import annotations
 
 import contextlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -18,8 +19,9 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
-from cached_mslt.bench import _batch, _FakePrepared, run_shape, step_benchmarks, trainer_step
+from cached_mslt.bench import _batch, _FakePrepared, run_shape, trainer_step
 from cached_mslt.cache import CacheRequest, build_cache
 from cached_mslt.config import ModelArgs, run_args
 from cached_mslt.interleave import interleaved_rounds
@@ -29,6 +31,7 @@ from cached_mslt.model import (
     build_model,
     clone_model,
 )
+from cached_mslt.stages import block_rows_for
 from cached_mslt.trainer import Phase, train_phase
 from storage import BlockDataset
 
@@ -85,30 +88,32 @@ def precision_benchmarks(
     return out
 
 
-def _store_phase(preset: str, rows: int, frozen: int, tmp: str) -> Callable[[int], dict]:
-    """A cached phase fed from a float16 store on disk through the trainer's loader, at
-    the benchmark step's shape (12 layers, `frozen` frozen, 32 x 128, vocabulary 30,522)."""
+def _store_phase(
+    accelerator, preset: str, rows: int, frozen: int, batch_rows: int, tmp: str
+) -> Callable[[int], dict]:
+    """A cached phase as a run trains it: a float16 store on disk (built by every process),
+    the trainer's loader, logging and sync cadence, DDP over the launched processes, at the
+    preset's run shape (12 layers, `frozen` frozen, `batch_rows` x 128 per process)."""
     model = build_model(ModelArgs(preset=preset), run_shape(preset)[0], 12)
     data = _FakePrepared(_batch(preset, rows, 128))
     request = CacheRequest(
         url=f"{tmp}/store", frozen_layers=frozen, dtype="float16", codec="none",
-        rows_per_chunk=8, data_fingerprint="bench", mask_seed=0, seq_len=128,
-        num_rows=rows, stage=4,
+        rows_per_chunk=block_rows_for(batch_rows), data_fingerprint="bench", mask_seed=0,
+        seq_len=128, num_rows=rows, stage=4,
     )  # fmt: skip
     with contextlib.redirect_stdout(sys.stderr):
         store, _ = build_cache(model, request, data)
-    accelerator = Accelerator(cpu=True)
-    valid = _FakePrepared(_batch(preset, 32, 128, seed=1))
+    valid = _FakePrepared(_batch(preset, batch_rows, 128, seed=1))
 
     def run(steps: int) -> dict:
         args = run_args(
-            preset, batch_size=32, seq_len=128, prepared_dir=tmp, run_dir=tmp,
-            eval_every=10**6, eval_batches=1, checkpoint_every=10**6, mask_prob=0.15,
+            preset, batch_size=batch_rows, seq_len=128, prepared_dir=tmp, run_dir=tmp,
+            eval_every=10**6, eval_batches=1, checkpoint_every=10**6,
         )  # fmt: skip
         phase = Phase(
             name="stage-4", model=model, frozen_layers=frozen, steps=steps,
-            blocks=BlockDataset(store, block_rows=8), cached=True, learning_rate=1e-4,
-            warmup_fraction=0.0,
+            blocks=BlockDataset(store, block_rows=block_rows_for(batch_rows)), cached=True,
+            learning_rate=1e-4, warmup_fraction=0.0,
         )  # fmt: skip
         metrics = MetricsWriter(tmp, accelerator)
         return train_phase(accelerator, phase, args, RunClock(), metrics, valid)
@@ -116,30 +121,76 @@ def _store_phase(preset: str, rows: int, frozen: int, tmp: str) -> Callable[[int
     return run
 
 
-def stage_vs_bench(preset: str, *, steps: int = 30, rounds: int = 3, frozen: int = 9) -> list[dict]:
-    """A real phase's training tokens/s (evaluation and checkpoints excluded, as a stage
-    reports it) against `bench.step_benchmarks`' cached step of the same shape, in turns."""
+def _bench_step(preset: str, frozen: int, batch_rows: int, wrap=None) -> Callable[[int], float]:
+    """The bench's cached step at the same shape, fed from RAM (`wrap`: in DDP across the
+    launched processes, else on this process alone): `rate(steps)` takes that many steps
+    and returns their tokens/s per process."""
+    model = build_model(ModelArgs(preset=preset), run_shape(preset)[0], 12)
+    data = _batch(preset, batch_rows, 128)
+    with torch.no_grad():
+        model.eval()
+        hidden16 = bottom_forward(model, data["input_ids"], None, frozen).half()
+    top_input = {"labels": data["labels"], "attention_mask": data["attention_mask"]}
+    step = trainer_step(
+        model, frozen, lambda: {**top_input, "hidden_states": hidden16.float()}, wrap=wrap
+    )
+    step()  # first-call allocations
+
+    def rate(steps: int) -> float:
+        began = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * batch_rows * 128 / (time.perf_counter() - began)
+
+    return rate
+
+
+def stage_vs_bench(
+    preset: str, *, steps: int = 30, rounds: int = 3, frozen: int = 9, batch_rows: int = 32
+) -> list[dict]:
+    """A real phase's training tokens/s per process (its stats, evaluation and checkpoints
+    off) against the bench's cached step of the same shape on each process, in turns.
+    Launched on several processes (`accelerate launch`), the phase runs DDP across them
+    while the bench step runs on each alone, at the same time: what DDP and the run's
+    loop add is what the ratio shows (docs/benchmarks.md, stage against bench)."""
     torch.set_flush_denormal(True)
-    with tempfile.TemporaryDirectory() as tmp:
-        phase = _store_phase(preset, rows=32 * steps, frozen=frozen, tmp=tmp)
+    accelerator = Accelerator(cpu=True)
+    world = accelerator.num_processes
+    tmp = [tempfile.mkdtemp(prefix="bench-stage-") if accelerator.is_main_process else None]
+    broadcast_object_list(tmp)  # one store for every process
+    try:
+        phase = _store_phase(
+            accelerator, preset, batch_rows * steps * world, frozen, batch_rows, tmp[0]
+        )
+        benches = {"ddp": _bench_step(preset, frozen, batch_rows, accelerator.prepare_model)}
+        if world > 1:
+            benches["solo"] = _bench_step(preset, frozen, batch_rows)
         phase(3)  # warm up the loader and the allocator
-        stage, bench = [], []
+        stage, bench = [], {k: [] for k in benches}
         for _ in range(rounds):
-            stage.append(phase(steps)["tokens_per_s"])
-            figures = step_benchmarks(preset, frozen=frozen, window=1)  # one round
-            cached = next(f for f in figures if f["name"] == "cached_step_tokens_per_s")
-            bench.append(cached["value"])
-    stage_rate, bench_rate = statistics.median(stage), statistics.median(bench)
-    tag = {"preset": preset, "frozen": frozen, "steps": steps, "rounds": rounds}
-    return [
-        {
-            "name": "stage_tokens_per_s",
-            "value": stage_rate,
-            "unit": "tokens/s",
-            "all": stage,
-            **tag,
-        },
-        {"name": "bench_cached_step_tokens_per_s", "value": bench_rate, "unit": "tokens/s"}
-        | {"all": bench, **tag},
-        {"name": "stage_vs_bench_step", "value": stage_rate / bench_rate, "unit": "x", **tag},
+            stage.append(phase(steps)["tokens_per_s"] / world)
+            for kind, rate in benches.items():
+                bench[kind].append(rate(steps))
+    finally:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp[0], ignore_errors=True)
+    stage_rate = statistics.median(stage)
+    bench_rate = {k: statistics.median(v) for k, v in bench.items()}
+    tag = {
+        "preset": preset, "frozen": frozen, "batch_rows": batch_rows, "processes": world,
+        "threads": torch.get_num_threads(), "steps": steps, "rounds": rounds,
+    }  # fmt: skip
+    figures = [
+        {"name": "stage_tokens_per_s_per_process", "value": stage_rate, "unit": "tokens/s"}
+        | {"all": stage, **tag},
+        {"name": "bench_cached_step_tokens_per_s", "value": bench_rate["ddp"], "unit": "tokens/s"}
+        | {"all": bench["ddp"], **tag},
+        {"name": "stage_vs_bench_step", "value": stage_rate / bench_rate["ddp"], "unit": "x"} | tag,
     ]
+    if "solo" in bench:  # what data parallelism costs a step at this shape
+        figures.append(
+            {"name": "ddp_vs_solo_bench_step", "unit": "x", "all": bench["solo"], **tag}
+            | {"value": bench_rate["ddp"] / bench_rate["solo"]}
+        )
+    return figures

@@ -11,6 +11,8 @@ where the cost model of docs/design.md predicts the figure. Measures, never asse
                                                # float32, bf16 and compiled (minutes: compiling)
     python pipelines/bench.py --variants stage --preset tiny --steps 12 --rounds 3
                                                # a real stage against the bench step
+    OMP_NUM_THREADS=1 accelerate launch --cpu --multi_gpu --num_processes 2 \
+        pipelines/bench.py --variants stage --batch_size 4   # ... at make run's shape (DDP)
 """
 
 import argparse
@@ -64,6 +66,9 @@ def main() -> None:
     variants.add_argument("--repeats", type=int, default=5, help="precision: interleaved rounds")
     variants.add_argument("--steps", type=int, default=30, help="stage: steps per phase run")
     variants.add_argument("--rounds", type=int, default=3, help="stage: stage/bench alternations")
+    variants.add_argument(
+        "--batch_size", type=int, default=32, help="stage: sequences per step and process"
+    )
     args = parser.parse_args()
     began = time.perf_counter()
     machine = {
@@ -83,7 +88,9 @@ def main() -> None:
         if "precision" in args.variants:
             figures += precision_benchmarks(args.preset, repeats=args.repeats)
         if "stage" in args.variants:
-            figures += stage_vs_bench(args.preset, steps=args.steps, rounds=args.rounds)
+            figures += stage_vs_bench(
+                args.preset, steps=args.steps, rounds=args.rounds, batch_rows=args.batch_size
+            )
     else:
         figures = all_benchmarks(quick=args.quick, s3=args.s3, peak_tflops=args.peak_tflops)
     figures.append(
@@ -94,8 +101,9 @@ def main() -> None:
             "load_avg_at_end": os.getloadavg(),
         }
     )
-    for figure in figures:
-        print(json.dumps({**figure, **machine}), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, one copy
+        for figure in figures:
+            print(json.dumps({**figure, **machine}), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import BertForMaskedLM
 
 from cached_mslt import __version__
@@ -558,12 +558,18 @@ def save_stage(
     accelerator.wait_for_everyone()
 
 
-def make_accelerator(args: RunArgs) -> Accelerator:
+def make_accelerator(args: RunArgs, *, find_unused_parameters: bool = False) -> Accelerator:
+    """The run's Accelerator: precision, accumulation, trackers. `find_unused_parameters`
+    lets DDP accept steps in which some trained parameters get no gradient (layer
+    dropping skips layers)."""
     accelerator = Accelerator(
         mixed_precision=args.train.mixed_precision,
         gradient_accumulation_steps=args.train.gradient_accumulation_steps,
         log_with=args.train.report_to,
         project_dir=args.train.run_dir,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+        ],
     )
     if args.train.report_to:
         accelerator.init_trackers(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 
 from cached_mslt.blocks import PreparedBlocks
@@ -29,7 +29,7 @@ from cached_mslt.metrics import MetricsWriter, RunClock
 from cached_mslt.model import build_model
 from cached_mslt.prepare import PreparedData, load_prepared
 from cached_mslt.run_layout import RunLayout
-from cached_mslt.stages import UNBOUNDED_STEPS, block_rows_for, train_rows
+from cached_mslt.stages import UNBOUNDED_STEPS, block_rows_for, make_accelerator, train_rows
 from cached_mslt.trainer import Phase, train_phase
 
 DEFAULT_BUDGET_TOKENS = 2_097_152
@@ -169,13 +169,7 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
     run = method_runner(name)
     run_dir = Path(run_dir)
     args = replace(args, train=replace(args.train, run_dir=str(run_dir)))
-    # PLD skips layers, so some parameters get no gradient in a step: DDP must allow that.
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=name == "pld")]
-    accelerator = Accelerator(
-        mixed_precision=args.train.mixed_precision,
-        gradient_accumulation_steps=args.train.gradient_accumulation_steps,
-        kwargs_handlers=handlers,
-    )
+    accelerator = make_accelerator(args, find_unused_parameters=name == "pld")
     # A comparison run starts clean (resuming would mix budgets). One rank clears it: two
     # racing would fail each other's mkdir or delete what the other just made.
     if accelerator.is_main_process:

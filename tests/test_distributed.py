@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "two_rank_stage.py"
 
 
-def launch_two_ranks(prepared, run_dir, stage, **overrides):
+def launch_two_ranks(prepared, run_dir, stage, script=SCRIPT, **overrides):
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -41,7 +41,7 @@ def launch_two_ranks(prepared, run_dir, stage, **overrides):
         "no",
         "--main_process_port",
         "0",
-        str(SCRIPT),
+        str(script),
         str(prepared),
         str(run_dir),
         str(stage),

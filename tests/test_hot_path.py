@@ -5,65 +5,19 @@ at log lines, never inside a step. A counter spies on each of them."""
 
 from __future__ import annotations
 
-from collections import Counter
+import json
 
 import pytest
-import torch
-from accelerate import Accelerator
 
-from cached_mslt import trainer
 from cached_mslt.stages import run_stage
 from tests.conftest import small_run
-
-READS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__")
-COLLECTIVES = ("reduce", "gather", "check_trigger")
-
-
-class Spy:
-    """Counts device reads and collectives by (where, step) while a phase loop runs."""
-
-    def __init__(self):
-        self.calls: Counter[tuple[str, int, str]] = Counter()
-        self.where: tuple[str, object] | None = None
-
-    def record(self, name: str) -> None:
-        if self.where is not None:
-            place, loop = self.where
-            step = loop.progress.step + (place != "end_step")  # the step being trained
-            self.calls[(place, step, name)] += 1
-
-    def wrap(self, name: str, fn):
-        def spied(*args, **kwargs):
-            self.record(name)
-            return fn(*args, **kwargs)
-
-        return spied
-
-    def inside(self, place: str, fn):
-        def marked(loop, *args, **kwargs):
-            outer, self.where = self.where, (place, loop)
-            try:
-                return fn(loop, *args, **kwargs)
-            finally:
-                self.where = outer
-
-        return marked
+from tests.spy import Spy, install
+from tests.test_distributed import ROOT, launch_two_ranks
 
 
 @pytest.fixture
 def spy(monkeypatch) -> Spy:
-    spy = Spy()
-    for name in READS:
-        monkeypatch.setattr(torch.Tensor, name, spy.wrap(name, getattr(torch.Tensor, name)))
-    for name in COLLECTIVES:
-        monkeypatch.setattr(Accelerator, name, spy.wrap(name, getattr(Accelerator, name)))
-    monkeypatch.setattr(
-        torch.distributed, "all_reduce", spy.wrap("all_reduce", torch.distributed.all_reduce)
-    )
-    for place in ("stage_batch", "train_step", "end_step"):
-        method = getattr(trainer._PhaseLoop, place)
-        monkeypatch.setattr(trainer._PhaseLoop, place, spy.inside(place, method))
-    return spy
+    return install(Spy(), monkeypatch.setattr)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -86,3 +40,24 @@ def test_steps_read_the_device_only_at_sync_steps(prepared_dir, tmp_path, spy, s
     assert not inside_steps, f"a step read the device or ran a collective: {inside_steps}"
     steps = sorted({step for _, step, _ in spy.calls})
     assert steps == [5, 10, 15, 20], spy.calls  # sync steps; 20 also logs and evaluates
+
+
+def test_two_ranks_read_the_device_and_agree_only_at_sync_steps(prepared_dir, tmp_path):
+    """The same over DDP on two real ranks: the stop decision, budgets and counters are
+    agreed at syncs; DDP's gradient all-reduce (in C++, inside backward) is the step's
+    only communication and is not counted."""
+    run_dir = tmp_path / "run"
+    sync = dict(stage_steps="20", log_every=10, sync_every=5, eval_every=1000)
+    script = ROOT / "tests" / "scripts" / "two_rank_spy.py"
+    launch_two_ranks(prepared_dir, run_dir, "1,2", script=script, checkpoint_every=1000, **sync)
+    for rank in (0, 1):
+        seen = json.loads((run_dir / f"spy-rank{rank}.json").read_text())
+        for stage in ("1", "2"):
+            calls = {(place, step, name): n for place, step, name, n in seen[stage]}
+            inside = {key: n for key, n in calls.items() if key[0] != "end_step"}
+            assert not inside, f"rank {rank} stage {stage}: a step read or communicated: {inside}"
+            # and the first step, where the schedule's estimate of the ranks' rate starts
+            syncs = [1, 5, 10, 15, 20]
+            assert sorted({step for _, step, _ in calls}) == syncs, calls
+            agreed = {step for _, step, name in calls if name in ("reduce", "check_trigger")}
+            assert sorted(agreed) == syncs, calls  # the ranks agree at every sync

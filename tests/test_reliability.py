@@ -451,3 +451,52 @@ def test_checkpoint_of_the_old_format_is_refused_with_the_fix(tmp_path):
     assert not checkpointing.has_checkpoint(tmp_path / "none") and not checkpointing.has_checkpoint(
         None
     )
+
+
+def test_cache_build_resumes_a_store_started_under_the_old_shard_layout(tmp_path, monkeypatch):
+    """Derived layouts changed (storage/spec.py MIN_SHARDS): a build interrupted under the
+    old default is finished in the layout its store records, not refused or mixed."""
+    import storage.spec
+    from cached_mslt.cache import CacheRequest, build_cache
+    from cached_mslt.config import ModelArgs
+    from cached_mslt.model import build_model
+
+    model = build_model(
+        ModelArgs(hidden_size=8, num_attention_heads=2, intermediate_size=16), 120, 2, seed=0
+    )
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 120, (64, 8), generator=g)
+    cols = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    class Rows:
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, key):
+            return {k: v[key] for k, v in cols.items()}
+
+    def request(name):
+        return CacheRequest(
+            url=str(tmp_path / name), frozen_layers=1, dtype="float32", codec="none",
+            rows_per_chunk=4, data_fingerprint="d", mask_seed=0, seq_len=8, num_rows=64, stage=2,
+        )  # fmt: skip
+
+    fresh, _ = build_cache(model, request("fresh"), Rows())
+    assert (fresh.spec.chunks_per_shard, fresh.num_shards) == (1, 16)
+    monkeypatch.setattr(storage.spec, "MIN_SHARDS", 2)  # a layout the new default never makes
+    real = ActivationStore.write_shard
+
+    def crash_after_first_shard(self, shard, **rows):
+        real(self, shard, **rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ActivationStore, "write_shard", crash_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(model, request("resumed"), Rows())
+    monkeypatch.undo()
+    half = ActivationStore.open(str(tmp_path / "resumed"), require_complete=False)
+    assert (half.spec.chunks_per_shard, half.shards_done()) == (8, [0])
+    resumed, stats = build_cache(model, request("resumed"), Rows())
+    assert (resumed.spec.chunks_per_shard, resumed.num_shards, stats["rows"]) == (8, 2, 32)
+    for name, values in fresh.read_rows(0, 64).items():
+        assert torch.equal(resumed.read_rows(0, 64)[name], values), name

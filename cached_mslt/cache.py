@@ -234,7 +234,7 @@ def _input_batches(store, pending, prepared, source) -> Iterator[tuple[int, int,
             b = min(a + prepared.block_rows, hi)
             rows = prepared.rows(a, b)
             if source is not None:
-                rows["previous"] = source.read_rows(a, b)["hidden"]
+                rows["previous"] = source.read_hidden(a, b)
             yield shard, a, hi, rows
 
 

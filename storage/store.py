@@ -510,6 +510,15 @@ class ActivationStore:
         self._reopen_if_forked()
         return self._as_tensors({name: self._read(name, start, stop) for name in ROW_ARRAYS})
 
+    def read_hidden(self, start: int, stop: int) -> torch.Tensor:
+        """`read_rows(start, stop)["hidden"]` without reading the other three arrays: an
+        incremental cache build needs only this, and through Zarr's per-chunk decoding the
+        small arrays cost twice hidden's CPU (tiny, 8-row chunks: 0.68 s against 0.21 s
+        for a 4,096-row store), taken from the forward it overlaps."""
+        self._check_rows(start, stop)
+        self._reopen_if_forked()
+        return self._as_tensors({"hidden": self._read("hidden", start, stop)})["hidden"]
+
     def read_blocks(self, ranges: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         """`read_rows` of several row ranges, every chunk of every range requested at once.
 

@@ -129,6 +129,16 @@ def test_plain_zarr_and_numpy_can_read_a_store(tmp_path) -> None:
     np.testing.assert_array_equal(group["labels"][:], want["labels"].numpy())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_read_hidden_is_read_rows_hidden(tmp_path, dtype) -> None:
+    spec = small_spec(dtype=dtype)
+    store = build_synthetic_store(str(tmp_path / "s"), spec, fingerprint=FP)
+    for start, stop in ((0, 37), (4, 12), (33, 37), (5, 5)):
+        assert_bit_equal(store.read_hidden(start, stop), store.read_rows(start, stop)["hidden"])
+    with pytest.raises(IndexError):
+        store.read_hidden(0, 38)
+
+
 @pytest.mark.parametrize("rows", [37, 3])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_one_pass_shard_encoding_writes_zarrs_bytes(tmp_path, monkeypatch, dtype, rows) -> None:

@@ -76,13 +76,26 @@ def open_valid_store(
         return None
 
 
-def _unfinished_build(req: CacheRequest, options: dict[str, Any]) -> str | None:
-    """How the incomplete store at `req.url` was being built; None if there is none."""
+def _unfinished_build(req: CacheRequest, options: dict[str, Any]) -> ActivationStore | None:
+    """The incomplete store at `req.url`; None if there is none."""
     try:
         store = ActivationStore.open(req.url, require_complete=False, storage_options=options)
-        return None if store.is_complete else store.attrs.get("built")
+        return None if store.is_complete else store
     except StoreError:
         return None
+
+
+def _resumed_layout(spec: StoreSpec, unfinished: ActivationStore | None) -> StoreSpec:
+    """`spec`, with the shard layout of the unfinished build it resumes: a store started
+    under another derived default (storage/spec.py MIN_SHARDS) is finished in its own
+    layout rather than refused. Anything else that differs still refuses the resume."""
+    if unfinished is None:
+        return spec
+    recorded = unfinished.spec
+    same = {k: v for k, v in spec.to_dict().items() if k != "chunks_per_shard"}
+    if same != {k: v for k, v in recorded.to_dict().items() if k != "chunks_per_shard"}:
+        return spec
+    return StoreSpec(**{**same, "chunks_per_shard": recorded.chunks_per_shard})
 
 
 @torch.no_grad()
@@ -173,12 +186,12 @@ def _open_for_build(state, model, req, fingerprint, how, source, overwrite) -> A
     }
     # A half-built store made another way (incremental vs full, another source) is not
     # resumed: its shards would mix two builds and its attributes would describe the other.
-    if (
-        state.is_main_process
-        and not overwrite
-        and _unfinished_build(req, options) not in (None, how)
-    ):
-        overwrite = True
+    if state.is_main_process and not overwrite:
+        unfinished = _unfinished_build(req, options)
+        if unfinished is not None and unfinished.attrs.get("built") not in (None, how):
+            overwrite = True
+        else:
+            spec = _resumed_layout(spec, unfinished)
     if state.is_main_process:
         store = ActivationStore.create(
             req.url,
@@ -221,7 +234,7 @@ def _input_batches(store, pending, prepared, source) -> Iterator[tuple[int, int,
             b = min(a + prepared.block_rows, hi)
             rows = prepared.rows(a, b)
             if source is not None:
-                rows["previous"] = source.read_rows(a, b)["hidden"]
+                rows["previous"] = source.read_hidden(a, b)
             yield shard, a, hi, rows
 
 

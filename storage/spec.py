@@ -16,6 +16,11 @@ from storage.errors import StoreSpecError
 MiB = 1 << 20
 TARGET_CHUNK_BYTES = 2 * MiB  # big enough for ~1.5 GB/s reads here, small enough to shuffle blocks
 TARGET_SHARD_BYTES = 64 * MiB  # few files per store, and one write call per shard stays fast
+# Derived layouts give a store of at least this many chunks at least this many shards, so
+# a distributed build (shard s on process s % world_size) has work for up to 16 processes
+# and the last shard, whose write overlaps nothing, is a small part of the writing. Not a
+# function of the world size: a resume with another process count sees the same layout.
+MIN_SHARDS = 16
 
 # logical dtype -> (dtype stored in Zarr, torch dtype). Zarr 3.1.6 has no bfloat16
 # (`dtype="bfloat16"` raises TypeError), so bfloat16 is kept as its raw bits in uint16.
@@ -43,8 +48,9 @@ class StoreSpec:
     """Shape, dtype, codec and chunking of one activation store.
 
     `rows_per_chunk` and `chunks_per_shard` left as None are derived from the target byte
-    sizes; after construction both are always concrete ints (the resolved layout is what
-    gets recorded in the store and compared on resume).
+    sizes (and `chunks_per_shard` capped so there are at least MIN_SHARDS shards when there
+    are that many chunks); after construction both are always concrete ints (the resolved
+    layout is what gets recorded in the store and compared on resume).
     """
 
     num_rows: int
@@ -78,7 +84,7 @@ class StoreSpec:
         object.__setattr__(self, "rows_per_chunk", rows)
         chunks_total = math.ceil(self.num_rows / rows)
         per_shard = self.chunks_per_shard or max(
-            1, self.target_shard_bytes // (rows * self.row_bytes)
+            1, min(self.target_shard_bytes // (rows * self.row_bytes), chunks_total // MIN_SHARDS)
         )
         object.__setattr__(self, "chunks_per_shard", min(int(per_shard), chunks_total))
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
@@ -59,6 +60,7 @@ from storage.layout import (
 )
 from storage.lock import LOCK_KEY, acquire_lock, locked_error, read_lock, release_lock
 from storage.remote import check_reachable
+from storage.shards import encode_shard, fast_path_applies
 from storage.spec import StoreSpec
 
 # Budget for keeping a finished store's small arrays in RAM (~650 bytes per row at T=128):
@@ -191,6 +193,7 @@ class ActivationStore:
         self._kept: dict[str, np.ndarray] | None = None  # see _small_arrays
         self._markers = self._open_array(self._store, MARKERS, "r+" if writable else "r")
         self._writers = {}
+        self._fast_arrays: set[str] = set()
         if writable:
             # write_empty_chunks is per handle and not saved (docs/library-facts.md): without it a shard
             # that equals the fill value is never written and later looks missing.
@@ -200,6 +203,7 @@ class ActivationStore:
                 )
                 for n in ROW_ARRAYS
             }
+            self._fast_arrays = {n for n, a in self._writers.items() if fast_path_applies(a)}
 
     def _root_attrs(self, reader: Store) -> dict[str, Any]:
         """The root attributes of the activation store at `self.url`, or why there is none."""
@@ -439,13 +443,33 @@ class ActivationStore:
                 # One call per array for the whole shard: Zarr rewrites a shard whole, so
                 # partial writes from two processes to one shard lose data (docs/library-facts.md).
                 for name, values in data.items():
-                    self._writers[name][start:stop] = values
+                    self._write_array(name, shard, start, stop, values)
                 self._markers[shard] = 1  # last: a set marker means every array is written
         except OSError as e:
             raise StoreWriteError(
                 f"{self.url}: writing shard {shard} (rows {start}-{stop}) failed: {e}. The "
                 f"shard stays not-done; free space (or raise the file-size limit) and {RESUME_HINT}"
             ) from e
+
+    def _write_array(
+        self, name: str, shard: int, start: int, stop: int, values: np.ndarray
+    ) -> None:
+        """One array's whole shard: encoded here in one pass when the array's codec chain
+        allows it (storage/shards.py: the same bytes as Zarr's, without its per-chunk
+        overhead), else through Zarr."""
+        if name not in self._fast_arrays:
+            self._writers[name][start:stop] = values
+            return
+        meta = self._writers[name].metadata
+        inner_rows = meta.codecs[0].chunk_shape[0]  # type: ignore[attr-defined]
+        encoded = encode_shard(
+            values,
+            rows_per_chunk=inner_rows,
+            chunks_per_shard=meta.chunk_grid.chunk_shape[0] // inner_rows,  # type: ignore[attr-defined]
+            fill_value=meta.fill_value,
+        )
+        key = self._shard_keys(shard)[name]
+        sync(self._store.set(key, default_buffer_prototype().buffer.from_array_like(encoded)))
 
     def commit(self) -> None:
         """Check every marker and shard file, then set `complete` and release the lock
@@ -485,6 +509,15 @@ class ActivationStore:
         self._check_rows(start, stop)
         self._reopen_if_forked()
         return self._as_tensors({name: self._read(name, start, stop) for name in ROW_ARRAYS})
+
+    def read_hidden(self, start: int, stop: int) -> torch.Tensor:
+        """`read_rows(start, stop)["hidden"]` without reading the other three arrays: an
+        incremental cache build needs only this, and through Zarr's per-chunk decoding the
+        small arrays cost twice hidden's CPU (tiny, 8-row chunks: 0.68 s against 0.21 s
+        for a 4,096-row store), taken from the forward it overlaps."""
+        self._check_rows(start, stop)
+        self._reopen_if_forked()
+        return self._as_tensors({"hidden": self._read("hidden", start, stop)})["hidden"]
 
     def read_blocks(self, ranges: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         """`read_rows` of several row ranges, every chunk of every range requested at once.

@@ -71,20 +71,58 @@ def test_stage_with_nonfinite_loss_fails_and_is_never_done(prepared_dir, tmp_pat
     assert saved["step"] == 2
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_store_never_commits_nonfinite_activations(tmp_path, dtype):
+def test_store_never_commits_nonfinite_activations(tmp_path, dtype, bad):
     spec = StoreSpec(
         num_rows=8, seq_len=4, hidden_size=2, dtype=dtype, rows_per_chunk=4, chunks_per_shard=1
     )
     store = ActivationStore.create(str(tmp_path / "s"), spec, fingerprint={"w": "1"})
     hidden = torch.zeros(4, 4, 2, dtype=spec.torch_dtype)
-    hidden[2, 1, 0] = float("nan")
+    hidden[2, 1, 0] = float(bad)
+    hidden[3, 0, 1] = float(bad)
     ints = np.zeros((4, 4), dtype=np.int64)
-    with pytest.raises(NonFiniteActivationsError, match="first in row 2 of the shard"):
+    with pytest.raises(
+        NonFiniteActivationsError, match="refused 2 non-finite values .*first in row 2 of the shard"
+    ):
         store.write_shard(
             0, hidden=hidden, attention_mask=ints, labels=ints, row_index=np.arange(4)
         )
     assert store.pending_shards(0, 1) == list(range(store.spec.num_shards))
+    # The largest finite values of the dtype, either sign, are data.
+    hidden[2, 1, 0] = torch.finfo(spec.torch_dtype).max
+    hidden[3, 0, 1] = -torch.finfo(spec.torch_dtype).max
+    store.write_shard(0, hidden=hidden, attention_mask=ints, labels=ints, row_index=np.arange(4))
+    assert torch.equal(store.read_rows(0, 4)["hidden"], hidden)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_check_finite_refuses_exactly_nan_and_inf(dtype):
+    """Every 16-bit pattern (and float32's edges plus random bits): the bit test refuses
+    exactly what torch.isfinite calls non-finite."""
+    from storage.inputs import check_finite
+
+    spec = StoreSpec(num_rows=1, seq_len=1, hidden_size=1, dtype=dtype)
+    if dtype == "float32":
+        edges = [0, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF, 0x00000001]
+        edges += [b | 0x80000000 for b in edges]
+        rng = np.random.default_rng(0)
+        bits = np.concatenate([np.array(edges), rng.integers(0, 2**32, 200_000)])
+        patterns = bits.astype(np.uint32).view(np.float32)
+        values = torch.from_numpy(patterns)
+    else:
+        patterns = np.arange(2**16, dtype=np.uint16)
+        values = torch.from_numpy(patterns.view(np.int16)).view(spec.torch_dtype)
+        if dtype == "float16":
+            patterns = patterns.view(np.float16)
+    finite = torch.isfinite(values).numpy()
+    assert 0 < finite.sum() < len(finite)
+    check_finite(patterns[finite].reshape(-1, 1), spec, "t")  # accepts every finite value
+    for bad in np.flatnonzero(~finite):
+        one = patterns[finite][:4].copy()
+        one[3] = patterns[bad]
+        with pytest.raises(NonFiniteActivationsError, match="refused 1 .*first in row 3"):
+            check_finite(one.reshape(4, 1), spec, "t")
 
 
 @pytest.mark.parametrize(
@@ -413,3 +451,52 @@ def test_checkpoint_of_the_old_format_is_refused_with_the_fix(tmp_path):
     assert not checkpointing.has_checkpoint(tmp_path / "none") and not checkpointing.has_checkpoint(
         None
     )
+
+
+def test_cache_build_resumes_a_store_started_under_the_old_shard_layout(tmp_path, monkeypatch):
+    """Derived layouts changed (storage/spec.py MIN_SHARDS): a build interrupted under the
+    old default is finished in the layout its store records, not refused or mixed."""
+    import storage.spec
+    from cached_mslt.cache import CacheRequest, build_cache
+    from cached_mslt.config import ModelArgs
+    from cached_mslt.model import build_model
+
+    model = build_model(
+        ModelArgs(hidden_size=8, num_attention_heads=2, intermediate_size=16), 120, 2, seed=0
+    )
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 120, (64, 8), generator=g)
+    cols = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    class Rows:
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, key):
+            return {k: v[key] for k, v in cols.items()}
+
+    def request(name):
+        return CacheRequest(
+            url=str(tmp_path / name), frozen_layers=1, dtype="float32", codec="none",
+            rows_per_chunk=4, data_fingerprint="d", mask_seed=0, seq_len=8, num_rows=64, stage=2,
+        )  # fmt: skip
+
+    fresh, _ = build_cache(model, request("fresh"), Rows())
+    assert (fresh.spec.chunks_per_shard, fresh.num_shards) == (1, 16)
+    monkeypatch.setattr(storage.spec, "MIN_SHARDS", 2)  # a layout the new default never makes
+    real = ActivationStore.write_shard
+
+    def crash_after_first_shard(self, shard, **rows):
+        real(self, shard, **rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ActivationStore, "write_shard", crash_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(model, request("resumed"), Rows())
+    monkeypatch.undo()
+    half = ActivationStore.open(str(tmp_path / "resumed"), require_complete=False)
+    assert (half.spec.chunks_per_shard, half.shards_done()) == (8, [0])
+    resumed, stats = build_cache(model, request("resumed"), Rows())
+    assert (resumed.spec.chunks_per_shard, resumed.num_shards, stats["rows"]) == (8, 2, 32)
+    for name, values in fresh.read_rows(0, 64).items():
+        assert torch.equal(resumed.read_rows(0, 64)[name], values), name

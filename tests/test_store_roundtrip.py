@@ -127,3 +127,49 @@ def test_plain_zarr_and_numpy_can_read_a_store(tmp_path) -> None:
     np.testing.assert_array_equal(as_f32, want["hidden"].float().numpy())
     assert group["shard_done"][:].tolist() == [1] * spec.num_shards
     np.testing.assert_array_equal(group["labels"][:], want["labels"].numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_read_hidden_is_read_rows_hidden(tmp_path, dtype) -> None:
+    spec = small_spec(dtype=dtype)
+    store = build_synthetic_store(str(tmp_path / "s"), spec, fingerprint=FP)
+    for start, stop in ((0, 37), (4, 12), (33, 37), (5, 5)):
+        assert_bit_equal(store.read_hidden(start, stop), store.read_rows(start, stop)["hidden"])
+    with pytest.raises(IndexError):
+        store.read_hidden(0, 38)
+
+
+@pytest.mark.parametrize("rows", [37, 3])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_one_pass_shard_encoding_writes_zarrs_bytes(tmp_path, monkeypatch, dtype, rows) -> None:
+    """storage/shards.py builds an uncompressed store's shard files itself: every file is
+    byte-identical to what Zarr writes for the same rows (short last chunk and shard
+    included), so readers and the format cannot tell the difference."""
+    import storage.store
+
+    spec = small_spec(dtype=dtype, num_rows=rows)
+    fast = build_synthetic_store(str(tmp_path / "fast"), spec, fingerprint=FP, commit=False)
+    assert fast._fast_arrays == {"hidden", "attention_mask", "labels", "row_index"}
+    monkeypatch.setattr(storage.store, "fast_path_applies", lambda array: False)
+    slow = build_synthetic_store(str(tmp_path / "zarr"), spec, fingerprint=FP, commit=False)
+    assert slow._fast_arrays == set()
+
+    def chunk_files(root):
+        return sorted(p.relative_to(root) for p in root.rglob("c/**/*") if p.is_file())
+
+    files = chunk_files(tmp_path / "zarr")
+    assert chunk_files(tmp_path / "fast") == files
+    assert len(files) == 5 * spec.num_shards  # four row arrays and the marker
+    for f in files:
+        assert (tmp_path / "fast" / f).read_bytes() == (tmp_path / "zarr" / f).read_bytes(), f
+    fast.commit()
+    assert_bit_equal(
+        ActivationStore.open(tmp_path / "fast").read_rows(0, rows)["hidden"],
+        synthetic_rows(spec, 0, rows)["hidden"],
+    )
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc"])
+def test_compressed_stores_are_written_through_zarr(tmp_path, codec) -> None:
+    store = ActivationStore.create(tmp_path / "s", small_spec(codec=codec), fingerprint=FP)
+    assert store._fast_arrays == set()

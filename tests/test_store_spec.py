@@ -44,6 +44,24 @@ def test_spec_derives_chunking_from_target_bytes() -> None:
     )
 
 
+def test_derived_layouts_have_at_least_16_shards_when_there_are_16_chunks() -> None:
+    # tiny, 4,096 rows of 8-row chunks (256 KiB): 512 chunks; 64 MiB shards would make 2.
+    spec = StoreSpec(num_rows=4096, seq_len=128, hidden_size=128, rows_per_chunk=8)
+    assert (spec.chunks_per_shard, spec.num_shards) == (32, 16)
+    # 17..31 chunks: one chunk per shard; 20 rows in 4-row chunks: 5 shards of 1 chunk.
+    for rows, shards in ((68, 17), (124, 31), (128, 16), (20, 5)):
+        spec = StoreSpec(num_rows=rows, seq_len=4, hidden_size=4, rows_per_chunk=4)
+        assert spec.num_shards == shards, rows
+    # Large stores keep the 64 MiB bound; an explicit chunks_per_shard is kept as given.
+    big = StoreSpec(num_rows=1_000_000, seq_len=128, hidden_size=128, rows_per_chunk=8)
+    assert big.rows_per_shard * big.row_bytes == 64 << 20
+    explicit = StoreSpec(
+        num_rows=4096, seq_len=128, hidden_size=128, rows_per_chunk=8, chunks_per_shard=256
+    )
+    assert explicit.num_shards == 2
+    assert StoreSpec.from_dict(explicit.to_dict()) == explicit  # old stores' recorded layout
+
+
 def test_spec_clamps_layout_to_small_stores() -> None:
     spec = StoreSpec(num_rows=3, seq_len=4, hidden_size=4)
     assert (spec.rows_per_chunk, spec.chunks_per_shard, spec.num_shards) == (3, 1, 1)

@@ -46,6 +46,10 @@ class CacheRequest:
     seq_len: int
     num_rows: int
     stage: int
+    # The frozen layers' compute precision: a run under `--mixed_precision bf16` (fp16)
+    # runs its live bottom under autocast, so its cache is built under the same autocast
+    # and holds what the live bottom would compute (tests/test_cached_equals_live.py).
+    compute_dtype: str = "float32"
     # fsspec options of `url` (endpoint, credentials): used, never recorded
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -60,6 +64,8 @@ def store_fingerprint(model: BertForMaskedLM, req: CacheRequest) -> dict[str, st
         "dtype": req.dtype,
         "seq_len": str(req.seq_len),
         "num_rows": str(req.num_rows),
+        # absent for float32, so stores built before this key existed stay valid
+        **({"compute_dtype": req.compute_dtype} if req.compute_dtype != "float32" else {}),
     }
 
 
@@ -243,13 +249,17 @@ def _shard_rows(model, req, batches, start_layer, dtype, device, bar) -> Iterato
     token ids, or the source store's hidden states pushed through the newly frozen layers)
     and what training reads beside it."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in SHARD_ARRAYS}
+    compute = getattr(torch, req.compute_dtype)
+    autocast = torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32)
     for shard, a, hi, rows in batches:
         mask = rows["attention_mask"].to(device)
-        if "previous" not in rows:
-            hidden = bottom_forward(model, rows["input_ids"].to(device), mask, req.frozen_layers)
-        else:
-            previous = rows["previous"].to(device, torch.float32)
-            hidden = run_layers(model, previous, mask, start_layer, req.frozen_layers)
+        with autocast:  # as the trainer runs a live bottom (trainer._phase_inputs)
+            if "previous" not in rows:
+                ids = rows["input_ids"].to(device)
+                hidden = bottom_forward(model, ids, mask, req.frozen_layers)
+            else:
+                previous = rows["previous"].to(device, torch.float32)
+                hidden = run_layers(model, previous, mask, start_layer, req.frozen_layers)
         parts["hidden"].append(hidden.to(dtype).cpu())
         parts["attention_mask"].append(rows["attention_mask"].to(torch.uint8))
         parts["labels"].append(rows["labels"].to(torch.int32))

@@ -436,6 +436,10 @@ def lower_learning_rate(rate: float) -> float:
     return rate / 10 if math.isfinite(rate) and rate > 0 else 1e-4
 
 
+# --mixed_precision -> the dtype Accelerate's autocast computes in
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
 def cache_request(args: RunArgs, index: int, stage: Stage, data, rows: int) -> CacheRequest:
     return CacheRequest(
         url=RunLayout.of(args).store_url(index),
@@ -448,6 +452,7 @@ def cache_request(args: RunArgs, index: int, stage: Stage, data, rows: int) -> C
         seq_len=args.data.seq_len,
         num_rows=rows,
         stage=index,
+        compute_dtype=AUTOCAST_DTYPES.get(args.train.mixed_precision, "float32"),
         storage_options=args.schedule.storage_options(),
     )
 

@@ -5,7 +5,7 @@ within a documented tolerance with 16-bit storage (docs/cache-format.md)."""
 import pytest
 import torch
 
-from cached_mslt.cache import CacheRequest, build_cache
+from cached_mslt.cache import CacheRequest, build_cache, store_fingerprint
 from cached_mslt.config import ModelArgs
 from cached_mslt.model import (
     TopModel,
@@ -63,7 +63,7 @@ def random_case(seed: int, padded: bool):
     return model, frozen, Rows(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def cached_rows(tmp_path, model, frozen, data, dtype):
+def cached_rows(tmp_path, model, frozen, data, dtype, compute_dtype="float32"):
     req = CacheRequest(
         url=str(tmp_path / f"store-{dtype}"),
         frozen_layers=frozen,
@@ -75,6 +75,7 @@ def cached_rows(tmp_path, model, frozen, data, dtype):
         seq_len=data.cols["input_ids"].shape[1],
         num_rows=len(data),
         stage=2,
+        compute_dtype=compute_dtype,
     )
     store, _ = build_cache(model, req, data)
     return BlockDataset(store, block_rows=4, in_memory=True).store.read_rows(0, len(data))
@@ -152,3 +153,30 @@ def test_cached_matches_live_within_tolerance_in_16_bit(tmp_path, dtype):
         from_cache = top_forward(model, cached["hidden"].float(), mask, frozen)
     keep = mask.bool()
     torch.testing.assert_close(from_cache[keep], live[keep], **TOLERANCE[dtype])
+
+
+def test_a_cache_built_under_bf16_autocast_holds_what_the_live_bottom_computes(tmp_path):
+    """Under --mixed_precision bf16 the trainer runs a live bottom under autocast; the
+    build does the same, so cached and live inputs to the top are the same numbers."""
+    model, frozen, data = random_case(3, padded=True)
+    cached = cached_rows(tmp_path, model, frozen, data, "float32", compute_dtype="bfloat16")
+    ids, mask = data.cols["input_ids"], data.cols["attention_mask"]
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        live = bottom_forward(model, ids, mask, frozen)
+    with torch.no_grad():
+        float32 = bottom_forward(model, ids, mask, frozen)
+    assert torch.equal(cached["hidden"], live.float())
+    assert not torch.equal(cached["hidden"], float32)  # autocast was on
+
+
+def test_a_store_computed_in_another_precision_is_not_reused():
+    model, frozen, data = random_case(0, padded=False)
+    req = dict(
+        url="unused", frozen_layers=frozen, dtype="float16", codec="none", rows_per_chunk=4,
+        data_fingerprint="test", mask_seed=0, seq_len=16, num_rows=len(data), stage=2,
+    )  # fmt: skip
+    float32 = store_fingerprint(model, CacheRequest(**req))
+    bf16 = store_fingerprint(model, CacheRequest(**req, compute_dtype="bfloat16"))
+    assert float32 != bf16
+    assert "compute_dtype" not in float32  # stores built before the key existed stay valid

@@ -238,10 +238,10 @@ def lower_share(
     return lower, total
 
 
-def cache_gain_line(root: Path, clock: str) -> list[str]:
+def cache_gain_line(curves: dict[str, list[dict]], clock: str) -> list[str]:
     """mslt-cached against mslt-live once stage 1 is over (the stages are the same until
     then): the cache's own gain, when both ran."""
-    cached, live = read_metrics(root / "mslt-cached"), read_metrics(root / "mslt-live")
+    cached, live = curves.get("mslt-cached", []), curves.get("mslt-live", [])
     stage_one = [r[clock] for r in cached + live if r.get("stage") == "stage-1"]
     if not cached or not live or not stage_one:
         return []
@@ -282,15 +282,24 @@ def report_clock(method: MethodArgs) -> str:
     return "cpu_s" if method.budget_cpu_s is not None else "wall_s"
 
 
+def read_curves(root: Path, methods: list[str]) -> dict[str, list[dict]]:
+    """Each method's metrics.jsonl, read once for the table, the plots and the report."""
+    return {name: read_metrics(root / name) for name in methods}
+
+
 def summarize(
-    root: Path, methods: list[str], unigram: float | None = None, clock: str = "wall_s"
+    root: Path,
+    methods: list[str],
+    unigram: float | None = None,
+    clock: str = "wall_s",
+    curves: dict[str, list[dict]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per method from its result.json and metrics.jsonl; times in `clock`."""
-    rows, curves = [], {}
+    """One row per method from its result.json and metrics.jsonl (`curves`, if read
+    already); times in `clock`."""
+    rows, curves = [], curves if curves is not None else read_curves(root, methods)
     for name in methods:
         result = RunLayout(root / name).read_result() or {"status": "missing"}
-        records = read_metrics(root / name)
-        curves[name] = records
+        records = curves[name]
         evals = [r for r in records if r.get("val_loss") is not None]
         rows.append(
             {
@@ -327,9 +336,10 @@ _COLUMN = {"wall_s": "wall s", "cpu_s": "cpu s"}
 _CLOCK_NAME = {"wall_s": "wall-clock", "cpu_s": "CPU seconds"}
 
 
-def write_plots(root: Path, methods: list[str], clock: str, unigram: float | None) -> None:
+def write_plots(
+    root: Path, curves: dict[str, list[dict]], clock: str, unigram: float | None
+) -> None:
     """Validation loss against wall-clock, FLOPs and (under a CPU budget) CPU seconds."""
-    curves = {name: read_metrics(root / name) for name in methods}
     plot_curves(
         curves,
         "wall_s",
@@ -360,8 +370,9 @@ def write_plots(root: Path, methods: list[str], clock: str, unigram: float | Non
 def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodArgs) -> str:
     unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
     clock = report_clock(method)
-    rows = summarize(root, methods, unigram, clock)
-    write_plots(root, methods, clock, unigram)
+    curves = read_curves(root, methods)
+    rows = summarize(root, methods, unigram, clock, curves)
+    write_plots(root, curves, clock, unigram)
     columns = list(REPORT_COLUMNS)
     columns += sorted({k for r in rows for k in r if k.endswith((" acc %", " probe %"))})
     failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
@@ -385,7 +396,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
             "Unigram loss of the validation targets (token frequencies alone): "
             + (f"{unigram:.3f}." if unigram is not None else "not recorded by this prepared data."),
             *(
-                [""] + cache_gain_line(root, clock)
+                [""] + cache_gain_line(curves, clock)
                 if {"mslt-cached", "mslt-live"} <= set(methods)
                 else []
             ),

@@ -453,14 +453,19 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - began
 
 
-def _loader_rows_per_s(store: ActivationStore) -> float:
-    """Rows/s of one shuffled epoch of the block loader over `store`."""
+def _loader_rows_per_s(store: ActivationStore, epochs: int = 3) -> float:
+    """Rows/s of a shuffled epoch of the block loader over `store`: the median of `epochs`
+    epochs (one epoch's rate moved by a fifth between two runs on an idle machine)."""
     loader = make_block_loader(
         BlockDataset(store, block_rows=8), rows_per_batch=32, shuffle=True, seed=0
     )
-    started = time.perf_counter()
-    n = sum(len(b["labels"]) for b in loader)
-    return n / (time.perf_counter() - started)
+    rates = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        started = time.perf_counter()
+        n = sum(len(b["labels"]) for b in loader)
+        rates.append(n / (time.perf_counter() - started))
+    return statistics.median(rates)
 
 
 # Rows of the build figure per preset: enough that creating and committing the store

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "two_rank_stage.py"
 
 
-def launch_two_ranks(prepared, run_dir, stage, script=SCRIPT, **overrides):
+def launch_two_ranks(prepared, run_dir, stage, *extra, **overrides):
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -41,11 +41,12 @@ def launch_two_ranks(prepared, run_dir, stage, script=SCRIPT, **overrides):
         "no",
         "--main_process_port",
         "0",
-        str(script),
+        str(SCRIPT),
         str(prepared),
         str(run_dir),
         str(stage),
         json.dumps(overrides),
+        *extra,
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

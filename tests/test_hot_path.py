@@ -12,7 +12,7 @@ import pytest
 from cached_mslt.stages import run_stage
 from tests.conftest import small_run
 from tests.spy import Spy, install
-from tests.test_distributed import ROOT, launch_two_ranks
+from tests.test_distributed import launch_two_ranks
 
 
 @pytest.fixture
@@ -48,8 +48,7 @@ def test_two_ranks_read_the_device_and_agree_only_at_sync_steps(prepared_dir, tm
     only communication and is not counted."""
     run_dir = tmp_path / "run"
     sync = dict(stage_steps="20", log_every=10, sync_every=5, eval_every=1000)
-    script = ROOT / "tests" / "scripts" / "two_rank_spy.py"
-    launch_two_ranks(prepared_dir, run_dir, "1,2", script=script, checkpoint_every=1000, **sync)
+    launch_two_ranks(prepared_dir, run_dir, "1,2", "--spy", checkpoint_every=1000, **sync)
     for rank in (0, 1):
         seen = json.loads((run_dir / f"spy-rank{rank}.json").read_text())
         for stage in ("1", "2"):

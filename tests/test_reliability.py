@@ -44,6 +44,19 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def crash_after_first_shard(monkeypatch):
+    """`write_shard` writes one shard, then the build stops as a killed one would; returns
+    the real `write_shard`."""
+    real = ActivationStore.write_shard
+
+    def crash(self, shard, **rows):
+        real(self, shard, **rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ActivationStore, "write_shard", crash)
+    return real
+
+
 def test_stage_with_nonfinite_loss_fails_and_is_never_done(prepared_dir, tmp_path, monkeypatch):
     args = small_run(prepared_dir, tmp_path / "run", stage_steps="8", nonfinite_patience=2)
     real = trainer._phase_inputs
@@ -244,13 +257,7 @@ def test_store_attributes_say_how_it_was_actually_built(prepared_dir, tmp_path, 
     )
     run_stage(args, 1)
     run_stage(args, 2)
-    real = ActivationStore.write_shard
-
-    def crash_after_first_shard(self, shard, **rows):
-        real(self, shard, **rows)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ActivationStore, "write_shard", crash_after_first_shard)
+    real = crash_after_first_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_stage(args, 3)
     monkeypatch.setattr(ActivationStore, "write_shard", real)
@@ -484,13 +491,7 @@ def test_cache_build_resumes_a_store_started_under_the_old_shard_layout(tmp_path
     fresh, _ = build_cache(model, request("fresh"), Rows())
     assert (fresh.spec.chunks_per_shard, fresh.num_shards) == (1, 16)
     monkeypatch.setattr(storage.spec, "MIN_SHARDS", 2)  # a layout the new default never makes
-    real = ActivationStore.write_shard
-
-    def crash_after_first_shard(self, shard, **rows):
-        real(self, shard, **rows)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ActivationStore, "write_shard", crash_after_first_shard)
+    crash_after_first_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_cache(model, request("resumed"), Rows())
     monkeypatch.undo()

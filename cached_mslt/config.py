@@ -325,6 +325,14 @@ class TrainArgs:
         default=False,
         metadata={"help": "torch.compile the trainable top (docs/levers.md, compile)"},
     )
+    reuse_host_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "keep freed host memory for the next step instead of returning it to the "
+            "OS (glibc: no mmap, no trim); steps stop re-faulting their large tensors "
+            "(docs/levers.md, host memory)"
+        },
+    )
     checkpoint_every: int = field(
         default=200, metadata={"help": "save_state every N steps (resume)"}
     )

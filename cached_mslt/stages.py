@@ -27,6 +27,7 @@ from cached_mslt.checkpointing import OldCheckpointError
 from cached_mslt.config import ConfigError, RunArgs
 from cached_mslt.corpora import DataError
 from cached_mslt.flops import layer_forward_flops, run_peak, step_flops
+from cached_mslt.host_memory import keep_freed_memory
 from cached_mslt.metrics import (
     MetricsWriter,
     RunClock,
@@ -566,7 +567,10 @@ def save_stage(
 def make_accelerator(args: RunArgs, *, find_unused_parameters: bool = False) -> Accelerator:
     """The run's Accelerator: precision, accumulation, trackers. `find_unused_parameters`
     lets DDP accept steps in which some trained parameters get no gradient (layer
-    dropping skips layers)."""
+    dropping skips layers). Also where the process's host memory policy is set, once,
+    before any step (`host_memory.keep_freed_memory`)."""
+    if args.train.reuse_host_memory:
+        keep_freed_memory()
     accelerator = Accelerator(
         mixed_precision=args.train.mixed_precision,
         gradient_accumulation_steps=args.train.gradient_accumulation_steps,

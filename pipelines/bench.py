@@ -26,6 +26,7 @@ import torch
 
 from cached_mslt.bench import all_benchmarks
 from cached_mslt.data_bench import ROOT, data_benchmarks
+from cached_mslt.host_memory import keep_freed_memory
 from cached_mslt.step_variants import precision_benchmarks, stage_vs_bench
 
 
@@ -44,6 +45,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--s3", action="store_true", help="also stores on a loopback S3 API (dev extra: moto)"
+    )
+    parser.add_argument(
+        "--no_reuse_host_memory",
+        action="store_true",
+        help="glibc's default host memory policy, not a run's default (docs/levers.md)",
     )
     data = parser.add_argument_group("data preparation (--data)")
     data.add_argument("--data", action="store_true", help="only the data-preparation benchmark")
@@ -70,6 +76,8 @@ def main() -> None:
         "--batch_size", type=int, default=32, help="stage: sequences per step and process"
     )
     args = parser.parse_args()
+    # What a run does by default (TrainArgs.reuse_host_memory): the bench times its steps.
+    reuse = not args.no_reuse_host_memory and keep_freed_memory()
     began = time.perf_counter()
     machine = {
         "machine": platform.machine(),
@@ -77,6 +85,7 @@ def main() -> None:
         "torch": torch.__version__,
         # other processes' load when the run started: absolute rates hold only for it
         "load_avg_1m_at_start": os.getloadavg()[0],
+        "reuse_host_memory": reuse,
     }
     if args.data:
         limit = int(args.data_limit_gib * 2**30)

@@ -326,11 +326,11 @@ class TrainArgs:
         metadata={"help": "torch.compile the trainable top (docs/levers.md, compile)"},
     )
     reuse_host_memory: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "keep freed host memory for the next step instead of returning it to the "
-            "OS (glibc: no mmap, no trim); steps stop re-faulting their large tensors "
-            "(docs/levers.md, host memory)"
+            "OS (glibc: no mmap, no trim): steps stop re-faulting their large tensors, the "
+            "process keeps its peak heap (docs/levers.md, host memory)"
         },
     )
     checkpoint_every: int = field(

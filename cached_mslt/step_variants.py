@@ -4,7 +4,8 @@ and a real stage's training rate against the benchmark step of the same shape.
 Both time the step `cached_mslt/trainer.py` takes (`bench.trainer_step`: host-side
 gather targets, fused AdamW, gradient clipping); the stage figure also a whole phase
 through `train_phase` (store on disk, loader, logging). Ratios come from one run,
-interleaved (docs/benchmarks.md). Run: `python pipelines/bench.py --variants precision stage` (docs/levers.md, precision and compile).
+interleaved (docs/benchmarks.md). Run: `python pipelines/bench.py --variants precision
+stage` (docs/levers.md, precision and compile).
 """
 
 from __future__ import annotations
@@ -149,10 +150,10 @@ def stage_vs_bench(
     preset: str, *, steps: int = 30, rounds: int = 3, frozen: int = 9, batch_rows: int = 32
 ) -> list[dict]:
     """A real phase's training tokens/s per process (its stats, evaluation and checkpoints
-    off) against the bench's cached step of the same shape on each process, in turns.
-    Launched on several processes (`accelerate launch`), the phase runs DDP across them
-    while the bench step runs on each alone, at the same time: what DDP and the run's
-    loop add is what the ratio shows (docs/benchmarks.md, stage against bench)."""
+    off) against the bench's cached step of the same shape, in turns. Launched on several
+    processes (`accelerate launch`), both run DDP across them, so the ratio shows what the
+    run's loop adds; the same step on each process alone gives what DDP costs
+    (`ddp_vs_solo_bench_step`; docs/benchmarks.md, stage against bench)."""
     torch.set_flush_denormal(True)
     accelerator = Accelerator(cpu=True)
     world = accelerator.num_processes

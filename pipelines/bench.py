@@ -11,7 +11,7 @@ where the cost model of docs/design.md predicts the figure. Measures, never asse
                                                # float32, bf16 and compiled (minutes: compiling)
     python pipelines/bench.py --variants stage --preset tiny --steps 12 --rounds 3
                                                # a real stage against the bench step
-    OMP_NUM_THREADS=1 accelerate launch --cpu --multi_gpu --num_processes 2 \
+    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
         pipelines/bench.py --variants stage --batch_size 4   # ... at make run's shape (DDP)
 """
 

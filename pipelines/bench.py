@@ -2,7 +2,7 @@
 where the cost model of docs/design.md predicts the figure. Measures, never asserts.
 
     python pipelines/bench.py --quick          # every figure of docs/benchmarks.md (tiny and
-                                               # mini), under 6 minutes on an idle 2-core machine
+                                               # mini), 1.5-2.5 minutes on an idle 2-core machine
     python pipelines/bench.py                  # the same with longer time caps and bigger stores
     python pipelines/bench.py --peak_tflops 312  # MFU against a given peak, not a measured matmul
     python pipelines/bench.py --quick --s3     # plus stores on an S3 API on loopback (moto)
@@ -35,7 +35,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="short time caps and small stores (~6 minutes)"
+        "--quick", action="store_true", help="short time caps and small stores (1.5-2.5 minutes idle)"
     )
     parser.add_argument(
         "--peak_tflops",

@@ -35,7 +35,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="short time caps and small stores (1.5-2.5 minutes idle)"
+        "--quick",
+        action="store_true",
+        help="short time caps and small stores (1.5-2.5 minutes idle)",
     )
     parser.add_argument(
         "--peak_tflops",

@@ -60,6 +60,23 @@ def _batch(preset: str, rows: int, seq_len: int, seed: int = 0) -> dict[str, tor
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def bench_model(preset: str, layers: int = 12):
+    """A `layers`-layer model of `preset` with the vocabulary a run of it has."""
+    return build_model(ModelArgs(preset=preset), run_shape(preset)[0], layers)
+
+
+def cached_case(preset: str, frozen: int, rows: int, seq_len: int = 128, layers: int = 12):
+    """What a cached step starts from: the model, a batch at the preset's run shape and the
+    frozen bottom's output for it in float16, as a store holds it. The batch is unpadded,
+    so the bottom runs without a mask, as the trainer runs it (`host_batch`)."""
+    model = bench_model(preset, layers)
+    data = _batch(preset, rows, seq_len)
+    with torch.no_grad():
+        model.eval()
+        hidden16 = bottom_forward(model, data["input_ids"], None, frozen).half()
+    return model, data, hidden16
+
+
 class _FakePrepared:
     """Token-id rows in RAM with the prepared dataset's slicing interface."""
 
@@ -211,13 +228,9 @@ def step_benchmarks(
     MSLT step and a full-model step, their ratios, and the matmul references, all timed in
     the same interleaved rounds (cached_mslt/interleave.py)."""
     torch.set_flush_denormal(True)  # AdamW's tiny second moments are denormal; CPUs crawl on them
-    model = build_model(ModelArgs(preset=preset), run_shape(preset)[0], layers)
-    data = _batch(preset, batch_rows, seq_len)
+    model, data, hidden16 = cached_case(preset, frozen, batch_rows, seq_len, layers)
     ids, mask = data["input_ids"], data["attention_mask"]
     tokens, masked = batch_rows * seq_len, int((data["labels"] != IGNORE_INDEX).sum())
-    with torch.no_grad():
-        model.eval()
-        hidden16 = bottom_forward(model, ids, mask, frozen).half()
 
     def batch(**top_input) -> dict:
         return {"labels": data["labels"], "attention_mask": mask, **top_input}
@@ -359,7 +372,7 @@ def build_benchmark(
     per row, the batch the same), so the pair brackets the build in time and the spread is
     the two. Also the store loader's rows/s, for `loader_vs_train_consumption`."""
     torch.set_flush_denormal(True)
-    model = build_model(ModelArgs(preset=preset), run_shape(preset)[0], 12).eval()
+    model = bench_model(preset).eval()
     timing = _time_build(model, preset, rows, seq_len, first, last, plain_rows)
     flops = rows * seq_len * (last - first) * layer_forward_flops(model.config, seq_len)
     peak = peak or Peak(

@@ -22,14 +22,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from cached_mslt.bench import _batch, _FakePrepared, run_shape, trainer_step
+from cached_mslt.bench import (
+    _batch,
+    _FakePrepared,
+    bench_model,
+    cached_case,
+    run_shape,
+    trainer_step,
+)
 from cached_mslt.cache import CacheRequest, build_cache
-from cached_mslt.config import ModelArgs, run_args
+from cached_mslt.config import run_args
 from cached_mslt.interleave import interleaved_rounds
 from cached_mslt.metrics import MetricsWriter, RunClock
 from cached_mslt.model import (
-    bottom_forward,
-    build_model,
     clone_model,
 )
 from cached_mslt.stages import block_rows_for
@@ -46,12 +51,7 @@ def precision_benchmarks(
     autocast, compiled), their ratios to float32, compile time, and how far 5 steps of
     each drift from float32."""
     torch.set_flush_denormal(True)
-    vocab, mask_prob = run_shape(preset)
-    base = build_model(ModelArgs(preset=preset), vocab, 12)
-    data = _batch(preset, 32, 128)
-    with torch.no_grad():
-        base.eval()
-        hidden16 = bottom_forward(base, data["input_ids"], None, frozen).half()
+    base, data, hidden16 = cached_case(preset, frozen, 32)
     drift, steps, compile_s = {}, {}, None
     for name in dict.fromkeys(("fp32", *variants)):
         bf16, compiled = VARIANTS[name]
@@ -64,7 +64,7 @@ def precision_benchmarks(
             lambda bf16=bf16: {**data, "hidden_states": hidden16 if bf16 else hidden16.float()},
             bf16=bf16,
             compiled=compiled,
-            mask_prob=mask_prob,
+            mask_prob=run_shape(preset)[1],
         )
         drift[name] = [float(step()) for _ in range(5)]  # same start, same batch, 5 steps
         if compiled:
@@ -95,7 +95,7 @@ def _store_phase(
     """A cached phase as a run trains it: a float16 store on disk (built by every process),
     the trainer's loader, logging and sync cadence, DDP over the launched processes, at the
     preset's run shape (12 layers, `frozen` frozen, `batch_rows` x 128 per process)."""
-    model = build_model(ModelArgs(preset=preset), run_shape(preset)[0], 12)
+    model = bench_model(preset)
     data = _FakePrepared(_batch(preset, rows, 128))
     request = CacheRequest(
         url=f"{tmp}/store", frozen_layers=frozen, dtype="float16", codec="none",
@@ -126,11 +126,7 @@ def _bench_step(preset: str, frozen: int, batch_rows: int, wrap=None) -> Callabl
     """The bench's cached step at the same shape, fed from RAM (`wrap`: in DDP across the
     launched processes, else on this process alone): `rate(steps)` takes that many steps
     and returns their tokens/s per process."""
-    model = build_model(ModelArgs(preset=preset), run_shape(preset)[0], 12)
-    data = _batch(preset, batch_rows, 128)
-    with torch.no_grad():
-        model.eval()
-        hidden16 = bottom_forward(model, data["input_ids"], None, frozen).half()
+    model, data, hidden16 = cached_case(preset, frozen, batch_rows)
     top_input = {"labels": data["labels"], "attention_mask": data["attention_mask"]}
     step = trainer_step(
         model, frozen, lambda: {**top_input, "hidden_states": hidden16.float()}, wrap=wrap

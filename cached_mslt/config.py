@@ -17,9 +17,8 @@ from typing import Any
 
 import yaml
 
-from cached_mslt.methods import METHODS
-from storage.spec import CODECS as STORE_CODECS
-from storage.spec import DTYPES as STORE_DTYPES
+from storage import CODECS as STORE_CODECS
+from storage import DTYPES as STORE_DTYPES
 
 GROWTH_INITS = ("copy", "fresh", "identity")
 
@@ -350,7 +349,7 @@ class TrainArgs:
         default=None,
         metadata={
             "help": "MFU reference: dense peak TFLOP/s of one device; default: the GPU table "
-            "of cached_mslt/flops.py, or on a CPU an fp32 matmul measured at the run's start"
+            "of cached_mslt/training/flops.py, or on a CPU an fp32 matmul measured at the run's start"
         },
     )
 
@@ -452,7 +451,9 @@ class MethodArgs:
 
     methods: list[str] = field(
         default_factory=lambda: ["full", "mslt-cached"],
-        metadata={"help": " ".join(METHODS)},
+        metadata={
+            "help": "the methods to run: names of `cached_mslt.methods.METHODS` (docs/methods.md)"
+        },
     )
     budget_tokens: float | None = field(
         default=None,
@@ -476,7 +477,7 @@ class MethodArgs:
         },
     )
     budget_flops: float | None = field(
-        default=None, metadata={"help": "model FLOPs per method (cached_mslt.flops count)"}
+        default=None, metadata={"help": "model FLOPs per method (cached_mslt.training.flops count)"}
     )
     learning_rates: list[float] = field(
         default_factory=list,

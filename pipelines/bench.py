@@ -24,13 +24,17 @@ from pathlib import Path
 
 import torch
 
-from cached_mslt.bench import all_benchmarks
-from cached_mslt.data_bench import ROOT, data_benchmarks
-from cached_mslt.host_memory import keep_freed_memory
-from cached_mslt.step_variants import precision_benchmarks, stage_vs_bench
+from cached_mslt.bench import (
+    ROOT,
+    all_benchmarks,
+    data_benchmarks,
+    precision_benchmarks,
+    stage_vs_bench,
+)
+from cached_mslt.training import keep_freed_memory
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -53,7 +57,12 @@ def main() -> None:
         action="store_true",
         help="as a run with --reuse_host_memory: freed host memory kept (docs/levers.md)",
     )
-    data = parser.add_argument_group("data preparation (--data)")
+    add_data_args(parser.add_argument_group("data preparation (--data)"))
+    add_variant_args(parser.add_argument_group("the trainer's step (--variants)"))
+    return parser
+
+
+def add_data_args(data: argparse._ArgumentGroup) -> None:
     data.add_argument("--data", action="store_true", help="only the data-preparation benchmark")
     data.add_argument("--data_bytes", type=float, default=2e9, help="synthetic corpus size")
     data.add_argument("--data_procs", type=int, nargs="+", default=[1, 2], help="--num_proc values")
@@ -62,7 +71,9 @@ def main() -> None:
     data.add_argument(
         "--data_repo", default=str(ROOT), help="a checkout whose prepare_data.py to measure"
     )
-    variants = parser.add_argument_group("the trainer's step (--variants)")
+
+
+def add_variant_args(variants: argparse._ArgumentGroup) -> None:
     variants.add_argument(
         "--variants",
         nargs="+",
@@ -77,7 +88,29 @@ def main() -> None:
     variants.add_argument(
         "--batch_size", type=int, default=32, help="stage: sequences per step and process"
     )
-    args = parser.parse_args()
+
+
+def selected_benchmarks(args: argparse.Namespace) -> list[dict]:
+    """The figures the flags ask for: data preparation, the step's variants, or all the rest."""
+    if args.data:
+        limit = int(args.data_limit_gib * 2**30)
+        return data_benchmarks(
+            args.data_dir, int(args.data_bytes), tuple(args.data_procs), limit, Path(args.data_repo)
+        )
+    if args.variants:
+        figures = []
+        if "precision" in args.variants:
+            figures += precision_benchmarks(args.preset, repeats=args.repeats)
+        if "stage" in args.variants:
+            figures += stage_vs_bench(
+                args.preset, steps=args.steps, rounds=args.rounds, batch_rows=args.batch_size
+            )
+        return figures
+    return all_benchmarks(quick=args.quick, s3=args.s3, peak_tflops=args.peak_tflops)
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     # As a run with --reuse_host_memory (TrainArgs) does, when asked.
     reuse = args.reuse_host_memory and keep_freed_memory()
     began = time.perf_counter()
@@ -89,21 +122,7 @@ def main() -> None:
         "load_avg_1m_at_start": os.getloadavg()[0],
         "reuse_host_memory": reuse,
     }
-    if args.data:
-        limit = int(args.data_limit_gib * 2**30)
-        figures = data_benchmarks(
-            args.data_dir, int(args.data_bytes), tuple(args.data_procs), limit, Path(args.data_repo)
-        )
-    elif args.variants:
-        figures = []
-        if "precision" in args.variants:
-            figures += precision_benchmarks(args.preset, repeats=args.repeats)
-        if "stage" in args.variants:
-            figures += stage_vs_bench(
-                args.preset, steps=args.steps, rounds=args.rounds, batch_rows=args.batch_size
-            )
-    else:
-        figures = all_benchmarks(quick=args.quick, s3=args.s3, peak_tflops=args.peak_tflops)
+    figures = selected_benchmarks(args)
     figures.append(
         {
             "name": "bench_wall_s",

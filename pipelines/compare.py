@@ -8,9 +8,9 @@ Writes runs/compare-<preset>/<method>/ (metrics.jsonl, final/ checkpoint, result
 report.md with the table and the loss plots.
 """
 
-from cached_mslt.compare import run_comparison
 from cached_mslt.config import MethodArgs, parse_args
 from cached_mslt.evaluation import FinetuneArgs
+from cached_mslt.methods import run_comparison
 
 
 def main() -> None:

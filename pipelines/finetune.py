@@ -14,13 +14,13 @@ import logging
 from accelerate import PartialState
 
 from cached_mslt.config import ConfigError, parse_args
+from cached_mslt.data import BUNDLED, TRAINED, load_tokenizer
 from cached_mslt.evaluation import (
     FinetuneArgs,
     evaluate_checkpoint,
     format_probes,
     format_results,
 )
-from cached_mslt.tokenizer import BUNDLED, TRAINED, load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -14,9 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cached_mslt.inspect.render import format_report
-from cached_mslt.inspect.report import InspectError, InspectOptions, gather, to_json
-from cached_mslt.inspect.summary import EXIT_CODES
+from cached_mslt.inspect import (
+    EXIT_CODES,
+    InspectError,
+    InspectOptions,
+    format_report,
+    gather,
+    to_json,
+)
 
 
 def rows_arg(text: str) -> int | None:

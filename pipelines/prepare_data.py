@@ -8,9 +8,14 @@ import logging
 import time
 
 from cached_mslt.config import ConfigError, parse_args
-from cached_mslt.corpora import DataError
-from cached_mslt.prepare import PrepareArgs, prepare_dataset, prepared_manifest, summary
-from cached_mslt.tokenizer import TokenizerError
+from cached_mslt.data import (
+    DataError,
+    PrepareArgs,
+    TokenizerError,
+    prepare_dataset,
+    prepared_manifest,
+    summary,
+)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Knows nothing about models; see docs/cache-format.md for the on-disk format.
 """
 
-from storage.dataset import BlockDataset, BlockSampler, make_block_loader
+from storage.dataset import BlockDataset, Blocks, BlockSampler, make_block_loader
 from storage.errors import (
     CorruptStoreError,
     IncompleteStoreError,
@@ -18,11 +18,19 @@ from storage.errors import (
     StoreWriteError,
 )
 from storage.fingerprint import fingerprint_dict, fingerprint_file_tree, fingerprint_module
+from storage.loopback import loopback_s3
 from storage.remote import check_reachable, public_options
-from storage.spec import StoreSpec
+from storage.spec import CODECS, DTYPES, StoreSpec
 from storage.store import ActivationStore
+from storage.synthetic import synthetic_rows, write_synthetic_shards
 
 __all__ = [
+    "Blocks",
+    "CODECS",
+    "DTYPES",
+    "loopback_s3",
+    "synthetic_rows",
+    "write_synthetic_shards",
     "ActivationStore",
     "BlockDataset",
     "BlockSampler",

@@ -58,7 +58,13 @@ from storage.layout import (
     now,
     read_root_metadata,
 )
-from storage.lock import LOCK_KEY, acquire_lock, locked_error, read_lock, release_lock
+from storage.lock import (
+    LOCK_KEY,
+    acquire_lock,
+    locked_error,
+    read_lock,
+    release_lock,
+)
 from storage.remote import check_reachable
 from storage.shards import encode_shard, fast_path_applies
 from storage.spec import StoreSpec

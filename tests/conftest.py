@@ -33,7 +33,7 @@ def synthetic_corpus(path: Path, documents: int = 240, seed: int = 0) -> Path:
 def prepared_dir(tmp_path_factory) -> Path:
     """A prepared dataset (seq_len 32) built once for the whole session."""
     from cached_mslt.config import run_args
-    from cached_mslt.prepare import prepare_dataset
+    from cached_mslt.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("prepared")
     corpus = synthetic_corpus(root / "corpus.txt")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed
 from accelerate import Accelerator
 
-from cached_mslt import trainer
+from cached_mslt.training import trainer
 
 READS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__")
 COLLECTIVES = ("reduce", "gather", "check_trigger")

@@ -9,12 +9,12 @@ import threading
 import pytest
 import torch
 
-from cached_mslt.background import ShardWriter, read_ahead
-from cached_mslt.bench import build_benchmark, step_benchmarks
-from cached_mslt.flops import gpu_peak, peak_for, run_peak
-from cached_mslt.interleave import interleaved_rounds
-from cached_mslt.metrics import stage_speeds
-from cached_mslt.step_variants import precision_benchmarks, stage_vs_bench
+from cached_mslt.bench.interleave import interleaved_rounds
+from cached_mslt.bench.steps import build_benchmark, step_benchmarks
+from cached_mslt.bench.variants import precision_benchmarks, stage_vs_bench
+from cached_mslt.stages.background import ShardWriter, read_ahead
+from cached_mslt.training.flops import gpu_peak, peak_for, run_peak
+from cached_mslt.training.metrics import stage_speeds
 
 
 def test_step_benchmark_names_every_figure_with_mfu_and_spread() -> None:
@@ -61,7 +61,7 @@ def _clock(durations):
 
 def test_rounds_stop_when_every_ratio_is_stable(monkeypatch) -> None:
     now, fns = _clock({"a": itertools.cycle([1.0]), "b": itertools.repeat(2.0)})
-    monkeypatch.setattr("cached_mslt.interleave.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("cached_mslt.bench.interleave.time.perf_counter", lambda: now[0])
     rounds = interleaved_rounds(fns, [("b", "a")], window=3, cap_s=100.0, warmup=0)
     assert rounds.stopped.startswith("stable") and len(rounds.seconds["a"]) == 3
     assert rounds.ratio("b", "a")["value"] == 2.0
@@ -69,7 +69,7 @@ def test_rounds_stop_when_every_ratio_is_stable(monkeypatch) -> None:
 
 def test_rounds_say_when_the_time_cap_ended_them(monkeypatch) -> None:
     now, fns = _clock({"a": itertools.cycle([1.0, 3.0]), "b": itertools.repeat(2.0)})
-    monkeypatch.setattr("cached_mslt.interleave.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("cached_mslt.bench.interleave.time.perf_counter", lambda: now[0])
     rounds = interleaved_rounds(fns, [("b", "a")], window=3, cap_s=20.0, warmup=0)
     ratio = rounds.ratio("b", "a")
     assert ratio["stopped"].startswith("time cap") and ratio["rounds"] == len(rounds.seconds["a"])
@@ -132,7 +132,9 @@ def test_peak_comes_from_the_override_the_gpu_table_or_a_measurement() -> None:
 
 
 def test_a_run_on_an_unknown_gpu_records_no_peak_instead_of_failing(monkeypatch) -> None:
-    monkeypatch.setattr("cached_mslt.flops.torch.cuda.get_device_name", lambda _: "Future GPU")
+    monkeypatch.setattr(
+        "cached_mslt.training.flops.torch.cuda.get_device_name", lambda _: "Future GPU"
+    )
     config = type("C", (), {"hidden_size": 4, "intermediate_size": 8})()
     peak = run_peak(config, 16, "cuda:0")
     assert peak["peak_flops_per_s"] is None and "--peak_tflops" in peak["peak_source"]

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from cached_mslt.budget import Budget, PhaseShare, lr_factor
 from cached_mslt.config import ConfigError, MethodArgs
 from cached_mslt.methods.harness import METHODS, run_method
-from cached_mslt.metrics import RunClock, read_metrics
+from cached_mslt.training.budget import Budget, PhaseShare, lr_factor
+from cached_mslt.training.metrics import RunClock, read_metrics
 from tests.conftest import small_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_two_ranks_stop_at_the_same_step_under_a_wall_budget(prepared_dir, tmp_p
 
 
 def test_time_to_target_is_interpolated_between_evaluations():
-    from cached_mslt.compare import loss_at, time_to_loss
+    from cached_mslt.methods.compare import loss_at, time_to_loss
 
     records = [
         {"wall_s": 10.0, "cpu_s": 9.0, "val_loss": 7.0},
@@ -137,7 +137,7 @@ def test_a_cpu_seconds_budget_ends_the_run_within_one_step(prepared_dir, tmp_pat
 
 
 def test_a_cpu_budget_comparison_is_read_in_cpu_seconds(tmp_path):
-    from cached_mslt.compare import report_clock, summarize
+    from cached_mslt.methods.compare import report_clock, summarize
 
     # On a shared machine the other method's wall-clock also counted its neighbours.
     curves = {
@@ -162,7 +162,7 @@ def test_a_cpu_budget_comparison_is_read_in_cpu_seconds(tmp_path):
 
 
 def test_lower_share_counts_evaluations_below_the_other_curve():
-    from cached_mslt.compare import lower_share
+    from cached_mslt.methods.compare import lower_share
 
     other = [{"cpu_s": t, "val_loss": 7.0 - 0.1 * t} for t in (0.0, 10.0, 20.0)]  # 7 -> 5
     run = [

@@ -5,9 +5,8 @@ within a documented tolerance with 16-bit storage (docs/cache-format.md)."""
 import pytest
 import torch
 
-from cached_mslt.cache import CacheRequest, build_cache, store_fingerprint
 from cached_mslt.config import ModelArgs
-from cached_mslt.model import (
+from cached_mslt.models.bert import (
     TopModel,
     bottom_forward,
     build_model,
@@ -15,6 +14,7 @@ from cached_mslt.model import (
     masked_targets,
     top_forward,
 )
+from cached_mslt.stages.cache import CacheRequest, build_cache, store_fingerprint
 from storage import BlockDataset
 
 # 16-bit storage rounds the hidden states once; these bound what that does downstream

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
-from cached_mslt.corpora import DataError, load_corpus
-from cached_mslt.tokenizer import load_tokenizer
+from cached_mslt.data.corpora import DataError, load_corpus
+from cached_mslt.data.tokenizer import load_tokenizer
 
 DOCS = ["First document.\nIt has two lines.", "Second document.", "Third, with ünïcode."]
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from datasets import Dataset, Features, List, Value, concatenate_datasets
 
-from cached_mslt.masking import IGNORE_INDEX, MaskingSpec, apply_static_masking, mask_batch
+from cached_mslt.data.masking import (
+    IGNORE_INDEX,
+    MaskingSpec,
+    apply_static_masking,
+    mask_batch,
+)
 
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
 SPEC = MaskingSpec(

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from cached_mslt.config import run_args
-from cached_mslt.corpora import DataError
-from cached_mslt.masking import IGNORE_INDEX
-from cached_mslt.prepare import load_prepared, prepare_dataset
-from cached_mslt.tokenizer import TokenizerError, load_tokenizer
+from cached_mslt.data.corpora import DataError
+from cached_mslt.data.masking import IGNORE_INDEX
+from cached_mslt.data.prepare import load_prepared, prepare_dataset
+from cached_mslt.data.tokenizer import TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 32
@@ -278,7 +278,7 @@ def test_pipeline_script_prepares_user_files(tmp_path, corpus, monkeypatch, caps
 def test_unigram_loss_is_the_cross_entropy_of_training_frequencies_on_valid_targets():
     from datasets import Dataset
 
-    from cached_mslt.prepare import unigram_loss
+    from cached_mslt.data.prepare import unigram_loss
 
     # Train holds tokens 5,5,5,6 in view 0 (one of them masked: its label carries it) and a
     # second view that must not be counted twice; validation asks for tokens 5 and 6.

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
-from cached_mslt import packing
 from cached_mslt.config import run_args
-from cached_mslt.corpora import load_corpus
-from cached_mslt.prepare import load_prepared, prepare_dataset
+from cached_mslt.data import packing
+from cached_mslt.data.corpora import load_corpus
+from cached_mslt.data.prepare import load_prepared, prepare_dataset
 
 # sha256 of `prepared_digest` for outputs of the list-based pipeline (commit 955ae89, the
 # last before streaming), computed with that code before it was replaced:
@@ -93,7 +93,7 @@ def test_bundled_corpus_prepares_to_the_same_bytes_as_before(tmp_path):
 
 
 def test_tokenizing_through_the_backend_gives_the_tokenizers_ids():
-    from cached_mslt.tokenizer import load_tokenizer
+    from cached_mslt.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()  # its tokenizer.json truncates at 128: the encoder must not
     texts = ["word " * 300, "Ünïcode, punctuation... and CAPITALS!", ""]
@@ -119,7 +119,7 @@ def test_an_interrupted_prepare_resumes_from_its_finished_shards(
         written.append(real(task))
         return written[-1]
 
-    monkeypatch.setattr("cached_mslt.prepare.write_shard", dies_after_three)
+    monkeypatch.setattr("cached_mslt.data.prepare.write_shard", dies_after_three)
     with pytest.raises(Interrupt):
         prepare_dataset(probe_args(probe_corpus, out), shard_bytes=200_000)
     assert not out.exists()  # an interrupted prepare never looks complete
@@ -128,7 +128,7 @@ def test_an_interrupted_prepare_resumes_from_its_finished_shards(
     assert len(finished) == 3 and not (partial / "manifest.json").exists()
     inodes = {p.name: p.stat().st_ino for p in finished}
 
-    monkeypatch.setattr("cached_mslt.prepare.write_shard", real)
+    monkeypatch.setattr("cached_mslt.data.prepare.write_shard", real)
     with caplog.at_level(logging.INFO):
         prepare_dataset(probe_args(probe_corpus, out), shard_bytes=200_000)
     assert "vocabulary is trained already" in caplog.text
@@ -139,7 +139,7 @@ def test_an_interrupted_prepare_resumes_from_its_finished_shards(
 
 @pytest.mark.slow
 def test_a_2gb_corpus_prepares_under_a_3gib_address_space_limit(tmp_path):
-    from cached_mslt.data_bench import measure_prepare, synthetic_corpus
+    from cached_mslt.bench.data import measure_prepare, synthetic_corpus
 
     corpus = synthetic_corpus(tmp_path / "synthetic.txt", 2_000_000_000)
     figure = measure_prepare(corpus, tmp_path / "data", num_proc=2, limit_bytes=3 * 2**30)

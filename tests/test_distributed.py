@@ -15,9 +15,9 @@ import torch
 import zarr
 from transformers import BertForMaskedLM
 
-from cached_mslt.metrics import read_metrics
-from cached_mslt.run_layout import RunLayout
-from cached_mslt.stages import run_stage
+from cached_mslt.rundir import RunLayout
+from cached_mslt.stages.runner import run_stage
+from cached_mslt.training.metrics import read_metrics
 from tests.conftest import small_run
 
 ROOT = Path(__file__).resolve().parents[1]

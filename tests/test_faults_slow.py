@@ -18,7 +18,7 @@ import torch
 import zarr
 from transformers import BertForMaskedLM
 
-from cached_mslt.metrics import read_metrics
+from cached_mslt.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 STEPS = 150  # long enough that a random kill lands in training, not only in imports

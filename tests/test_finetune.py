@@ -18,14 +18,19 @@ from transformers import BertConfig, BertForMaskedLM, DataCollatorWithPadding
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from cached_mslt.config import ConfigError
-from cached_mslt.evaluation import FinetuneArgs, FinetuneError, finetune, linear_probe
+from cached_mslt.data.tokenizer import load_tokenizer
+from cached_mslt.evaluation import (
+    FinetuneArgs,
+    FinetuneError,
+    finetune,
+    linear_probe,
+)
 from cached_mslt.evaluation.checkpoint import load_classifier
 from cached_mslt.evaluation.data import tokenize_task
 from cached_mslt.evaluation.finetune import evaluate_classifier
 from cached_mslt.evaluation.probe import PROBE_FILE
 from cached_mslt.evaluation.report import classification_metrics
-from cached_mslt.tasks import TaskOverlapWarning, prepare_task
-from cached_mslt.tokenizer import load_tokenizer
+from cached_mslt.evaluation.tasks import TaskOverlapWarning, prepare_task
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer, BertOnlyMLMHead
 
-from cached_mslt.flops import head_forward_flops, layer_forward_flops, step_flops
+from cached_mslt.training.flops import head_forward_flops, layer_forward_flops, step_flops
 
 
 def test_matches_hand_count_on_a_tiny_config() -> None:

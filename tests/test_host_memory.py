@@ -1,4 +1,4 @@
-"""Freed host memory is kept for the next step (cached_mslt/host_memory.py): once a few
+"""Freed host memory is kept for the next step (cached_mslt/training/host_memory.py): once a few
 steps have run, a step's large tensors (here a 65,536-word head's logits, 130 MB) come
 from memory the previous step freed, without page faults; glibc's default unmaps them
 and faults every page in again, every step."""
@@ -11,11 +11,11 @@ import pytest
 
 SCRIPT = """
 import resource, sys, torch
-from cached_mslt.host_memory import keep_freed_memory
+from cached_mslt.training.host_memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
-from cached_mslt.bench import trainer_step
+from cached_mslt.bench.steps import trainer_step
 from cached_mslt.config import ModelArgs
-from cached_mslt.model import build_model
+from cached_mslt.models.bert import build_model
 args = ModelArgs(preset="tiny", hidden_size=32, num_attention_heads=2, intermediate_size=64)
 model = build_model(args, 65536, 2)
 g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from cached_mslt.stages import run_stage
+from cached_mslt.stages.runner import run_stage
 from tests.conftest import small_run
 from tests.spy import Spy, install
 from tests.test_distributed import launch_two_ranks

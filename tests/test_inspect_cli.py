@@ -14,7 +14,7 @@ import torch
 from transformers import BertForMaskedLM
 
 from cached_mslt.inspect.probe import probe_run
-from cached_mslt.stages import run_all
+from cached_mslt.stages.runner import run_all
 from pipelines.inspect_cache import main
 from storage import StoreSpec
 from tests.conftest import small_run

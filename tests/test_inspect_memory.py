@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cached_mslt.inspect.bench import sequential_read_one_thread
+from cached_mslt.bench.inspect import sequential_read_one_thread
 from cached_mslt.inspect.summary import logical_bytes
 from storage import ActivationStore, StoreSpec
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from cached_mslt.data.prepare import load_prepared
 from cached_mslt.inspect import nearest_rows, row_text
-from cached_mslt.prepare import load_prepared
 from storage import StaleStoreError, StoreSpec
 from tests.inspect_support import write_store
 

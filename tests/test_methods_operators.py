@@ -20,11 +20,7 @@ from cached_mslt.methods.multilevel import (
     interpolate,
 )
 from cached_mslt.methods.pld import keep_prob, layer_keep_probs
-from cached_mslt.methods.share_unshare import (
-    share_layers,
-    unshare_layers,
-    unshare_optimizer_state,
-)
+from cached_mslt.methods.share_unshare import share_layers, unshare_layers, unshare_optimizer_state
 from cached_mslt.methods.stacking import stack_double
 from cached_mslt.models import (
     PreLNBertConfig,

@@ -19,7 +19,7 @@ from transformers import (
 import cached_mslt.models  # noqa: F401  (registers the pre-LN model with Auto classes)
 from cached_mslt.config import MethodArgs
 from cached_mslt.methods.harness import METHODS, run_method
-from cached_mslt.metrics import read_metrics
+from cached_mslt.training.metrics import read_metrics
 from tests.conftest import small_run
 
 COMMON_FIELDS = ("step", "tokens", "wall_s", "flops", "train_loss", "stage", "method")
@@ -63,7 +63,7 @@ def test_failed_method_is_reported_not_raised(prepared_dir, tmp_path):
 
 
 def test_compare_writes_report_and_plots(prepared_dir, tmp_path):
-    from cached_mslt.compare import run_comparison
+    from cached_mslt.methods.compare import run_comparison
 
     args = small_run(prepared_dir, tmp_path / "unused", eval_every=2)
     method = MethodArgs(
@@ -84,8 +84,8 @@ def test_compare_writes_report_and_plots(prepared_dir, tmp_path):
 
 
 def test_report_adds_finetune_accuracy_columns(tmp_path):
-    from cached_mslt.compare import finetune_columns
     from cached_mslt.evaluation import PROBE_FILE, RESULTS_FILE
+    from cached_mslt.methods.compare import finetune_columns
 
     out = tmp_path / "full" / "finetune" / "bbc"
     out.mkdir(parents=True)
@@ -105,8 +105,8 @@ def test_report_adds_finetune_accuracy_columns(tmp_path):
 
 
 def test_compare_reuse_keeps_finished_runs_and_refuses_other_settings(prepared_dir, tmp_path):
-    from cached_mslt.compare import run_comparison
     from cached_mslt.config import ConfigError
+    from cached_mslt.methods.compare import run_comparison
 
     args = small_run(prepared_dir, tmp_path / "unused", eval_every=2)
     root = tmp_path / "cmp"
@@ -124,7 +124,7 @@ def test_compare_reuse_keeps_finished_runs_and_refuses_other_settings(prepared_d
 
 
 def test_learning_rate_sweep_keeps_each_method_at_its_best(prepared_dir, tmp_path):
-    from cached_mslt.compare import run_comparison
+    from cached_mslt.methods.compare import run_comparison
 
     args = small_run(prepared_dir, tmp_path / "unused", eval_every=4)
     root = tmp_path / "cmp"
@@ -147,7 +147,7 @@ def test_learning_rate_sweep_keeps_each_method_at_its_best(prepared_dir, tmp_pat
 
 
 def test_short_horizon_sweep_runs_only_the_winner_on_the_whole_budget(prepared_dir, tmp_path):
-    from cached_mslt.compare import run_comparison
+    from cached_mslt.methods.compare import run_comparison
 
     args = small_run(prepared_dir, tmp_path / "unused", eval_every=2)
     root = tmp_path / "cmp"

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cached_mslt.mlm_loss import IGNORE_INDEX, masked_lm_cross_entropy
+from cached_mslt.models.mlm_loss import IGNORE_INDEX, masked_lm_cross_entropy
 
 
 def _case(rows=37, vocab=501, ignored=(3, 8, 36), dtype=torch.float32, seed=0):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import BertForMaskedLM
 
 from cached_mslt.config import ModelArgs
-from cached_mslt.model import (
+from cached_mslt.models.bert import (
     TopModel,
     bottom_forward,
     build_model,

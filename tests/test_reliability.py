@@ -20,13 +20,19 @@ import pytest
 import torch
 from transformers import BertForMaskedLM
 
-from cached_mslt import checkpointing, trainer
 from cached_mslt.config import ConfigError, parse_args
-from cached_mslt.corpora import DataError
-from cached_mslt.metrics import read_metrics
-from cached_mslt.run_layout import LOCK_FILE, MANIFEST, RunLayout
-from cached_mslt.rundir import DiskFullError, RunLockedError, write_atomic
-from cached_mslt.stages import StageError, run_stage
+from cached_mslt.data.corpora import DataError
+from cached_mslt.rundir import (
+    LOCK_FILE,
+    MANIFEST,
+    DiskFullError,
+    RunLayout,
+    RunLockedError,
+    write_atomic,
+)
+from cached_mslt.stages.runner import StageError, run_stage
+from cached_mslt.training import checkpointing, trainer
+from cached_mslt.training.metrics import read_metrics
 from storage import (
     ActivationStore,
     CorruptStoreError,
@@ -400,7 +406,7 @@ def test_comparison_budgets_are_checked_at_parse_time(option):
 
 def test_a_corpus_that_is_not_utf8_is_named_as_such(tmp_path):
     from cached_mslt.config import run_args
-    from cached_mslt.prepare import prepare_dataset
+    from cached_mslt.data.prepare import prepare_dataset
 
     corpus = tmp_path / "latin1.txt"
     corpus.write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n\nna\xefve\n".encode("latin1"))
@@ -464,9 +470,9 @@ def test_cache_build_resumes_a_store_started_under_the_old_shard_layout(tmp_path
     """Derived layouts changed (storage/spec.py MIN_SHARDS): a build interrupted under the
     old default is finished in the layout its store records, not refused or mixed."""
     import storage.spec
-    from cached_mslt.cache import CacheRequest, build_cache
     from cached_mslt.config import ModelArgs
-    from cached_mslt.model import build_model
+    from cached_mslt.models.bert import build_model
+    from cached_mslt.stages.cache import CacheRequest, build_cache
 
     model = build_model(
         ModelArgs(hidden_size=8, num_attention_heads=2, intermediate_size=16), 120, 2, seed=0

@@ -12,12 +12,12 @@ import torch
 import zarr
 from transformers import AutoTokenizer, BertForMaskedLM
 
-from cached_mslt import checkpointing, trainer
 from cached_mslt.config import ConfigError
-from cached_mslt.metrics import read_metrics
-from cached_mslt.prepare import load_prepared
-from cached_mslt.run_layout import RunLayout
-from cached_mslt.stages import StageError, run_all, run_stage
+from cached_mslt.data.prepare import load_prepared
+from cached_mslt.rundir import RunLayout
+from cached_mslt.stages.runner import StageError, run_all, run_stage
+from cached_mslt.training import checkpointing, trainer
+from cached_mslt.training.metrics import read_metrics
 from storage import StaleStoreError
 from tests.conftest import small_run
 
@@ -105,7 +105,7 @@ def test_frozen_parameters_never_reach_the_optimizer(prepared_dir, tmp_path, mon
         finally:
             monkeypatch.setattr(trainer.torch.optim, "AdamW", real_adamw)
 
-    monkeypatch.setattr("cached_mslt.stages.train_phase", spy)
+    monkeypatch.setattr("cached_mslt.stages.runner.train_phase", spy)
     run_all(small_run(prepared_dir, tmp_path / "run"))
     assert seen["stage-2"][0] == 0 and seen["stage-2"][1] > 0
 
@@ -217,7 +217,7 @@ def test_stale_store_is_refused_unless_asked_to_rebuild(prepared_dir, tmp_path):
 
 def test_bad_stage_plan_is_refused():
     from cached_mslt.config import run_args
-    from cached_mslt.plan import StagePlan
+    from cached_mslt.stages.plan import StagePlan
 
     with pytest.raises(ConfigError, match="strictly increasing"):
         StagePlan.from_args(run_args("tiny", stage_layers="3,3,12"))
@@ -243,8 +243,8 @@ def test_mixed_precision_bf16_stage_runs(prepared_dir, tmp_path):
 
 def test_auto_cache_counts_the_cheaper_builds_a_store_gives_later_stages():
     from cached_mslt.config import run_args
-    from cached_mslt.plan import StagePlan
-    from cached_mslt.stages import decide_cache
+    from cached_mslt.stages.plan import StagePlan
+    from cached_mslt.stages.runner import decide_cache
 
     plan = StagePlan.from_args(run_args("tiny", stage_layers="3,6,9,12", cache="auto"))
     rows = 1000

@@ -14,9 +14,9 @@ import torch
 import zarr
 from transformers import BertForMaskedLM
 
-from cached_mslt.metrics import read_metrics
-from cached_mslt.run_layout import RunLayout
-from cached_mslt.stages import run_stage
+from cached_mslt.rundir import RunLayout
+from cached_mslt.stages.runner import run_stage
+from cached_mslt.training.metrics import read_metrics
 from storage import ActivationStore
 from tests.conftest import small_run
 from tests.test_distributed import launch_two_ranks, start_from_stage_one

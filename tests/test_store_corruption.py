@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from storage import ActivationStore, CorruptStoreError, IncompleteStoreError, StoreSpec
+from storage import (
+    ActivationStore,
+    CorruptStoreError,
+    IncompleteStoreError,
+    StoreSpec,
+)
 from storage.synthetic import build_synthetic_store
 
 FP = {"weights": "w0"}

@@ -6,7 +6,13 @@ import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader
 
-from storage import ActivationStore, BlockDataset, StoreSpec, StoreSpecError, make_block_loader
+from storage import (
+    ActivationStore,
+    BlockDataset,
+    StoreSpec,
+    StoreSpecError,
+    make_block_loader,
+)
 from storage.synthetic import ROW_INDEX_OFFSET, build_synthetic_store, synthetic_rows
 
 # 50 rows in chunks of 4: 13 blocks, the last one 2 rows

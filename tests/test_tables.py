@@ -1,7 +1,7 @@
 """Tables show numbers people read: whole token rates and counts, seconds to a tenth,
 losses to three places, and every loss beside the unigram reference."""
 
-from cached_mslt.metrics import below_unigram, markdown_table
+from cached_mslt.training.metrics import below_unigram, markdown_table
 
 
 def test_table_numbers_are_rounded_by_what_the_column_holds():

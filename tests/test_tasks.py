@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cached_mslt.tasks import (
+from cached_mslt.evaluation.tasks import (
     SPLITS,
     TaskError,
     TaskOverlapWarning,

@@ -3,7 +3,12 @@ vocabularies trained on the corpus (docs/levers.md)."""
 
 import pytest
 
-from cached_mslt.tokenizer import TokenizerError, check_vocab, load_tokenizer, train_wordpiece
+from cached_mslt.data.tokenizer import (
+    TokenizerError,
+    check_vocab,
+    load_tokenizer,
+    train_wordpiece,
+)
 
 
 @pytest.fixture(scope="module")

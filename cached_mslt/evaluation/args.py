@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cached_mslt.config import ConfigError
-from cached_mslt.tasks import DEFAULT_TASK_DIR
+from cached_mslt.evaluation.tasks import DEFAULT_TASK_DIR
 
 
 class FinetuneError(ValueError):

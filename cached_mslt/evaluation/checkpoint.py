@@ -16,8 +16,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 import cached_mslt.models  # noqa: F401  (registers the pre-LN model with the Auto classes)
+from cached_mslt.data import check_vocab, load_tokenizer
 from cached_mslt.evaluation.args import FinetuneError
-from cached_mslt.tokenizer import check_vocab, load_tokenizer
 
 logger = get_logger(__name__)
 

@@ -12,10 +12,15 @@ from accelerate.logging import get_logger
 from datasets import DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from cached_mslt.corpora import DataError, load_corpus
+from cached_mslt.data import DataError, load_corpus
 from cached_mslt.evaluation.args import FinetuneArgs
-from cached_mslt.run_layout import RunLayout
-from cached_mslt.tasks import Task, check_overlap, corpus_hashes, prepare_task
+from cached_mslt.evaluation.tasks import (
+    Task,
+    check_overlap,
+    corpus_hashes,
+    prepare_task,
+)
+from cached_mslt.rundir import RunLayout
 
 logger = get_logger(__name__)
 

@@ -44,9 +44,9 @@ from cached_mslt.evaluation.data import (
     tokenize_task,
 )
 from cached_mslt.evaluation.report import classification_metrics, mean_std
-from cached_mslt.metrics import MetricsWriter
-from cached_mslt.model import decay_param_groups
-from cached_mslt.tasks import Task
+from cached_mslt.evaluation.tasks import Task
+from cached_mslt.models import decay_param_groups
+from cached_mslt.training import MetricsWriter
 
 FINETUNE_METRICS_FILE = "finetune_metrics.jsonl"
 RESULTS_FILE = "finetune_results.json"

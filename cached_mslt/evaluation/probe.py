@@ -32,8 +32,8 @@ from cached_mslt.evaluation.data import (
     tokenize_task,
 )
 from cached_mslt.evaluation.report import classification_metrics
-from cached_mslt.model import mean_pool
-from cached_mslt.tasks import Task
+from cached_mslt.evaluation.tasks import Task
+from cached_mslt.models import mean_pool
 
 PROBE_FILE = "probe_results.json"
 BATCH = 64

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from cached_mslt.metrics import markdown_table
+from cached_mslt.training import markdown_table
 
 
 def classification_metrics(

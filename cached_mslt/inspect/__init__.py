@@ -20,15 +20,32 @@ from cached_mslt.inspect.api import (
     labelled,
     open_store,
     read_block,
+    single_threaded_compute,
     to_numpy,
 )
 from cached_mslt.inspect.probe import ProbeResult, probe_run
+from cached_mslt.inspect.render import format_report
+from cached_mslt.inspect.report import InspectError, InspectOptions, gather, to_json
 from cached_mslt.inspect.similarity import Similarity, linear_cka, similarity
 from cached_mslt.inspect.stats import HiddenStats, StatsAccumulator, hidden_stats
-from cached_mslt.inspect.summary import StoreSummary, summarize_run, summarize_store
+from cached_mslt.inspect.summary import (
+    EXIT_CODES,
+    StoreSummary,
+    logical_bytes,
+    summarize_run,
+    summarize_store,
+)
 from cached_mslt.inspect.text import RowText, nearest_rows, row_text
 
 __all__ = [
+    "EXIT_CODES",
+    "InspectError",
+    "InspectOptions",
+    "format_report",
+    "gather",
+    "logical_bytes",
+    "single_threaded_compute",
+    "to_json",
     "HiddenStats",
     "LabelledArray",
     "ProbeResult",

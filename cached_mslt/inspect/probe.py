@@ -1,6 +1,6 @@
 """Linear probe: what each stage's frozen bottom encodes about BBC news topics.
 
-Each BBC article (docs/evaluation.md; read, deduplicated and split by `cached_mslt.tasks`) is
+Each BBC article (docs/evaluation.md; read, deduplicated and split by `cached_mslt.evaluation.tasks`) is
 tokenized to 128 tokens and run through the frozen bottom of every stage; a multinomial
 logistic regression on the mean-pooled hidden states predicts its topic. Probe accuracy
 per stage is a quick read of how much topic information the frozen layers already carry.
@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from transformers import BertForMaskedLM
 
-from cached_mslt.evaluation.probe import fit_probe
-from cached_mslt.model import bottom_fingerprint, layer_mask, mean_pool
-from cached_mslt.run_layout import RunLayout
-from cached_mslt.tasks import DEFAULT_TASK_DIR, prepare_task
-from cached_mslt.tokenizer import load_tokenizer
+from cached_mslt.data import load_tokenizer
+from cached_mslt.evaluation import DEFAULT_TASK_DIR, fit_probe, prepare_task
+from cached_mslt.models import bottom_fingerprint, layer_mask, mean_pool
+from cached_mslt.rundir import RunLayout
 
 SEQ_LEN = 128
 BATCH_ROWS = 64

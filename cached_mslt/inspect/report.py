@@ -25,9 +25,20 @@ from cached_mslt.inspect.summary import (
     summarize_run,
     summarize_store,
 )
-from cached_mslt.inspect.text import Neighbour, RowText, nearest_rows, original_text, row_text
-from cached_mslt.run_layout import RunLayout
-from storage import ActivationStore, CorruptStoreError, IncompleteStoreError, StaleStoreError
+from cached_mslt.inspect.text import (
+    Neighbour,
+    RowText,
+    nearest_rows,
+    original_text,
+    row_text,
+)
+from cached_mslt.rundir import RunLayout
+from storage import (
+    ActivationStore,
+    CorruptStoreError,
+    IncompleteStoreError,
+    StaleStoreError,
+)
 
 if TYPE_CHECKING:
     from cached_mslt.inspect.probe import ProbeResult
@@ -213,7 +224,7 @@ def _selected(report: Report, opts: InspectOptions) -> str | None:
 
 
 def _text(report: Report, opts: InspectOptions) -> None:
-    from cached_mslt.prepare import load_prepared
+    from cached_mslt.data import load_prepared
 
     label = _selected(report, opts)
     if label is None:

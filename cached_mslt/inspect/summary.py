@@ -18,13 +18,9 @@ import fsspec
 import zarr
 from transformers import BertForMaskedLM
 
-from cached_mslt.model import bottom_fingerprint
-from cached_mslt.run_layout import RunLayout
-from storage import (
-    ActivationStore,
-    StoreError,
-    StoreNotFoundError,
-)
+from cached_mslt.models import bottom_fingerprint
+from cached_mslt.rundir import RunLayout
+from storage import ActivationStore, StoreError, StoreNotFoundError
 
 # Exit status of `pipelines/inspect_cache.py`: the worst store decides. Argparse errors use 2.
 EXIT_CODES = {"ok": 0, "incomplete": 3, "stale": 4, "corrupt": 5, "missing": 6}
@@ -91,7 +87,7 @@ def disk_bytes(url: str) -> int | None:
 
 
 def logical_bytes(spec: dict[str, Any]) -> int:
-    """Uncompressed bytes of the four row arrays (as storage/bench.py counts them)."""
+    """Uncompressed bytes of the four row arrays (as cached_mslt/bench/store.py counts them)."""
     n, t, h = spec["num_rows"], spec["seq_len"], spec["hidden_size"]
     itemsize = 4 if spec["dtype"] == "float32" else 2
     return n * t * h * itemsize + n * t * (1 + 4) + n * 8
@@ -167,7 +163,7 @@ def prepared_dir_of(run: RunLayout) -> Path | None:
 
 def checkpoint_bottom_fingerprint(checkpoint: Path, frozen_layers: int) -> str:
     """Fingerprint of the first `frozen_layers` layers (and embeddings) of a checkpoint,
-    computed as the cache build computes it (cached_mslt.cache.store_fingerprint)."""
+    computed as the cache build computes it (cached_mslt.stages.cache.store_fingerprint)."""
     model = BertForMaskedLM.from_pretrained(checkpoint)
     return bottom_fingerprint(model, frozen_layers)
 

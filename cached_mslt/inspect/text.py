@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cached_mslt.inspect.api import block_ranges, iter_blocks, single_threaded_compute
-from cached_mslt.model import mean_pool
+from cached_mslt.models import mean_pool
 from storage import ActivationStore, StaleStoreError
 
 IGNORE_INDEX = -100

@@ -1,6 +1,6 @@
 """One harness for every method: same data, model family, optimizer settings, budget and
 metrics. A method is a `run(ctx)` function (`MethodRun`, listed in `cached_mslt.methods.METHODS`) that changes the model between phases and says
-what trains in each; `ctx.train` is the shared loop (cached_mslt.trainer.train_phase).
+what trains in each; `ctx.train` is the shared loop (cached_mslt.training.trainer.train_phase).
 """
 
 from __future__ import annotations
@@ -20,17 +20,26 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from cached_mslt.blocks import PreparedBlocks
-from cached_mslt.budget import Budget, PhaseShare
 from cached_mslt.config import MethodArgs, RunArgs
-from cached_mslt.flops import step_flops
-from cached_mslt.methods import METHODS
-from cached_mslt.metrics import MetricsWriter, RunClock
-from cached_mslt.model import build_model
-from cached_mslt.prepare import PreparedData, load_prepared
-from cached_mslt.run_layout import RunLayout
-from cached_mslt.stages import UNBOUNDED_STEPS, block_rows_for, make_accelerator, train_rows
-from cached_mslt.trainer import Phase, train_phase
+from cached_mslt.data import PreparedBlocks, PreparedData, load_prepared
+from cached_mslt.methods.registry import METHODS
+from cached_mslt.models import build_model
+from cached_mslt.rundir import RunLayout
+from cached_mslt.stages import (
+    UNBOUNDED_STEPS,
+    block_rows_for,
+    make_accelerator,
+    train_rows,
+)
+from cached_mslt.training import (
+    Budget,
+    MetricsWriter,
+    Phase,
+    PhaseShare,
+    RunClock,
+    step_flops,
+    train_phase,
+)
 
 DEFAULT_BUDGET_TOKENS = 2_097_152
 

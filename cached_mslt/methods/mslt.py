@@ -14,10 +14,9 @@ from transformers import AutoModelForMaskedLM, PreTrainedModel
 
 from cached_mslt.config import RunArgs
 from cached_mslt.methods.harness import MethodContext
-from cached_mslt.metrics import RunClock
-from cached_mslt.plan import StagePlan
-from cached_mslt.run_layout import RunLayout
-from cached_mslt.stages import run_stage
+from cached_mslt.rundir import RunLayout
+from cached_mslt.stages import StagePlan, run_stage
+from cached_mslt.training import RunClock
 
 
 def _run(ctx: MethodContext, cache: str, with_joint: bool = False) -> PreTrainedModel:

@@ -25,7 +25,7 @@ import torch
 from transformers import BertForMaskedLM
 
 from cached_mslt.methods.harness import MethodContext
-from cached_mslt.model import clone_model, copy_layer, set_encoder_layers
+from cached_mslt.models import clone_model, copy_layer, set_encoder_layers
 
 DEFAULT_ALPHA = 0.5  # the BERT/GPT examples of the reference code (docs/methods.md)
 

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from cached_mslt.methods.harness import MethodContext
-from cached_mslt.model import bert_config, mlm_head_loss
-from cached_mslt.models.preln_bert import (
+from cached_mslt.models import (
     PreLNBertConfig,
     PreLNBertForMaskedLM,
+    bert_config,
     layer_keep_probs,
+    mlm_head_loss,
 )
 
 THETA_BAR = 0.5  # DeepSpeed / paper defaults
@@ -38,7 +39,7 @@ def keep_prob(t: float, theta_bar: float = THETA_BAR, gamma: float = GAMMA) -> f
 
 class _MaskedLMLoss(nn.Module):
     """The pre-LN model behind the shared loop's interface: (labels, mask, input_ids) ->
-    (mean loss, masked count), as `cached_mslt.model.TopModel` with nothing frozen."""
+    (mean loss, masked count), as `cached_mslt.models.bert.TopModel` with nothing frozen."""
 
     def __init__(self, model: PreLNBertForMaskedLM) -> None:
         super().__init__()

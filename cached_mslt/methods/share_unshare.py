@@ -23,7 +23,7 @@ import torch
 from transformers import BertForMaskedLM
 
 from cached_mslt.methods.harness import MethodContext
-from cached_mslt.model import clone_model, copy_layer, set_encoder_layers
+from cached_mslt.models import clone_model, copy_layer, set_encoder_layers
 
 _LAYER_PREFIX = re.compile(r"^bert\.encoder\.layer\.\d+\.")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from transformers import BertForMaskedLM
 
 from cached_mslt.methods.harness import MethodContext
-from cached_mslt.model import clone_model, copy_layer, set_encoder_layers
+from cached_mslt.models import clone_model, copy_layer, set_encoder_layers
 
 
 def stack_double(model: BertForMaskedLM) -> BertForMaskedLM:

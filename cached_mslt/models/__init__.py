@@ -1,9 +1,55 @@
 """Model architectures beyond transformers' own; importing this registers them with the Auto classes."""
 
+from cached_mslt.models.bert import (
+    TopModel,
+    bert_config,
+    bottom_fingerprint,
+    bottom_forward,
+    build_model,
+    check_tied,
+    clone_model,
+    copy_layer,
+    decay_param_groups,
+    freeze_bottom,
+    frozen_modules,
+    grow,
+    layer_mask,
+    masked_targets,
+    mean_pool,
+    mlm_head_loss,
+    run_layers,
+    set_encoder_layers,
+)
+from cached_mslt.models.mlm_loss import IGNORE_INDEX
 from cached_mslt.models.preln_bert import (
     PreLNBertConfig,
     PreLNBertForMaskedLM,
     PreLNBertForSequenceClassification,
+    layer_keep_probs,
 )
 
-__all__ = ["PreLNBertConfig", "PreLNBertForMaskedLM", "PreLNBertForSequenceClassification"]
+__all__ = [
+    "IGNORE_INDEX",
+    "TopModel",
+    "bert_config",
+    "bottom_fingerprint",
+    "bottom_forward",
+    "build_model",
+    "check_tied",
+    "clone_model",
+    "copy_layer",
+    "decay_param_groups",
+    "freeze_bottom",
+    "frozen_modules",
+    "grow",
+    "layer_keep_probs",
+    "layer_mask",
+    "masked_targets",
+    "mean_pool",
+    "mlm_head_loss",
+    "run_layers",
+    "set_encoder_layers",
+    "PreLNBertConfig",
+    "PreLNBertForMaskedLM",
+    "PreLNBertForSequenceClassification",
+]

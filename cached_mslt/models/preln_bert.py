@@ -44,7 +44,7 @@ from transformers.models.bert.modeling_bert import (
     BertSelfAttention,
 )
 
-from cached_mslt.model import mlm_head_loss
+from cached_mslt.models.bert import mlm_head_loss
 
 
 def layer_keep_probs(theta: float, num_layers: int) -> list[float]:

@@ -17,7 +17,13 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
-from storage import ActivationStore, BlockDataset, BlockSampler, StoreSpec, make_block_loader
+from storage import (
+    ActivationStore,
+    BlockDataset,
+    BlockSampler,
+    StoreSpec,
+    make_block_loader,
+)
 from storage.synthetic import synthetic_rows
 
 # 6 shards of 12 rows, the last one 4 rows; 16 blocks of 4 rows

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from cached_mslt.stages import run_stage
+from cached_mslt.stages.runner import run_stage
 from tests.conftest import small_run
 from tests.spy import Spy, install
 

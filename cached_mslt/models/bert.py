@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForMaskedLM, PretrainedConfig
 from transformers.masking_utils import create_bidirectional_mask
 
 from cached_mslt.config import GROWTH_INITS, ModelArgs
-from cached_mslt.mlm_loss import IGNORE_INDEX, masked_lm_cross_entropy
+from cached_mslt.models.mlm_loss import IGNORE_INDEX, masked_lm_cross_entropy
 from storage import fingerprint_module
 
 

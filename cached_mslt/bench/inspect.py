@@ -2,7 +2,7 @@
 
 The key figure, `stats_vs_sequential_read`, is the MB/s of `hidden_stats` over a whole
 store divided by the MB/s of reading the same store sequentially shard by shard (as
-`storage.bench` measures it), both timed in the same run, interleaved, median of
+`cached_mslt.bench.store` measures it), both timed in the same run, interleaved, median of
 repeats: a shared machine's noise hits both sides. Goal: at least 0.5. MB counts the
 logical bytes of all four row arrays (MB = 1e6 bytes), which both sides read.
 """
@@ -15,13 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cached_mslt.inspect.api import single_threaded_compute
-from cached_mslt.inspect.similarity import similarity
-from cached_mslt.inspect.stats import hidden_stats
-from cached_mslt.inspect.summary import logical_bytes
-from cached_mslt.interleave import interleaved_rounds
-from storage import ActivationStore, StoreSpec
-from storage.synthetic import write_synthetic_shards
+from cached_mslt.bench.interleave import interleaved_rounds
+from cached_mslt.inspect import hidden_stats, logical_bytes, similarity, single_threaded_compute
+from storage import ActivationStore, StoreSpec, write_synthetic_shards
 
 SHAPES = {"tiny": (128, 128), "bert-base": (128, 768)}  # (seq_len, hidden_size)
 

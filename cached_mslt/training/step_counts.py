@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cached_mslt.model import IGNORE_INDEX, masked_targets
+from cached_mslt.models import IGNORE_INDEX, masked_targets
 
 
 @dataclass

@@ -17,10 +17,15 @@ from typing import Any
 
 import torch
 
-from storage.dataset import BlockDataset, make_block_loader
-from storage.spec import CODECS, DTYPES, StoreSpec
-from storage.store import ActivationStore
-from storage.synthetic import synthetic_rows
+from storage import (
+    CODECS,
+    DTYPES,
+    ActivationStore,
+    BlockDataset,
+    StoreSpec,
+    make_block_loader,
+    synthetic_rows,
+)
 
 SHAPES = {"tiny": (128, 128), "bert-base": (128, 768)}  # (seq_len, hidden_size)
 TARGET_BATCH_ROWS = 64  # about the tiny preset's batch; rounded to whole blocks
@@ -138,7 +143,7 @@ def s3_storage_benchmarks(quick: bool) -> list[dict[str, Any]]:
     tagged `backend: s3-loopback`. The server (moto, dev extra) runs in this process, so
     it competes with the client for CPU and the GIL: a pessimistic figure for a real
     endpoint, which serves requests from other machines."""
-    from storage.loopback import loopback_s3
+    from storage import loopback_s3
 
     rows_for = {"tiny": 512, "bert-base": 128} if quick else {"tiny": 2048, "bert-base": 512}
     figures: list[dict[str, Any]] = []

@@ -39,8 +39,8 @@ from datasets.utils.py_utils import asdict
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from cached_mslt.documents import ROW_BATCH, Segment, read_texts
-from cached_mslt.masking import SPLIT_IDS, MaskingSpec, mask_batch
+from cached_mslt.data.documents import ROW_BATCH, Segment, read_texts
+from cached_mslt.data.masking import SPLIT_IDS, MaskingSpec, mask_batch
 
 ROW_BYTES_PER_TOKEN = 4 + 4 + 1  # input_ids, labels (int32), attention_mask (int8)
 LOSS_BATCH = 4096  # rows per batch of the validation loss sum (fixes its float order)

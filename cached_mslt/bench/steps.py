@@ -1,7 +1,7 @@
 """Training-side benchmarks: what caching buys per step, measured as ratios in one run.
 
 Each figure is a dict `{"name", "value", "unit", ...}` with `model_ratio` where
-the cost model of docs/design.md (as counted by `cached_mslt.flops`) predicts it. Timings are
+the cost model of docs/design.md (as counted by `cached_mslt.training.flops`) predicts it. Timings are
 medians over interleaved repeats, so a noisy neighbour slows both sides of a ratio.
 """
 
@@ -18,19 +18,10 @@ from typing import Any
 
 import torch
 
-from cached_mslt.cache import CacheRequest, build_cache
+from cached_mslt.bench.interleave import Rounds, interleaved_rounds
 from cached_mslt.config import PRESETS, ModelArgs, TrainArgs
-from cached_mslt.flops import (
-    SQUARE,
-    Peak,
-    ffn_shape,
-    layer_forward_flops,
-    matmul_flops_per_s,
-    step_flops,
-)
-from cached_mslt.interleave import Rounds, interleaved_rounds
-from cached_mslt.mlm_loss import IGNORE_INDEX
-from cached_mslt.model import (
+from cached_mslt.models import (
+    IGNORE_INDEX,
     TopModel,
     bottom_forward,
     build_model,
@@ -38,9 +29,23 @@ from cached_mslt.model import (
     freeze_bottom,
     run_layers,
 )
-from cached_mslt.stages import block_rows_for
-from cached_mslt.step_counts import host_batch, padded_gather_per_row
-from storage import ActivationStore, BlockDataset, StoreSpec, make_block_loader
+from cached_mslt.stages import CacheRequest, block_rows_for, build_cache
+from cached_mslt.training import (
+    SQUARE,
+    Peak,
+    ffn_shape,
+    host_batch,
+    layer_forward_flops,
+    matmul_flops_per_s,
+    padded_gather_per_row,
+    step_flops,
+)
+from storage import (
+    ActivationStore,
+    BlockDataset,
+    StoreSpec,
+    make_block_loader,
+)
 
 
 def run_shape(preset: str) -> tuple[int, float]:
@@ -100,7 +105,7 @@ def trainer_step(
     mask_prob: float = 0.15,
     wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> Callable[[], torch.Tensor]:
-    """One optimizer step of the top above `frozen` as cached_mslt/trainer.py takes it: the
+    """One optimizer step of the top above `frozen` as cached_mslt/training/trainer.py takes it: the
     batch counted on the host with its gather targets (`host_batch`), the top under bf16
     autocast when asked (compiled: through torch.compile, with the padded gather), backward,
     clipping to norm 1, fused AdamW. `inputs()` gives labels, attention_mask and the top's
@@ -179,7 +184,7 @@ def _store_feed(url: str, hidden16, data: dict, copies: int) -> Callable[[], dic
 
     def next_inputs() -> dict:
         b = next(stream)
-        # what cached_mslt.trainer hands the top from a store batch
+        # what cached_mslt.training.trainer hands the top from a store batch
         hidden_states = b["hidden"].float()
         return {
             "labels": b["labels"],
@@ -226,7 +231,7 @@ def step_benchmarks(
 ) -> list[dict]:
     """Tokens/s and MFU of a cached top step (fed from RAM and from a store on disk), a live
     MSLT step and a full-model step, their ratios, and the matmul references, all timed in
-    the same interleaved rounds (cached_mslt/interleave.py)."""
+    the same interleaved rounds (cached_mslt/bench/interleave.py)."""
     torch.set_flush_denormal(True)  # AdamW's tiny second moments are denormal; CPUs crawl on them
     model, data, hidden16 = cached_case(preset, frozen, batch_rows, seq_len, layers)
     ids, mask = data["input_ids"], data["attention_mask"]
@@ -491,8 +496,8 @@ def all_benchmarks(quick: bool, s3: bool = False, peak_tflops: float | None = No
     (tiny and mini), the build ratio, and how much faster the store feeds rows than the top
     step eats them; with `s3`, also the store figures on an S3 API on loopback and the
     loader ratio there. `peak_tflops` replaces the measured matmul as the MFU reference."""
-    from cached_mslt.inspect.bench import inspect_benchmarks
-    from storage.bench import s3_storage_benchmarks, storage_benchmarks
+    from cached_mslt.bench.inspect import inspect_benchmarks
+    from cached_mslt.bench.store import s3_storage_benchmarks, storage_benchmarks
 
     peak = Peak(peak_tflops * 1e12, "--peak_tflops") if peak_tflops else None
     figures = storage_benchmarks(quick=quick) + inspect_benchmarks(quick)

@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cached_mslt.run_layout import METRICS
-from cached_mslt.rundir import write_atomic
+from cached_mslt.rundir import METRICS, write_atomic
 
 
 @dataclass

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from cached_mslt.corpora import load_corpus
+from cached_mslt.data import load_corpus
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # Runs in the child: cap the address space, run the script, record peak memory at exit
 # (also when the script dies of MemoryError).

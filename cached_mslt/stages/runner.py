@@ -1,6 +1,6 @@
 """Running MSLT stages: grow, freeze, cache, train, save. One call per stage.
 
-The run directory (default runs/<preset>/) is laid out as `cached_mslt.run_layout` says.
+The run directory (default runs/<preset>/) is laid out as `cached_mslt.rundir` says.
 """
 
 from __future__ import annotations
@@ -20,39 +20,55 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import BertForMaskedLM
 
 from cached_mslt import __version__
-from cached_mslt.blocks import PreparedBlocks
-from cached_mslt.budget import PhaseShare
-from cached_mslt.cache import CacheRequest, build_cache
-from cached_mslt.checkpointing import OldCheckpointError
 from cached_mslt.config import ConfigError, RunArgs
-from cached_mslt.corpora import DataError
-from cached_mslt.flops import layer_forward_flops, run_peak, step_flops
-from cached_mslt.host_memory import keep_freed_memory
-from cached_mslt.metrics import (
-    MetricsWriter,
-    RunClock,
-    Stopwatch,
-    below_unigram,
-    markdown_table,
-    plot_curves,
-    read_metrics,
-    stage_speeds,
+from cached_mslt.data import (
+    DataError,
+    PreparedBlocks,
+    PreparedData,
+    check_prepared,
+    load_prepared,
+    prepared_manifest,
 )
-from cached_mslt.model import bert_config, bottom_fingerprint, build_model, check_tied, grow
-from cached_mslt.plan import Stage, StagePlan
-from cached_mslt.prepare import PreparedData, check_prepared, load_prepared, prepared_manifest
-from cached_mslt.run_layout import RunLayout
+from cached_mslt.models import (
+    bert_config,
+    bottom_fingerprint,
+    build_model,
+    check_tied,
+    grow,
+)
 from cached_mslt.rundir import (
     DiskFullError,
+    RunLayout,
     RunLockedError,
     saving,
     stage_lock,
     write_atomic,
 )
-from cached_mslt.trainer import DivergenceError, Phase, train_phase
+from cached_mslt.stages.cache import CacheRequest, build_cache
+from cached_mslt.stages.plan import Stage, StagePlan
+from cached_mslt.training import (
+    DivergenceError,
+    MetricsWriter,
+    OldCheckpointError,
+    Phase,
+    PhaseShare,
+    RunClock,
+    Stopwatch,
+    below_unigram,
+    keep_freed_memory,
+    layer_forward_flops,
+    markdown_table,
+    plot_curves,
+    read_metrics,
+    run_peak,
+    stage_speeds,
+    step_flops,
+    train_phase,
+)
 from storage import (
     ActivationStore,
     BlockDataset,
+    Blocks,
     CorruptStoreError,
     IncompleteStoreError,
     StaleStoreError,
@@ -60,7 +76,6 @@ from storage import (
     StoreExistsError,
     check_reachable,
 )
-from storage.dataset import Blocks
 
 logger = logging.getLogger(__name__)
 
@@ -614,7 +629,7 @@ def run_all(args: RunArgs) -> list[dict[str, Any]]:
 
 
 def record_peak(args: RunArgs, accelerator: Accelerator) -> None:
-    """Write the run's MFU reference (cached_mslt.flops.run_peak) beside config.json, once:
+    """Write the run's MFU reference (cached_mslt.training.flops.run_peak) beside config.json, once:
     a resumed run keeps the first measurement. On a CPU it is measured now, at the run's
     FFN shape and a large square, before training loads the machine."""
     layout = RunLayout.of(args)
@@ -634,7 +649,7 @@ def summary_rows(
     manifests: list[dict[str, Any]], metrics: list[dict[str, Any]], peak: dict, unigram
 ) -> list[dict[str, Any]]:
     """One row per stage: what it was, its times, its training speed (tokens/s and MFU
-    between its first and last log lines, cached_mslt.metrics.stage_speeds) and loss."""
+    between its first and last log lines, cached_mslt.training.metrics.stage_speeds) and loss."""
     devices = manifests[-1].get("num_processes", 1) if manifests else 1
     speeds = stage_speeds(metrics, peak.get("peak_flops_per_s"), devices)
     rows = []

@@ -12,18 +12,23 @@ from typing import Any
 
 from accelerate import PartialState
 
-from cached_mslt.budget import MEASURES
 from cached_mslt.config import ConfigError, MethodArgs, RunArgs
-from cached_mslt.evaluation import PROBE_FILE, RESULTS_FILE, FinetuneArgs, evaluate_checkpoint
+from cached_mslt.data import load_prepared, prepared_manifest
+from cached_mslt.evaluation import (
+    PROBE_FILE,
+    RESULTS_FILE,
+    FinetuneArgs,
+    evaluate_checkpoint,
+)
 from cached_mslt.methods.harness import method_budget, run_method, run_settings
-from cached_mslt.metrics import (
+from cached_mslt.rundir import RunLayout
+from cached_mslt.training import (
+    MEASURES,
     below_unigram,
     markdown_table,
     plot_curves,
     read_metrics,
 )
-from cached_mslt.prepare import load_prepared, prepared_manifest
-from cached_mslt.run_layout import RunLayout
 
 BASELINE = "full"
 # The report table's columns, then one per fine-tuned task.

@@ -12,8 +12,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from cached_mslt.metrics import RunClock
 from cached_mslt.rundir import saving
+from cached_mslt.training.metrics import RunClock
 
 # What Accelerate names the first object registered for checkpointing (our TrainProgress).
 PROGRESS_FILE = "custom_checkpoint_0.pkl"

@@ -21,18 +21,18 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from cached_mslt.budget import PhaseShare, lr_factor
-from cached_mslt.checkpointing import has_checkpoint, save_checkpoint, start_progress
 from cached_mslt.config import RunArgs
-from cached_mslt.metrics import MetricsWriter, RunClock, Stopwatch
-from cached_mslt.model import (
+from cached_mslt.models import (
     TopModel,
     bottom_forward,
     decay_param_groups,
     freeze_bottom,
     frozen_modules,
 )
-from cached_mslt.step_counts import (
+from cached_mslt.training.budget import PhaseShare, lr_factor
+from cached_mslt.training.checkpointing import has_checkpoint, save_checkpoint, start_progress
+from cached_mslt.training.metrics import MetricsWriter, RunClock, Stopwatch
+from cached_mslt.training.step_counts import (
     BatchCounts,
     Read,
     Tally,
@@ -40,8 +40,7 @@ from cached_mslt.step_counts import (
     host_batch,
     padded_gather_per_row,
 )
-from storage import make_block_loader
-from storage.dataset import Blocks
+from storage import Blocks, make_block_loader
 
 # Devices whose AdamW has the fused kernel that honours `found_inf` (torch 2.13).
 FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from cached_mslt.config import ConfigError
-from cached_mslt.metrics import RunClock
+from cached_mslt.training.metrics import RunClock
 
 MEASURES = ("tokens", "wall_s", "cpu_s", "flops")
 
@@ -23,7 +23,7 @@ MEASURES = ("tokens", "wall_s", "cpu_s", "flops")
 class Budget:
     tokens: float | None = None
     wall_s: float | None = None  # cache builds included, evaluation excluded (RunClock)
-    flops: float | None = None  # model FLOPs as cached_mslt.flops counts them
+    flops: float | None = None  # model FLOPs as cached_mslt.training.flops counts them
     # CPU seconds of the (slowest) process: on a shared machine, a single-threaded run's
     # CPU time is the compute it got, where wall-clock also counts its neighbours.
     cpu_s: float | None = None

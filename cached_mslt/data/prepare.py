@@ -4,7 +4,7 @@ read -> clean -> order by seeded hash -> deduplicate -> split by document -> (fi
 WordPiece vocabulary to the training split) -> tokenize -> pack -> K masked views ->
 shards, all deterministic, so the output is a function of the fingerprint (documents,
 tokenizer vocabulary and settings). Every step streams: documents and tokens live in
-files on disk (`cached_mslt/documents.py`, `cached_mslt/packing.py`), memory holds a
+files on disk (`cached_mslt/data/documents.py`, `cached_mslt/data/packing.py`), memory holds a
 bounded slice of them, and the heavy steps run in `--num_proc` processes. Neither
 `num_proc` nor the shard size changes a single output byte (docs/data.md).
 
@@ -45,16 +45,16 @@ from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from cached_mslt.config import ConfigError, DataArgs, RunArgs
-from cached_mslt.corpora import Corpus, DataError, iter_corpus
-from cached_mslt.documents import (
+from cached_mslt.data.corpora import Corpus, DataError, iter_corpus
+from cached_mslt.data.documents import (
     DocumentCounts,
     OrderedDocuments,
     order_documents,
     text_digest,
     write_read_files,
 )
-from cached_mslt.masking import MaskingSpec
-from cached_mslt.packing import (
+from cached_mslt.data.masking import MaskingSpec
+from cached_mslt.data.packing import (
     ROW_BYTES_PER_TOKEN,
     SplitStream,
     encoder,
@@ -67,7 +67,7 @@ from cached_mslt.packing import (
     write_dataset_files,
     write_shard,
 )
-from cached_mslt.tokenizer import (
+from cached_mslt.data.tokenizer import (
     TRAINED,
     TokenizerError,
     check_vocab,

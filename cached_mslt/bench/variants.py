@@ -1,7 +1,7 @@
 """The trainer's own step, measured: float32 against bf16 autocast and `torch.compile`,
 and a real stage's training rate against the benchmark step of the same shape.
 
-Both time the step `cached_mslt/trainer.py` takes (`bench.trainer_step`: host-side
+Both time the step `cached_mslt/training/trainer.py` takes (`bench.trainer_step`: host-side
 gather targets, fused AdamW, gradient clipping); the stage figure also a whole phase
 through `train_phase` (store on disk, loader, logging). Ratios come from one run,
 interleaved (docs/benchmarks.md). Run: `python pipelines/bench.py --variants precision
@@ -22,7 +22,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from cached_mslt.bench import (
+from cached_mslt.bench.interleave import interleaved_rounds
+from cached_mslt.bench.steps import (
     _batch,
     _FakePrepared,
     bench_model,
@@ -30,15 +31,10 @@ from cached_mslt.bench import (
     run_shape,
     trainer_step,
 )
-from cached_mslt.cache import CacheRequest, build_cache
 from cached_mslt.config import run_args
-from cached_mslt.interleave import interleaved_rounds
-from cached_mslt.metrics import MetricsWriter, RunClock
-from cached_mslt.model import (
-    clone_model,
-)
-from cached_mslt.stages import block_rows_for
-from cached_mslt.trainer import Phase, train_phase
+from cached_mslt.models import clone_model
+from cached_mslt.stages import CacheRequest, block_rows_for, build_cache
+from cached_mslt.training import MetricsWriter, Phase, RunClock, train_phase
 from storage import BlockDataset
 
 VARIANTS = {"fp32": (False, False), "bf16": (True, False), "compiled": (False, True)}

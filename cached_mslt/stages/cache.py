@@ -20,9 +20,14 @@ from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers import BertForMaskedLM
 
-from cached_mslt.background import ShardWriter, read_ahead
-from cached_mslt.blocks import PreparedBlocks
-from cached_mslt.model import bottom_fingerprint, bottom_forward, frozen_modules, run_layers
+from cached_mslt.data import PreparedBlocks
+from cached_mslt.models import (
+    bottom_fingerprint,
+    bottom_forward,
+    frozen_modules,
+    run_layers,
+)
+from cached_mslt.stages.background import ShardWriter, read_ahead
 from storage import (
     ActivationStore,
     IncompleteStoreError,
@@ -217,7 +222,7 @@ def _open_for_build(state, model, req, fingerprint, how, source, overwrite) -> A
 
 def _build_shards(model, req, store, pending, prepared, source, device, bar) -> None:
     """Compute and write the pending shards, the source read ahead and each shard written
-    on a background thread while the next one is computed (cached_mslt/background.py)."""
+    on a background thread while the next one is computed (cached_mslt/stages/background.py)."""
     start_layer = int(source.fingerprint["frozen_layers"]) if source is not None else 0
     writer = ShardWriter(store)
     batches = read_ahead(_input_batches(store, pending, prepared, source))

@@ -1,0 +1,18 @@
+"""Benchmarks for `pipelines/bench.py`: the trainer's step at each preset's run shape and its
+variants, the store, the inspect tools and data preparation; how ratios are timed on a
+shared machine. Measures, never asserts.
+
+The top of the layering: may import any other subpackage.
+"""
+
+from cached_mslt.bench.data import ROOT, data_benchmarks
+from cached_mslt.bench.steps import all_benchmarks
+from cached_mslt.bench.variants import precision_benchmarks, stage_vs_bench
+
+__all__ = [
+    "ROOT",
+    "all_benchmarks",
+    "data_benchmarks",
+    "precision_benchmarks",
+    "stage_vs_bench",
+]

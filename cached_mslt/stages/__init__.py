@@ -1,0 +1,30 @@
+"""MSLT stages: the stage plan, running one stage (grow, freeze, cache or live, train,
+save) and building a stage's activation store.
+
+Imports `config`, `rundir`, `data`, `models`, `training`, `storage`.
+"""
+
+from cached_mslt.stages.cache import CacheRequest, build_cache
+from cached_mslt.stages.plan import StagePlan
+from cached_mslt.stages.runner import (
+    UNBOUNDED_STEPS,
+    USER_ERRORS,
+    block_rows_for,
+    make_accelerator,
+    run_all,
+    run_stage,
+    train_rows,
+)
+
+__all__ = [
+    "CacheRequest",
+    "StagePlan",
+    "UNBOUNDED_STEPS",
+    "USER_ERRORS",
+    "block_rows_for",
+    "build_cache",
+    "make_accelerator",
+    "run_all",
+    "run_stage",
+    "train_rows",
+]

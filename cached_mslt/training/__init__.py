@@ -1,0 +1,59 @@
+"""The one training loop (`train_phase`) and what it needs: budgets, step counts read
+without waiting for the device, mid-phase checkpoints, metrics and the run clock, the FLOP
+count of the cost model.
+
+Imports `config`, `rundir`, `models`, `storage`; knows no stage plan and no method.
+"""
+
+from cached_mslt.training.budget import MEASURES, Budget, PhaseShare
+from cached_mslt.training.checkpointing import OldCheckpointError
+from cached_mslt.training.flops import (
+    SQUARE,
+    Peak,
+    ffn_shape,
+    layer_forward_flops,
+    matmul_flops_per_s,
+    run_peak,
+    step_flops,
+)
+from cached_mslt.training.host_memory import keep_freed_memory
+from cached_mslt.training.metrics import (
+    MetricsWriter,
+    RunClock,
+    Stopwatch,
+    below_unigram,
+    markdown_table,
+    plot_curves,
+    read_metrics,
+    stage_speeds,
+)
+from cached_mslt.training.step_counts import host_batch, padded_gather_per_row
+from cached_mslt.training.trainer import DivergenceError, Phase, train_phase
+
+__all__ = [
+    "Budget",
+    "DivergenceError",
+    "MEASURES",
+    "MetricsWriter",
+    "OldCheckpointError",
+    "Peak",
+    "Phase",
+    "PhaseShare",
+    "RunClock",
+    "SQUARE",
+    "Stopwatch",
+    "below_unigram",
+    "ffn_shape",
+    "host_batch",
+    "keep_freed_memory",
+    "layer_forward_flops",
+    "markdown_table",
+    "matmul_flops_per_s",
+    "padded_gather_per_row",
+    "plot_curves",
+    "read_metrics",
+    "run_peak",
+    "stage_speeds",
+    "step_flops",
+    "train_phase",
+]

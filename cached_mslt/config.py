@@ -383,7 +383,14 @@ class ScheduleArgs:
             "what the previous one did)"
         },
     )
-    cache: str = field(default="auto", metadata={"help": "auto, always or never"})
+    cache: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (the cheapest mode by the cost model), write-through (the training "
+            "steps fill the store: each row's frozen layers run once, only for rows read), "
+            "always (an eager build of the whole corpus before training) or never (live)"
+        },
+    )
     cache_dtype: str = field(default="float16", metadata={"help": f"one of {tuple(STORE_DTYPES)}"})
     cache_codec: str = field(default="none", metadata={"help": f"one of {STORE_CODECS}"})
     cache_rebuild: str = field(
@@ -412,7 +419,7 @@ class ScheduleArgs:
         choices = {
             "lr_schedule": ("linear", "cosine"),
             "growth_init": GROWTH_INITS,
-            "cache": ("auto", "always", "never"),
+            "cache": ("auto", "write-through", "always", "never"),
             "cache_dtype": tuple(STORE_DTYPES),
             "cache_codec": STORE_CODECS,
             "cache_rebuild": ("incremental", "full"),

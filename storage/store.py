@@ -393,7 +393,14 @@ class ActivationStore:
         return list(range(rank, self.num_shards, world_size))
 
     def shards_done(self) -> list[int]:
-        return [int(s) for s in np.flatnonzero(self._markers[:])]
+        """Shards whose marker is set, from one listing of the marker keys: a marker chunk
+        exists exactly when it is set (unset markers equal the fill value and are not
+        stored), and reading thousands of one-byte chunks one by one would cost a request
+        each (a write-through store has one shard per batch block)."""
+        prefix = f"{MARKERS}/"
+        keys = set(list_keys(self._store, prefix))
+        encode = self._markers.metadata.encode_chunk_key
+        return [s for s in range(self.num_shards) if f"{prefix}{encode((s,))}" in keys]
 
     def is_shard_done(self, shard: int) -> bool:
         self.shard_rows(shard)  # range check
@@ -401,8 +408,13 @@ class ActivationStore:
 
     def pending_shards(self, rank: int, world_size: int) -> list[int]:
         """Owned shards not marked done yet (what a resumed build still has to write)."""
-        done = self._markers[:]
-        return [s for s in self.shards_for(rank, world_size) if not done[s]]
+        done = set(self.shards_done())
+        return [s for s in self.shards_for(rank, world_size) if s not in done]
+
+    def shards_of_rows(self, start: int, stop: int) -> range:
+        """The shards holding rows [start, stop)."""
+        self._check_rows(start, stop)
+        return range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
 
     def _shard_keys(self, shard: int) -> dict[str, str]:
         """Array name -> store key of that array's file for `shard`."""
@@ -514,7 +526,7 @@ class ActivationStore:
         """Rows [start, stop) as tensors: hidden in the logical dtype, the rest int64."""
         self._check_rows(start, stop)
         self._reopen_if_forked()
-        return self._as_tensors({name: self._read(name, start, stop) for name in ROW_ARRAYS})
+        return self._read_arrays(ROW_ARRAYS, start, stop)
 
     def read_hidden(self, start: int, stop: int) -> torch.Tensor:
         """`read_rows(start, stop)["hidden"]` without reading the other three arrays: an
@@ -523,10 +535,13 @@ class ActivationStore:
         for a 4,096-row store), taken from the forward it overlaps."""
         self._check_rows(start, stop)
         self._reopen_if_forked()
-        return self._as_tensors({"hidden": self._read("hidden", start, stop)})["hidden"]
+        return self._as_tensor("hidden", self._read("hidden", start, stop))
 
-    def read_blocks(self, ranges: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-        """`read_rows` of several row ranges, every chunk of every range requested at once.
+    def read_blocks(
+        self, ranges: list[tuple[int, int]], arrays: tuple[str, ...] = ROW_ARRAYS
+    ) -> list[dict[str, torch.Tensor]]:
+        """`read_rows` of several row ranges (only `arrays` of them), every chunk of every
+        range requested at once.
 
         On an object store each request costs a round trip and server time; issued one
         after another they starve training (docs/cache-format.md, measured), so they all
@@ -538,8 +553,8 @@ class ActivationStore:
         for start, stop in ranges:
             self._check_rows(start, stop)
         self._reopen_if_forked()
-        kept = self._small_arrays()
-        fetched = [n for n in ROW_ARRAYS if n not in kept]
+        kept = {n: v for n, v in self._small_arrays().items() if n in arrays}
+        fetched = [n for n in arrays if n not in kept]
 
         async def gather() -> list[np.ndarray]:
             return await asyncio.gather(
@@ -551,14 +566,18 @@ class ActivationStore:
             )
 
         try:
-            arrays = iter(sync(gather()))
+            values = iter(sync(gather()))
         except (MissingChunkError, ValueError):
-            return [self.read_rows(start, stop) for start, stop in ranges]
+            return [self._read_arrays(arrays, start, stop) for start, stop in ranges]
         blocks = []
         for start, stop in ranges:
-            raw = {n: next(arrays) for n in fetched} | {n: kept[n][start:stop] for n in kept}
-            blocks.append(self._as_tensors({n: raw[n] for n in ROW_ARRAYS}))
+            raw = {n: next(values) for n in fetched} | {n: kept[n][start:stop] for n in kept}
+            blocks.append(self._as_tensors({n: raw[n] for n in arrays}))
         return blocks
+
+    def _read_arrays(self, arrays: tuple[str, ...], start: int, stop: int) -> dict:
+        """`arrays` of rows [start, stop), one after another: names a bad chunk exactly."""
+        return self._as_tensors({name: self._read(name, start, stop) for name in arrays})
 
     def _small_arrays(self) -> dict[str, np.ndarray]:
         """mask, labels and row_index whole, if the store is complete and they fit."""
@@ -586,10 +605,14 @@ class ActivationStore:
             )
 
     def _as_tensors(self, raw: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        hidden = torch.from_numpy(raw.pop("hidden"))
-        if self.spec.dtype == "bfloat16":
-            hidden = hidden.view(torch.bfloat16)
-        return {"hidden": hidden, **{k: torch.from_numpy(v).long() for k, v in raw.items()}}
+        return {k: self._as_tensor(k, v) for k, v in raw.items()}
+
+    def _as_tensor(self, name: str, values: np.ndarray) -> torch.Tensor:
+        """hidden in the logical dtype (bfloat16 is stored as its uint16 bits), the rest int64."""
+        if name != "hidden":
+            return torch.from_numpy(values).long()
+        hidden = torch.from_numpy(values)
+        return hidden.view(torch.bfloat16) if self.spec.dtype == "bfloat16" else hidden
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         try:

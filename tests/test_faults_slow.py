@@ -25,7 +25,9 @@ STEPS = 150  # long enough that a random kill lands in training, not only in imp
 REPO = Path(__file__).resolve().parents[1]
 
 
-def stage_cmd(prepared: Path, run_dir: Path, stage: int, steps: int = 30) -> list[str]:
+def stage_cmd(
+    prepared: Path, run_dir: Path, stage: int, steps: int = 30, cache: str = "always"
+) -> list[str]:
     return [
         sys.executable,
         str(REPO / "pipelines" / "stage.py"),
@@ -43,7 +45,7 @@ def stage_cmd(prepared: Path, run_dir: Path, stage: int, steps: int = 30) -> lis
         "--eval_every", "10",
         "--log_every", "1",
         "--checkpoint_every", "3",
-        "--cache", "always",
+        "--cache", cache,
         "--cache_dtype", "float32",
         "--warmup_fraction", "0",
     ]  # fmt: skip
@@ -61,12 +63,13 @@ def state(path: Path) -> dict[str, torch.Tensor]:
     return BertForMaskedLM.from_pretrained(path).state_dict()
 
 
-def test_sigkill_at_random_points_resumes_to_bitwise_equal_results(prepared_dir, tmp_path):
+@pytest.mark.parametrize("cache", ["always", "write-through"])
+def test_sigkill_at_random_points_resumes_to_bitwise_equal_results(prepared_dir, tmp_path, cache):
     straight = tmp_path / "straight"
     took = {}
     for stage in (1, 2):
         began = time.perf_counter()
-        assert run(stage_cmd(prepared_dir, straight, stage, steps=STEPS)).returncode == 0
+        assert run(stage_cmd(prepared_dir, straight, stage, STEPS, cache)).returncode == 0
         took[stage] = time.perf_counter() - began
     killed = tmp_path / "killed"
     rng = random.Random(13)
@@ -74,7 +77,7 @@ def test_sigkill_at_random_points_resumes_to_bitwise_equal_results(prepared_dir,
     for stage in (1, 2):
         for _ in range(3):  # up to three SIGKILLs a stage, at random moments
             proc = subprocess.Popen(
-                stage_cmd(prepared_dir, killed, stage, steps=STEPS),
+                stage_cmd(prepared_dir, killed, stage, STEPS, cache),
                 env=env(),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -85,7 +88,7 @@ def test_sigkill_at_random_points_resumes_to_bitwise_equal_results(prepared_dir,
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
             proc.wait()
-        done = run(stage_cmd(prepared_dir, killed, stage, steps=STEPS))
+        done = run(stage_cmd(prepared_dir, killed, stage, STEPS, cache))
         assert done.returncode == 0, done.stderr[-3000:]
     assert kills >= 1, "no kill landed: the runs finished before the timer"
     a, b = state(straight / "stage-2" / "model"), state(killed / "stage-2" / "model")

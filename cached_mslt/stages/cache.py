@@ -3,15 +3,18 @@ over every process (shard s belongs to process s % world_size), resumable.
 
 Incremental rebuild: when stage k's store exists, stage k+1's store is that store pushed
 through only the layers stage k trained, so each layer's forward runs once per example
-over the whole schedule. In float32 this gives the same bytes as a full rebuild from
-token ids (the layer math does not depend on batch composition here, docs/library-facts.md).
+over the whole schedule. A store's bytes are one function of its fingerprint whatever path
+built them (`frozen_output`): a 16-bit store is rounded at every earlier stage boundary,
+where an incremental build reads its rounded source, so a full rebuild from token ids
+gives the incremental store's bytes; in float32 rounding is the identity and the layer
+math does not depend on batch composition here (docs/library-facts.md).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,6 +40,7 @@ from storage import (
 )
 
 SHARD_ARRAYS = ("hidden", "attention_mask", "labels", "row_index")
+WRITE_THROUGH = "write-through"  # a store's `built` attribute when training steps fill it
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,10 @@ class CacheRequest:
     # runs its live bottom under autocast, so its cache is built under the same autocast
     # and holds what the live bottom would compute (tests/test_cached_equals_live.py).
     compute_dtype: str = "float32"
+    # The frozen depths of the plan's earlier stages (between 0 and frozen_layers): a
+    # 16-bit store's rows are rounded to its dtype there (`frozen_output`).
+    round_at: tuple[int, ...] = ()
+    chunks_per_shard: int | None = None  # None: derived (storage/spec.py); write-through: 1
     # fsspec options of `url` (endpoint, credentials): used, never recorded
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -71,7 +79,42 @@ def store_fingerprint(model: BertForMaskedLM, req: CacheRequest) -> dict[str, st
         "num_rows": str(req.num_rows),
         # absent for float32, so stores built before this key existed stay valid
         **({"compute_dtype": req.compute_dtype} if req.compute_dtype != "float32" else {}),
+        # absent where rounding changes nothing (float32, or no earlier boundary)
+        **({"rounded_at": ",".join(map(str, cuts))} if (cuts := rounding_cuts(req)) else {}),
     }
+
+
+def rounding_cuts(req: CacheRequest) -> tuple[int, ...]:
+    """The depths below the store's own at which its rows are rounded to its dtype."""
+    if req.dtype == "float32":
+        return ()
+    return tuple(sorted(b for b in set(req.round_at) if 0 < b < req.frozen_layers))
+
+
+def frozen_output(
+    model: BertForMaskedLM,
+    attention_mask: torch.Tensor | None,
+    *,
+    stop: int,
+    dtype: torch.dtype,
+    round_at: tuple[int, ...] = (),
+    input_ids: torch.Tensor | None = None,
+    previous: torch.Tensor | None = None,
+    start: int = 0,
+) -> torch.Tensor:
+    """A store's entry for some rows: the frozen bottom's output at depth `stop`, from the
+    token ids (`start` 0) or from `previous`, the rows' entry at depth `start` in an
+    earlier store, rounded to `dtype` at each depth of `round_at` on the way and at the
+    end. Rounding where an earlier store rounded makes every path (full, incremental,
+    write-through from any depth) give the same bytes (docs/design.md, invariant 9)."""
+    hidden, depth = previous, start
+    for cut in [*(b for b in round_at if start < b < stop), stop]:
+        if hidden is None:
+            hidden = bottom_forward(model, input_ids, attention_mask, cut)
+        else:  # a stored entry: widened, as the frozen layers compute in float32
+            hidden = run_layers(model, hidden.to(torch.float32), attention_mask, depth, cut)
+        hidden, depth = hidden.to(dtype), cut
+    return hidden
 
 
 def open_valid_store(
@@ -162,6 +205,25 @@ def build_cache(
     return _commit(state, store, req, fingerprint, how, rows_total, elapsed)
 
 
+def open_write_through(
+    model: BertForMaskedLM, req: CacheRequest, *, overwrite: bool = False
+) -> ActivationStore:
+    """The store a write-through stage fills, on every process: a complete one that
+    matches as it is (every row is read back), else created, or resumed with the units it
+    holds (docs/cache-format.md, write-through). Process 0 holds the build lock until the
+    stage ends (cached_mslt/stages/runner.py: finish_write_through)."""
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    req = replace(req, chunks_per_shard=1)  # a unit is one loader block
+    fingerprint = store_fingerprint(model, req)
+    existing = (
+        open_valid_store(req.url, fingerprint, req.storage_options) if not overwrite else None
+    )
+    state.wait_for_everyone()
+    if existing is not None:
+        return existing
+    return _open_for_build(state, model, req, fingerprint, WRITE_THROUGH, None, overwrite)
+
+
 def _build_kind(req: CacheRequest, source: ActivationStore | None) -> str:
     """How the store is built: "full", or "incremental from <source> (layers a..b)"."""
     if source is None:
@@ -187,6 +249,7 @@ def _open_for_build(state, model, req, fingerprint, how, source, overwrite) -> A
         dtype=req.dtype,
         codec=req.codec,
         rows_per_chunk=req.rows_per_chunk,
+        chunks_per_shard=req.chunks_per_shard,
     )
     attrs = {
         "stage": req.stage,
@@ -256,16 +319,18 @@ def _shard_rows(model, req, batches, start_layer, dtype, device, bar) -> Iterato
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in SHARD_ARRAYS}
     compute = getattr(torch, req.compute_dtype)
     autocast = torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32)
+    cuts = rounding_cuts(req)
     for shard, a, hi, rows in batches:
         mask = rows["attention_mask"].to(device)
         with autocast:  # as the trainer runs a live bottom (trainer._phase_inputs)
             if "previous" not in rows:
-                ids = rows["input_ids"].to(device)
-                hidden = bottom_forward(model, ids, mask, req.frozen_layers)
+                inputs = {"input_ids": rows["input_ids"].to(device)}
             else:
-                previous = rows["previous"].to(device, torch.float32)
-                hidden = run_layers(model, previous, mask, start_layer, req.frozen_layers)
-        parts["hidden"].append(hidden.to(dtype).cpu())
+                inputs = {"previous": rows["previous"].to(device), "start": start_layer}
+            hidden = frozen_output(
+                model, mask, stop=req.frozen_layers, dtype=dtype, round_at=cuts, **inputs
+            )
+        parts["hidden"].append(hidden.cpu())
         parts["attention_mask"].append(rows["attention_mask"].to(torch.uint8))
         parts["labels"].append(rows["labels"].to(torch.int32))
         parts["row_index"].append(rows["row_index"])

@@ -14,7 +14,7 @@ class Stage:
     frozen_layers: int  # bottom layers run forward only (0: nothing frozen, embeddings train)
     tokens: int | None  # training budget in tokens (None when `steps` is set)
     steps: int | None
-    cache: str  # auto | always | never
+    cache: str  # auto | write-through | always (eager build) | never (live)
     joint: bool = False  # final phase: every layer trains again, live
 
     @property

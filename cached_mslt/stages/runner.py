@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +44,16 @@ from cached_mslt.rundir import (
     stage_lock,
     write_atomic,
 )
-from cached_mslt.stages.cache import CacheRequest, build_cache
+from cached_mslt.stages.cache import CacheRequest, build_cache, open_write_through
+from cached_mslt.stages.cache_choice import Stored, choose_cache
 from cached_mslt.stages.plan import Stage, StagePlan
+from cached_mslt.stages.write_through import (
+    Pending,
+    Source,
+    UnitWriter,
+    WriteThrough,
+    WriteThroughBlocks,
+)
 from cached_mslt.training import (
     DivergenceError,
     MetricsWriter,
@@ -190,43 +198,6 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
     return model
 
 
-def decide_cache(
-    plan: StagePlan,
-    stage: Stage,
-    rows: int,
-    reads: Callable[[Stage], int],
-    incremental_from: int | None,
-) -> tuple[bool, str]:
-    """`auto`: cache this stage if caching from here to the end of the plan costs the fewest
-    layer forwards of every choice (start caching at a later stage, or never), counting
-    builds (`rows` per newly frozen layer, the first one from `incremental_from` layers
-    if a store of that depth exists) against the frozen bottom run live on every row a
-    stage reads (`reads(stage)`; docs/design.md cost model). Looking ahead matters: a store
-    built now makes every later build incremental, so a stage that reads under one epoch
-    can still be worth caching. Store I/O and setup are not counted, so the rule is
-    optimistic near break-even (docs/methods.md)."""
-    if stage.cache == "never" or stage.frozen_layers == 0:
-        return False, "live (cache: never)" if stage.frozen_layers else "nothing frozen"
-    ahead = [s for s in plan.stages if s.index >= stage.index and s.frozen_layers and not s.joint]
-
-    def cost(start: int) -> int:
-        """Layer forwards if stages ahead[start:] are cached and the ones before run live."""
-        live = sum(s.frozen_layers * reads(s) for s in ahead[:start])
-        depth = (incremental_from or 0) if start == 0 else 0
-        builds = 0
-        for s in ahead[start:]:
-            builds += (s.frozen_layers - depth) * rows
-            depth = s.frozen_layers
-        return live + builds
-
-    now, never = cost(0), cost(len(ahead))
-    best_later = min(cost(i) for i in range(1, len(ahead) + 1))
-    why = f"caching from here {now:,} layer-rows, from later {best_later:,}, never {never:,}"
-    if stage.cache == "always":
-        return True, f"cache: always ({why})"
-    return now < best_later, f"auto: {why}"
-
-
 def check_cache_location(args: RunArgs, plan: StagePlan) -> None:
     """Fail before anything is written (no half-made run) if the plan caches and the cache
     location cannot be used: endpoint down, bucket missing (storage.StoreUnreachableError)."""
@@ -303,11 +274,14 @@ def _run_stage_locked(
         accelerator.print(f"{stage.name}: already done ({layout.manifest(index)}), skipping")
         return done
     run = _start_stage(args, plan, stage, accelerator)
-    cached, why, source = _choose_mode(run)
-    blocks, build = _stage_blocks(run, cached, source, rebuild_cache)
-    phase = _stage_phase(run, blocks, cached, share, extra)
-    stats = _train_stage(run, phase)
-    manifest = _stage_manifest(run, cached, why, build, stats)
+    mode, why, sources = _choose_mode(run)
+    blocks, build, fill = _stage_blocks(run, mode, sources, rebuild_cache)
+    phase = _stage_phase(run, blocks, mode, fill, share, extra)
+    with abandon_on_failure(run, fill):
+        stats = _train_stage(run, phase)
+    if fill is not None:
+        build = {**build, **finish_write_through(run, fill)}
+    manifest = _stage_manifest(run, mode, why, build, stats)
     save_stage(accelerator, run.model, run.tokenizer, layout, index, manifest)
     return manifest
 
@@ -328,60 +302,110 @@ def _start_stage(
     return _StageRun(args, plan, stage, accelerator, data, clock, model, bottom, tokenizer)
 
 
-def _choose_mode(run: _StageRun) -> tuple[bool, str, ActivationStore | None]:
-    """Cached or live (and why), and the previous store an incremental build starts from."""
+def _choose_mode(run: _StageRun) -> tuple[str, str, list[ActivationStore]]:
+    """live, eager or write-through (and why), and the earlier stores of the run the stage
+    can start from: an eager build from the previous one if complete, write-through from
+    the deepest that holds each row."""
     args, stage, world = run.args, run.stage, run.accelerator.num_processes
     incremental = args.schedule.cache_rebuild == "incremental"
-    source = previous_store(args, stage, run.model) if incremental else None
-    cached, why = decide_cache(
-        run.plan,
-        stage,
-        train_rows(args, len(run.data.train)),
-        lambda s: run.steps(s) * rows_per_step(args, world),
-        int(source.fingerprint["frozen_layers"]) if source else None,
+    sources = earlier_stores(args, stage, run.model) if incremental else []
+    rows = train_rows(args, len(run.data.train))
+    stored = [Stored(int(s.fingerprint["frozen_layers"]), _held(s)) for s in sources]
+    mode, why = choose_cache(
+        run.plan, stage, rows, lambda s: run.steps(s) * rows_per_step(args, world), stored
     )
     run.accelerator.print(
         f"{stage.name}: {stage.num_layers} layers, {stage.frozen_layers} frozen, "
-        f"{run.steps(stage)} steps; {'cached' if cached else 'live'} ({why})"
+        f"{run.steps(stage)} steps; {mode} ({why})"
     )
-    return cached, why, source
+    return mode, why, sources
+
+
+def _held(store: ActivationStore) -> float:
+    return 1.0 if store.is_complete else len(store.shards_done()) / store.num_shards
 
 
 def _stage_blocks(
-    run: _StageRun, cached: bool, source: ActivationStore | None, rebuild_cache: bool
-) -> tuple[Blocks, dict[str, Any]]:
-    """What the stage reads: its store (built, resumed or reused here) or the token ids."""
+    run: _StageRun, mode: str, sources: list[ActivationStore], rebuild_cache: bool
+) -> tuple[Blocks, dict[str, Any], WriteThrough | None]:
+    """What the stage reads: the token ids (live), its store (eager: built, resumed or
+    reused here), or both (write-through: the store is filled by the steps)."""
     args, stage = run.args, run.stage
     rows = train_rows(args, len(run.data.train))
     block_rows = block_rows_for(args.train.batch_size)
-    if not cached:
-        blocks = PreparedBlocks(run.data.train, block_rows=block_rows, num_rows=rows)
-        return blocks, {"build_s": 0.0, "reused": False}
+    prepared = PreparedBlocks(run.data.train, block_rows=block_rows, num_rows=rows)
+    if mode == "live":
+        return prepared, {"build_s": 0.0, "reused": False}, None
+    overwrite = args.schedule.overwrite_cache or rebuild_cache
+    req = cache_request(args, run.index, stage, run.data, rows, run.plan)
+    if mode == "write-through":
+        with store_repair_hint(args, run.index, None):
+            store = open_write_through(run.model, req, overwrite=overwrite)
+        pending = Pending()
+        blocks = WriteThroughBlocks(prepared, store, [Source.of(s) for s in sources], pending)
+        fill = WriteThrough(run.model, blocks, UnitWriter(store, pending), req.round_at)
+        return blocks, {"build_s": 0.0, "reused": False, "how": "write-through"}, fill
+    source = next((s for s in sources if s.is_complete), None)  # the deepest complete one
     watch = Stopwatch(run.clock)
     with store_repair_hint(args, run.index, source):
         store, build = build_cache(
-            run.model,
-            cache_request(args, run.index, stage, run.data, rows),
-            run.data.train,
-            source=source,
-            overwrite=args.schedule.overwrite_cache or rebuild_cache,
+            run.model, req, run.data.train, source=source, overwrite=overwrite
         )
     # Every process waited for the slowest at the build's barriers: charge that wall time.
     watch.tick()
     run.clock.flops += build_flops(run.model.config, args.data.seq_len, build, stage, source)
-    return BlockDataset(store, block_rows=block_rows), build
+    return BlockDataset(store, block_rows=block_rows), build, None
+
+
+@contextmanager
+def abandon_on_failure(run: _StageRun, fill: WriteThrough | None) -> Iterator[None]:
+    """A write-through stage that fails writes what it queued (whole units, each a pure
+    function of its row) and gives up the store's lock, so a rerun resumes at once; a
+    killed one leaves the lock to stale-lock takeover and its units to the markers."""
+    try:
+        yield
+    except BaseException:
+        if fill is not None:
+            fill.writer.close(raise_error=False)
+            if run.accelerator.is_main_process:
+                fill.blocks.store.release_lock()
+        raise
+
+
+def finish_write_through(run: _StageRun, fill: WriteThrough) -> dict[str, Any]:
+    """After the last step: every queued unit written, then (all processes done) rank 0
+    commits the store if every unit is there, and gives up its lock either way: a store
+    that holds the rows the stage read is a finished write-through store."""
+    fill.writer.close()
+    stats = fill.stats()
+    run.accelerator.wait_for_everyone()
+    store = fill.blocks.store
+    held = len(store.shards_done())
+    if run.accelerator.is_main_process:
+        if held == store.num_shards:
+            store.commit()
+        else:
+            store.release_lock()
+    run.accelerator.wait_for_everyone()
+    run.accelerator.print(
+        f"{run.stage.name}: write-through computed {stats['units_computed']} blocks and read "
+        f"{stats['units_read']} on process 0; the store holds {held}/{store.num_shards} blocks"
+    )
+    return {**stats, "units_held": held, "units": store.num_shards}
 
 
 def _stage_phase(
     run: _StageRun,
     blocks: Blocks,
-    cached: bool,
+    mode: str,
+    fill: WriteThrough | None,
     share: PhaseShare | None,
     extra: dict[str, Any] | None,
 ) -> Phase:
     args, stage, config = run.args, run.stage, run.model.config
     trained = stage.num_layers - stage.frozen_layers
-    frozen_live = 0 if cached else stage.frozen_layers
+    frozen_live = stage.frozen_layers if mode == "live" else 0
+    per_frozen_token = layer_forward_flops(config, args.data.seq_len)
     return Phase(
         name=stage.name,
         model=run.model,
@@ -390,20 +414,25 @@ def _stage_phase(
         # informed the cache decision.
         steps=run.steps(stage) if share is None else UNBOUNDED_STEPS,
         blocks=blocks,
-        cached=cached,
+        cached=mode == "eager",
+        fill=fill,
         learning_rate=args.train.learning_rate,
         warmup_fraction=args.schedule.warmup_fraction,
         share=share,
         lr_schedule=args.schedule.lr_schedule,
         checkpoint_dir=run.layout.checkpoint_dir(run.index),
-        flops_per_step=lambda c: step_flops(
-            config,
-            tokens=c["tokens"],
-            masked_tokens=c["masked"],
-            trained_layers=trained,
-            frozen_live_layers=frozen_live,
-            seq_len=args.data.seq_len,
-            decoder_weight_trains=stage.frozen_layers == 0,
+        flops_per_step=lambda c: (
+            step_flops(
+                config,
+                tokens=c["tokens"],
+                masked_tokens=c["masked"],
+                trained_layers=trained,
+                frozen_live_layers=frozen_live,
+                seq_len=args.data.seq_len,
+                decoder_weight_trains=stage.frozen_layers == 0,
+            )
+            # write-through: the frozen forwards of the rows its store lacked
+            + c.get("frozen_layer_tokens", 0) * per_frozen_token
         ),
         extra=dict(extra or {}),
     )
@@ -424,8 +453,13 @@ def _train_stage(run: _StageRun, phase: Phase) -> dict[str, Any]:
         ) from e
 
 
+# manifest "mode" of each cache mode ("cached": an eager build, the name stores have had)
+MANIFEST_MODES = {"live": "live", "eager": "cached", "write-through": "write-through"}
+STORE_MODES = ("cached", "write-through")  # manifest modes whose stage has a store
+
+
 def _stage_manifest(
-    run: _StageRun, cached: bool, why: str, build: dict[str, Any], stats: dict[str, Any]
+    run: _StageRun, mode: str, why: str, build: dict[str, Any], stats: dict[str, Any]
 ) -> dict[str, Any]:
     """The record of a finished stage, after checking its frozen bottom did not move."""
     stage = run.stage
@@ -436,9 +470,9 @@ def _stage_manifest(
     return {
         "stage": stage.to_dict(),
         "plan": run.plan.to_list(),
-        "mode": "cached" if cached else "live",
+        "mode": MANIFEST_MODES[mode],
         "cache_decision": why,
-        "cache": {**build, "url": run.layout.store_url(run.index) if cached else None},
+        "cache": {**build, "url": run.layout.store_url(run.index) if mode != "live" else None},
         "fingerprints": {"frozen_bottom": bottom_after, "data": run.data.manifest["fingerprint"]},
         "timings": {"build_s": build.get("build_s", 0.0), "train_s": stats["train_s"]},
         "train": stats,
@@ -456,7 +490,9 @@ def lower_learning_rate(rate: float) -> float:
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-def cache_request(args: RunArgs, index: int, stage: Stage, data, rows: int) -> CacheRequest:
+def cache_request(
+    args: RunArgs, index: int, stage: Stage, data, rows: int, plan: StagePlan
+) -> CacheRequest:
     return CacheRequest(
         url=RunLayout.of(args).store_url(index),
         frozen_layers=stage.frozen_layers,
@@ -470,6 +506,7 @@ def cache_request(args: RunArgs, index: int, stage: Stage, data, rows: int) -> C
         stage=index,
         compute_dtype=AUTOCAST_DTYPES.get(args.train.mixed_precision, "float32"),
         storage_options=args.schedule.storage_options(),
+        round_at=tuple(s.frozen_layers for s in plan.stages if s.index < index and not s.joint),
     )
 
 
@@ -498,7 +535,7 @@ def rebuild_stage_store(
     args: RunArgs, index: int, stage: Stage, accelerator: Accelerator, manifest: dict
 ) -> dict[str, Any]:
     """Rebuild a finished stage's store in full; its training is untouched."""
-    if manifest["mode"] != "cached":
+    if manifest["mode"] not in STORE_MODES:
         accelerator.print(f"{stage.name}: trained live, it has no store to rebuild")
         return manifest
     data = load_prepared(args.data.prepared_dir, args.data)
@@ -514,8 +551,9 @@ def rebuild_stage_store(
             f"scratch: `rm -rf {RunLayout.of(args).stage_dir(index)}` and {repair_command(args, index)}"
         )
     rows = train_rows(args, len(data.train))
+    plan = StagePlan.from_args(args)
     _, build = build_cache(
-        model, cache_request(args, index, stage, data, rows), data.train, overwrite=True
+        model, cache_request(args, index, stage, data, rows, plan), data.train, overwrite=True
     )
     manifest = {**manifest, "cache": {**build, "url": RunLayout.of(args).store_url(index)}}
     if accelerator.is_main_process:
@@ -527,28 +565,33 @@ def rebuild_stage_store(
     return manifest
 
 
-def previous_store(args: RunArgs, stage: Stage, model: BertForMaskedLM) -> ActivationStore | None:
-    """Stage K-1's store, if it exists, is complete and holds exactly what this model's
-    first layers compute (same weights): the start of an incremental rebuild."""
-    if stage.index <= 2 or stage.joint:
-        return None
-    prev = RunLayout.of(args).read_manifest(stage.index - 1)
-    if prev is None or prev["mode"] != "cached":
-        return None
-    try:
-        store = ActivationStore.open(
-            prev["cache"]["url"], storage_options=args.schedule.storage_options()
-        )
-    except Exception as e:  # deleted, incomplete or corrupt: fall back to a full rebuild
-        logger.warning(
-            "previous store unusable (%s); building stage %d's store in full", e, stage.index
-        )
-        return None
-    depth = int(store.fingerprint["frozen_layers"])
-    if store.fingerprint["weights"] != bottom_fingerprint(model, depth):
-        logger.warning("previous store was built from other weights; building in full")
-        return None
-    return store
+def earlier_stores(args: RunArgs, stage: Stage, model: BertForMaskedLM) -> list[ActivationStore]:
+    """The stores of this run's earlier stages that hold what this model's first layers
+    compute (same weights), deepest first: complete or not, as write-through leaves them.
+    One that cannot be opened, or was built from other weights, is skipped with a warning:
+    its rows are then computed again."""
+    if stage.joint:
+        return []
+    layout, found = RunLayout.of(args), []
+    for index in range(stage.index - 1, 1, -1):
+        manifest = layout.read_manifest(index)
+        if manifest is None or manifest["mode"] not in STORE_MODES:
+            continue
+        try:
+            store = ActivationStore.open(
+                manifest["cache"]["url"],
+                require_complete=False,
+                storage_options=args.schedule.storage_options(),
+            )
+        except Exception as e:  # deleted or damaged: its rows are computed again
+            logger.warning("stage %d's store unusable (%s); not starting from it", index, e)
+            continue
+        depth = int(store.fingerprint["frozen_layers"])
+        if store.fingerprint["weights"] != bottom_fingerprint(model, depth):
+            logger.warning("stage %d's store was built from other weights; not using it", index)
+            continue
+        found.append(store)
+    return found
 
 
 def build_flops(config, seq_len: int, build: dict, stage: Stage, source) -> float:

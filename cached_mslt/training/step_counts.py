@@ -22,6 +22,8 @@ class BatchCounts:
     tokens: int  # attended positions
     masked: int  # positions with a label
     padded: bool  # some position does not attend
+    # frozen-layer forwards a write-through step runs for rows its store lacks, in tokens
+    frozen_layer_tokens: int = 0
 
 
 def padded_gather_per_row(mask_prob: float, seq_len: int) -> int:

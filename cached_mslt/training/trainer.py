@@ -2,7 +2,8 @@
 
 A phase is a stretch of training with a fixed set of trainable parameters: an MSLT stage,
 the full-model baseline, a level of a V-cycle. Hidden states come from the activation
-store (cached), from the frozen bottom run live under no_grad (`cache: never`), or the
+store (cached), from the frozen bottom run live under no_grad (`cache: never`), from a
+`BatchFill` that reads what a store has and computes the rest (write-through), or the
 trainable part starts at the token ids (nothing frozen); the step after that is the same.
 """
 
@@ -12,7 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -50,6 +51,16 @@ class DivergenceError(RuntimeError):
     """Training produced non-finite losses or gradients for too many steps in a row."""
 
 
+class BatchFill(Protocol):
+    """Where a phase's hidden states come from when it is neither live nor a complete
+    store (cached_mslt/stages/write_through.py): `plan` sees the host batch before it
+    moves, `hidden` returns the frozen bottom's output for it inside the step."""
+
+    def plan(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]: ...
+
+    def hidden(self, batch: dict[str, Any]) -> torch.Tensor: ...
+
+
 @dataclass
 class Phase:
     name: str  # "stage-2", "full", ...: the `stage` field of every metrics line
@@ -61,6 +72,7 @@ class Phase:
     learning_rate: float
     warmup_fraction: float  # of the phase: linear warmup, then decay to zero
     lr_schedule: str = "linear"
+    fill: BatchFill | None = None  # write-through: the hidden states of blocks of token ids
     # Set when the phase trains on a share of a budget (tokens, wall-clock or FLOPs): it ends
     # when the share is spent, and its learning rate follows its progress through it.
     share: PhaseShare | None = None
@@ -218,7 +230,12 @@ class _PhaseLoop:
     def stage_batch(self, batch: dict[str, torch.Tensor]) -> tuple[BatchCounts, dict[str, Any]]:
         """Count a batch on the host, then move it (from pinned memory on CUDA, without
         waiting for the copy)."""
+        fill = self.phase.fill
+        if fill is not None:
+            batch = fill.plan(batch)
         counts, batch = host_batch(batch, self.per_row)
+        if fill is not None:
+            counts.frozen_layer_tokens = batch["fill"].layer_tokens
         device = self.accelerator.device
         return counts, send_to_device(batch, device, non_blocking=device.type == "cuda")
 
@@ -280,7 +297,13 @@ class _PhaseLoop:
         else to the window the next sync sums over ranks."""
         flops = 0.0
         if self.phase.flops_per_step is not None:
-            flops = self.phase.flops_per_step({"tokens": counts.tokens, "masked": counts.masked})
+            flops = self.phase.flops_per_step(
+                {
+                    "tokens": counts.tokens,
+                    "masked": counts.masked,
+                    "frozen_layer_tokens": counts.frozen_layer_tokens,
+                }
+            )
         self.window.masked += counts.masked
         if self.solo:
             self.clock.tokens += counts.tokens
@@ -513,8 +536,12 @@ def _phase_inputs(
 ) -> dict[str, torch.Tensor]:
     if phase.frozen_layers == 0:
         return {"input_ids": batch["input_ids"]}
-    if phase.cached:
-        hidden = batch["hidden"]
+    if phase.cached or phase.fill is not None:
+        if phase.fill is not None:
+            with accelerator.autocast():  # the frozen bottom at the top's precision
+                hidden = phase.fill.hidden(batch)
+        else:
+            hidden = batch["hidden"]
         # Under autocast the top's matmuls cast 16-bit inputs themselves and the residual
         # sum with the input promotes to float32: widening first would compute the same
         # numbers after one more pass over the batch. Without it, float32 weights need

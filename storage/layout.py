@@ -17,7 +17,8 @@ from storage.errors import CorruptStoreError
 from storage.spec import StoreSpec
 
 FORMAT = "cached-mslt-activations"
-FORMAT_VERSION = 1
+# 2: write-through stores (incomplete by design, one chunk per shard; docs/cache-format.md)
+FORMAT_VERSION = 2
 ROW_ARRAYS = ("hidden", "attention_mask", "labels", "row_index")
 MARKERS = "shard_done"
 # Fill values double as "never written" sentinels that real data cannot take, so a plain

@@ -241,26 +241,6 @@ def test_mixed_precision_bf16_stage_runs(prepared_dir, tmp_path):
     assert model.dtype == torch.float32  # autocast computes in bf16; weights stay float32
 
 
-def test_auto_cache_counts_the_cheaper_builds_a_store_gives_later_stages():
-    from cached_mslt.config import run_args
-    from cached_mslt.stages.plan import StagePlan
-    from cached_mslt.stages.runner import decide_cache
-
-    plan = StagePlan.from_args(run_args("tiny", stage_layers="3,6,9,12", cache="auto"))
-    rows = 1000
-
-    def decide(index, reads, source=None):
-        return decide_cache(plan, plan[index], rows, lambda s: reads, source)[0]
-
-    # 0.77 epochs a stage: stage 2 alone would not pay (3 x 1000 to build, 3 x 770 live),
-    # but its store makes stages 3 and 4 cheap to build: 9,000 in all against 13,860 live.
-    assert decide(2, reads=770)
-    # Far under an epoch, running the bottom live is cheapest all the way.
-    assert not decide(2, reads=200) and not decide(4, reads=200)
-    # With a store of the previous stage to start from, stage 4's build is 3 layers, not 9.
-    assert decide(4, reads=400, source=6) and not decide(4, reads=400)
-
-
 @pytest.mark.slow  # compiling takes minutes on 2 shared cores
 def test_compiled_stages_train_like_eager_ones_within_tolerance(prepared_dir, tmp_path):
     eager = small_run(prepared_dir, tmp_path / "eager", stage_steps="4")

@@ -105,7 +105,7 @@ def test_attrs_record_the_build(tmp_path) -> None:
         tmp_path / "s", spec, fingerprint=FP, attrs={"stage": 2, "masking_seed": 5}
     )
     attrs = store.attrs
-    assert attrs["complete"] is False and attrs["format_version"] == 1
+    assert attrs["complete"] is False and attrs["format_version"] == 2
     assert attrs["spec"] == spec.to_dict() and attrs["fingerprint"] == FP
     assert (attrs["stage"], attrs["masking_seed"]) == (2, 5)
     assert attrs["num_shards"] == store.num_shards == 5
@@ -127,6 +127,30 @@ def test_plain_zarr_and_numpy_can_read_a_store(tmp_path) -> None:
     np.testing.assert_array_equal(as_f32, want["hidden"].float().numpy())
     assert group["shard_done"][:].tolist() == [1] * spec.num_shards
     np.testing.assert_array_equal(group["labels"][:], want["labels"].numpy())
+
+
+def test_format_version_1_stores_still_read(tmp_path) -> None:
+    spec = small_spec()
+    build_synthetic_store(str(tmp_path / "s"), spec, fingerprint=FP)
+    zarr.open_group(str(tmp_path / "s"), mode="r+").attrs["format_version"] = 1
+    store = ActivationStore.open(tmp_path / "s", expected_fingerprint=FP)
+    assert_bit_equal(store.read_rows(0, 37)["hidden"], synthetic_rows(spec, 0, 37)["hidden"])
+
+
+def test_a_partly_filled_store_reads_its_present_units_plain_zarr_too(tmp_path) -> None:
+    """A write-through store holds only the units its stage read (docs/cache-format.md):
+    present units are the set markers, read by this package or by plain zarr."""
+    spec = small_spec(chunks_per_shard=1)
+    store = ActivationStore.create(tmp_path / "s", spec, fingerprint=FP)
+    for unit in (1, 3):
+        store.write_shard(unit, **synthetic_rows(spec, *store.shard_rows(unit)))
+    assert store.shards_done() == [1, 3]
+    reader = ActivationStore.open(tmp_path / "s", require_complete=False)
+    a, b = reader.shard_rows(3)
+    assert_bit_equal(reader.read_hidden(a, b), synthetic_rows(spec, a, b)["hidden"])
+    group = zarr.open_group(str(tmp_path / "s"), mode="r")
+    present = np.flatnonzero(group["shard_done"][:]).tolist()
+    assert present == [1, 3] and group.attrs["complete"] is False
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

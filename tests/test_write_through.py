@@ -281,3 +281,19 @@ def test_write_through_stage_on_s3_equals_a_local_one(prepared_dir, tmp_path, s3
     assert_same_params(stage_params(local, 2), stage_params(remote, 2))
     on_s3 = held_units(f"s3://{bucket}/cache/stage-2", **options)
     assert on_s3 == held_units(str(tmp_path / "local" / "cache" / "stage-2")) and on_s3
+
+
+def test_inspect_reads_a_partly_filled_write_through_store(prepared_dir, tmp_path):
+    from cached_mslt.inspect import block_ranges, hidden_stats, open_store, summarize_run
+
+    args = small_run(prepared_dir, tmp_path, cache="write-through", **FOUR_STAGES)
+    run_stage(args, 1)
+    run_stage(args, 2)
+    entry = summarize_run(tmp_path)[1]
+    assert entry.mode == "write-through" and entry.store.status == "ok"
+    assert 0 < entry.store.shards_done < entry.store.num_shards
+    store = open_store(entry.store.url)
+    ranges = block_ranges(store)
+    held = {r for u in store.shards_done() for r in range(*store.shard_rows(u))}
+    assert {r for a, b in ranges for r in range(a, b)} == held  # only the units it holds
+    assert hidden_stats(store).rows == len(held)

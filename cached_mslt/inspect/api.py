@@ -41,9 +41,20 @@ DIMS = {
 def open_store(
     url: str | os.PathLike[str], *, expected_fingerprint: dict[str, Any] | None = None
 ) -> ActivationStore:
-    """Open a complete store read-only (IncompleteStoreError, StaleStoreError and
-    CorruptStoreError say why not)."""
-    return ActivationStore.open(url, mode="r", expected_fingerprint=expected_fingerprint)
+    """Open a store read-only: a complete one, or a write-through one holding the rows its
+    stage read (docs/cache-format.md); IncompleteStoreError, StaleStoreError and
+    CorruptStoreError say why not."""
+    store = ActivationStore.open(
+        url, mode="r", expected_fingerprint=expected_fingerprint, require_complete=False
+    )
+    if not store.is_complete and not is_write_through(store):
+        ActivationStore.open(url, mode="r")  # raises IncompleteStoreError with its fix
+    return store
+
+
+def is_write_through(store: ActivationStore) -> bool:
+    """Filled by training steps: incomplete by design, its units the set markers."""
+    return store.attrs.get("built") == "write-through"
 
 
 def block_ranges(
@@ -62,12 +73,13 @@ def block_ranges(
     """
     n = store.spec.num_rows
     rpc = rows_per_chunk or store.rows_per_chunk
-    num_chunks = math.ceil(n / rpc)
-    if rows is None or rows >= n:
-        chunks = np.arange(num_chunks)
+    held = _held_chunks(store, rpc)
+    if rows is None or rows >= len(held) * rpc:
+        chunks = held
     else:
         want = max(1, math.ceil(rows / rpc))
-        chunks = np.unique(np.linspace(0, num_chunks, want, endpoint=False).astype(np.int64))
+        picks = np.linspace(0, len(held), want, endpoint=False).astype(np.int64)
+        chunks = np.unique(held[picks])
     per_block = max(1, target_bytes // (rpc * store.spec.row_bytes))
     ranges: list[tuple[int, int]] = []
     # Merge runs of consecutive chunks, then cut them into blocks of `per_block` chunks.
@@ -76,6 +88,19 @@ def block_ranges(
             first, last = int(run[i]), int(run[min(i + per_block, len(run)) - 1])
             ranges.append((first * rpc, min((last + 1) * rpc, n)))
     return ranges
+
+
+def _held_chunks(store: ActivationStore, rpc: int) -> np.ndarray:
+    """Indices of the `rpc`-row chunks the store holds: all of a complete store's, the
+    present units' rows of a write-through store."""
+    num_chunks = math.ceil(store.spec.num_rows / rpc)
+    if store.is_complete:
+        return np.arange(num_chunks)
+    held = np.zeros(num_chunks, dtype=bool)
+    for shard in store.shards_done():
+        a, b = store.shard_rows(shard)
+        held[a // rpc : math.ceil(b / rpc)] = True
+    return np.flatnonzero(held)
 
 
 _DONE = object()

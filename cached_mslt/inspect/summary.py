@@ -133,7 +133,9 @@ def summarize_store(url: str, run_dir: str | os.PathLike[str] | None = None) -> 
         fingerprint=store.fingerprint,
         provenance={k: attrs.get(k) for k in PROVENANCE_KEYS if k in attrs},
     )
-    if not store.is_complete:
+    # A write-through store holds the units its stage has read (docs/cache-format.md): ok,
+    # and the analyses read those ("built write-through", "shards done k/n" say so).
+    if not store.is_complete and attrs.get("built") != "write-through":
         summary.status = "incomplete"
         summary.problem = (
             f"{summary.shards_done}/{summary.num_shards} shards written and the build never "
@@ -208,7 +210,7 @@ def _compare(stored: str | None, found: str, where: str) -> str:
 @dataclass
 class StageEntry:
     stage: int
-    mode: str  # cached | live | unfinished
+    mode: str  # cached | write-through | live | unfinished
     num_layers: int | None
     frozen_layers: int | None
     store: StoreSummary | None
@@ -221,7 +223,7 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> list[StageEntry]:
     stages: dict[int, StageEntry] = {}
     for m in run.stages():
         index = m["stage"]["index"]
-        url = m["cache"].get("url") if m["mode"] == "cached" else None
+        url = m["cache"].get("url") if m["mode"] in ("cached", "write-through") else None
         stages[index] = StageEntry(
             index,
             m["mode"],

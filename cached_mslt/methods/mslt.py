@@ -1,5 +1,6 @@
 """MSLT through the staged trainer, live (`cache: never`) or from the activation store
-(`cache: always`). The stages split the comparison's budget in the proportions of the
+filled by the training steps (`cache: write-through`, docs/design.md invariant 9; before
+it, `mslt-cached` built each stage's store eagerly, `cache: always`). The stages split the comparison's budget in the proportions of the
 plan's `stage_tokens` (the `tiny` preset's 5M, 2M, 2M, 2M gives stage 1 5/11 of it; equal
 stage tokens split it evenly), so a comparison runs the plan `pretrain.py` runs, scaled
 to the budget. The `-joint` variants end with a joint phase (every layer trains, live) on
@@ -100,7 +101,7 @@ def run_live(ctx: MethodContext) -> PreTrainedModel:
 
 
 def run_cached(ctx: MethodContext) -> PreTrainedModel:
-    return _run(ctx, "always")
+    return _run(ctx, "write-through")
 
 
 def run_live_joint(ctx: MethodContext) -> PreTrainedModel:
@@ -108,4 +109,4 @@ def run_live_joint(ctx: MethodContext) -> PreTrainedModel:
 
 
 def run_cached_joint(ctx: MethodContext) -> PreTrainedModel:
-    return _run(ctx, "always", with_joint=True)
+    return _run(ctx, "write-through", with_joint=True)

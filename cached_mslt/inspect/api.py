@@ -39,11 +39,19 @@ DIMS = {
 
 
 def open_store(
-    url: str | os.PathLike[str], *, expected_fingerprint: dict[str, Any] | None = None
+    url: str | os.PathLike[str],
+    *,
+    expected_fingerprint: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ActivationStore:
     """Open a complete store read-only (IncompleteStoreError, StaleStoreError and
-    CorruptStoreError say why not)."""
-    return ActivationStore.open(url, mode="r", expected_fingerprint=expected_fingerprint)
+    CorruptStoreError say why not). `storage_options`: endpoint, credentials (fsspec)."""
+    return ActivationStore.open(
+        url,
+        mode="r",
+        expected_fingerprint=expected_fingerprint,
+        storage_options=storage_options,
+    )
 
 
 def block_ranges(

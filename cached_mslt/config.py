@@ -129,7 +129,7 @@ RANGES: dict[str, tuple[Any, str, str]] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "attn_implementation": ("sdpa", "eager"),
-    "mixed_precision": ("no", "fp16", "bf16"),
+    "mixed_precision": (None, "no", "fp16", "bf16"),  # None: the launcher's
 }
 
 
@@ -307,7 +307,14 @@ class TrainArgs:
             "non-finite loss or gradient norm; such steps are skipped, not applied"
         },
     )
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "no, fp16 or bf16; default: the launcher's (accelerate launch "
+            "--mixed_precision, its config file or ACCELERATE_MIXED_PRECISION), else no. "
+            "Given both ways with different values, the run refuses to start"
+        },
+    )
     eval_every: int = field(default=100, metadata={"help": "validation every N optimizer steps"})
     eval_batches: int | None = field(default=None, metadata={"help": "cap validation batches"})
     log_every: int = 10

@@ -1,14 +1,15 @@
 """Run one MSLT stage: `accelerate launch pipelines/stage.py --config CFG --stage K`.
 
 Refuses if stage K-1 is not finished, resumes K if it was interrupted, does nothing if
-K is done. Every process builds its share of the cache, then all train the top.
+K is done. Every process builds its share of the cache, then all train the top; then
+summary.md and val_loss.png of the stages finished so far are written.
 """
 
 import sys
 from dataclasses import dataclass, field
 
 from cached_mslt.config import parse_args
-from cached_mslt.stages import USER_ERRORS, run_stage
+from cached_mslt.stages import USER_ERRORS, run_stage, write_run_summary
 
 
 @dataclass
@@ -27,6 +28,7 @@ def main() -> None:
     try:
         args, (stage_args,) = parse_args(extra=(StageArgs,), description=__doc__)
         run_stage(args, stage_args.stage, rebuild_cache=stage_args.rebuild_cache)
+        write_run_summary(args)
     except USER_ERRORS as e:  # a message that says what to run, not a traceback
         sys.exit(f"error: {e}")
 

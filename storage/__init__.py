@@ -18,7 +18,6 @@ from storage.errors import (
     StoreWriteError,
 )
 from storage.fingerprint import fingerprint_dict, fingerprint_file_tree, fingerprint_module
-from storage.loopback import loopback_s3
 from storage.remote import check_reachable, public_options
 from storage.spec import CODECS, DTYPES, StoreSpec
 from storage.store import ActivationStore
@@ -51,5 +50,19 @@ __all__ = [
     "fingerprint_file_tree",
     "fingerprint_module",
     "make_block_loader",
+    "make_bucket",
     "public_options",
 ]
+
+# The two modules that are also commands (`python -m storage.loopback`, `python -m
+# storage.bucket`) load on first use: imported here, runpy would warn that the module it
+# runs was already imported.
+COMMAND_MODULES = {"loopback_s3": "storage.loopback", "make_bucket": "storage.bucket"}
+
+
+def __getattr__(name: str):
+    if name in COMMAND_MODULES:
+        import importlib
+
+        return getattr(importlib.import_module(COMMAND_MODULES[name]), name)
+    raise AttributeError(f"module 'storage' has no attribute {name!r}")

@@ -68,7 +68,7 @@ def check_reachable(url: str, storage_options: dict[str, Any] | None = None) -> 
     except FileNotFoundError:
         raise StoreUnreachableError(
             f"cannot use {where}: bucket {bucket!r} does not exist. Create it first "
-            f"(e.g. `aws s3 mb s3://{bucket}`), or {hint}"
+            f"(`python -m storage.bucket s3://{bucket}`), or {hint}"
         ) from None
     except ImportError as e:
         raise StoreSpecError(f"cannot open {url}: {e} (pip install s3fs for s3://)") from None

@@ -78,6 +78,10 @@ def test_two_rank_build_and_training_match_one_process(prepared_dir, tmp_path):
     )
     two_manifest = json.loads((tmp_path / "two" / "stage-2" / "manifest.json").read_text())
     assert two_manifest["num_processes"] == 2
+    # The build's record counts every process's rows, not process 0's alone.
+    cache = two_manifest["cache"]
+    assert len(cache["rows_per_process"]) == 2 and all(cache["rows_per_process"])
+    assert cache["rows"] == sum(cache["rows_per_process"]) == cache["store_rows"]
 
     # Same global batch (16 rows), so the same rows each step: the losses agree. The two-rank
     # loss is a mean of per-rank means, so gradients agree to rounding only; AdamW turns the

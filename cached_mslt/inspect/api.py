@@ -39,16 +39,24 @@ DIMS = {
 
 
 def open_store(
-    url: str | os.PathLike[str], *, expected_fingerprint: dict[str, Any] | None = None
+    url: str | os.PathLike[str],
+    *,
+    expected_fingerprint: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ActivationStore:
     """Open a store read-only: a complete one, or a write-through one holding the rows its
     stage read (docs/cache-format.md); IncompleteStoreError, StaleStoreError and
-    CorruptStoreError say why not."""
+    CorruptStoreError say why not. `storage_options`: endpoint, credentials (fsspec)."""
     store = ActivationStore.open(
-        url, mode="r", expected_fingerprint=expected_fingerprint, require_complete=False
+        url,
+        mode="r",
+        expected_fingerprint=expected_fingerprint,
+        require_complete=False,
+        storage_options=storage_options,
     )
     if not store.is_complete and not is_write_through(store):
-        ActivationStore.open(url, mode="r")  # raises IncompleteStoreError with its fix
+        # raises IncompleteStoreError with its fix
+        ActivationStore.open(url, mode="r", storage_options=storage_options)
     return store
 
 

@@ -22,6 +22,7 @@ from cached_mslt.inspect.summary import (
     StoreSummary,
     is_store,
     prepared_dir_of,
+    run_storage_options,
     summarize_run,
     summarize_store,
 )
@@ -68,6 +69,8 @@ class InspectOptions:
     verify: bool = False
     prepared: str | None = None
     task_dir: str = "data/tasks"
+    # fsspec options of object-store URLs (endpoint, credentials): used, never printed
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -84,6 +87,7 @@ class Report:
     probe_majority: float | None = None
     plots: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -108,7 +112,7 @@ def _open(report: Report, label: str) -> ActivationStore | None:
     if summary.status not in ANALYSABLE:
         report.notes.append(f"{label}: not analysed ({summary.status})")
         return None
-    return open_store(summary.url)
+    return open_store(summary.url, storage_options=report.storage_options)
 
 
 def gather(opts: InspectOptions) -> Report:
@@ -116,11 +120,13 @@ def gather(opts: InspectOptions) -> Report:
     if "://" in opts.path or is_store(path):
         run = RunLayout(opts.run) if opts.run else RunLayout.of_store(opts.path)
         report = Report(opts.path, str(run.root) if run else None)
-        summary = summarize_store(opts.path, run.root if run else None)
+        report.storage_options = _options(run, opts)
+        summary = summarize_store(opts.path, run.root if run else None, report.storage_options)
         report.stores[_label(summary)] = summary
     elif path.is_dir():
         report = Report(opts.path, opts.path)
-        report.stages = summarize_run(path)
+        report.storage_options = _options(RunLayout(path), opts)
+        report.stages = summarize_run(path, report.storage_options)
         report.stores = {f"stage-{e.stage}": e.store for e in report.stages if e.store}
     else:
         report = Report(opts.path, None)
@@ -128,6 +134,11 @@ def gather(opts: InspectOptions) -> Report:
         return report
     analyse(report, opts)
     return report
+
+
+def _options(run: RunLayout | None, opts: InspectOptions) -> dict[str, Any]:
+    """--storage_options over what the run's config.json recorded (its endpoint)."""
+    return run_storage_options(run, opts.storage_options) if run else dict(opts.storage_options)
 
 
 def analyse(report: Report, opts: InspectOptions) -> None:
@@ -192,7 +203,8 @@ def _guarded(report: Report, label: str, work) -> Any:
 def _similarity(report: Report, opts: InspectOptions) -> None:
     labels = [lab for lab in report.stores if report.stores[lab].status in ANALYSABLE]
     if opts.compare:
-        mine, other = _selected(report, opts), summarize_store(opts.compare)
+        mine = _selected(report, opts)
+        other = summarize_store(opts.compare, storage_options=report.storage_options)
         report.stores[f"compare:{_label(other)}"] = other
         labels = [lab for lab in (mine, f"compare:{_label(other)}") if lab]
     stores = [_guarded(report, lab, lambda s: s) for lab in labels]

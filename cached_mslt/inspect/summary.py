@@ -20,7 +20,7 @@ from transformers import BertForMaskedLM
 
 from cached_mslt.models import bottom_fingerprint
 from cached_mslt.rundir import RunLayout
-from storage import ActivationStore, StoreError, StoreNotFoundError
+from storage import ActivationStore, StoreError, StoreNotFoundError, check_reachable
 
 # Exit status of `pipelines/inspect_cache.py`: the worst store decides. Argparse errors use 2.
 EXIT_CODES = {"ok": 0, "incomplete": 3, "stale": 4, "corrupt": 5, "missing": 6}
@@ -77,10 +77,11 @@ def is_store(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def disk_bytes(url: str) -> int | None:
+def disk_bytes(url: str, storage_options: dict[str, Any] | None = None) -> int | None:
     """Bytes on disk (or in the object store) under the store's root."""
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        options = (storage_options or {}) if "://" in url else {}
+        fs, path = fsspec.core.url_to_fs(url, **options)
         return int(fs.du(path, total=True))
     except (OSError, ValueError):
         return None
@@ -93,25 +94,33 @@ def logical_bytes(spec: dict[str, Any]) -> int:
     return n * t * h * itemsize + n * t * (1 + 4) + n * 8
 
 
-def _raw_attrs(url: str) -> dict[str, Any]:
+def _raw_attrs(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Root attributes read with plain Zarr: still readable when the store is damaged."""
     try:
-        return dict(zarr.open_group(url, mode="r").attrs)
+        extra = {"storage_options": storage_options} if storage_options and "://" in url else {}
+        return dict(zarr.open_group(url, mode="r", **extra).attrs)
     except Exception:  # whatever Zarr raises for a broken hierarchy: show what we have
         return {}
 
 
-def summarize_store(url: str, run_dir: str | os.PathLike[str] | None = None) -> StoreSummary:
+def summarize_store(
+    url: str,
+    run_dir: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> StoreSummary:
     """Summary of the store at `url`, checked against `run_dir` (default: the run the
     store sits in, if it is at `<run>/cache/stage-K`). Never raises for a bad store:
-    the problem is in `status` and `problem`."""
+    the problem is in `status` and `problem`. An object store that cannot be reached at
+    all (endpoint, bucket, credentials) raises storage.StoreUnreachableError: that is no
+    store's status."""
     url = os.fspath(url)
+    check_reachable(url, storage_options)
     try:
-        store = ActivationStore.open(url, require_complete=False)
+        store = ActivationStore.open(url, require_complete=False, storage_options=storage_options)
     except StoreNotFoundError as e:
         return StoreSummary(url, "missing", str(e))
     except StoreError as e:  # missing shard files, or unreadable (say a newer format)
-        attrs = _raw_attrs(url)
+        attrs = _raw_attrs(url, storage_options)
         return StoreSummary(
             url,
             "corrupt",
@@ -128,7 +137,7 @@ def summarize_store(url: str, run_dir: str | os.PathLike[str] | None = None) -> 
         spec=spec,
         shards_done=len(store.shards_done()),
         num_shards=store.num_shards,
-        disk_bytes=disk_bytes(url),
+        disk_bytes=disk_bytes(url, storage_options),
         logical_bytes=logical_bytes(spec),
         fingerprint=store.fingerprint,
         provenance={k: attrs.get(k) for k in PROVENANCE_KEYS if k in attrs},
@@ -216,10 +225,15 @@ class StageEntry:
     store: StoreSummary | None
 
 
-def summarize_run(run_dir: str | os.PathLike[str]) -> list[StageEntry]:
+def summarize_run(
+    run_dir: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> list[StageEntry]:
     """Every stage of a run: finished stages from their manifests, plus any store under
-    `cache/` whose stage has not finished (a build in progress or a crashed one)."""
+    `cache/` whose stage has not finished (a build in progress or a crashed one).
+    `storage_options` reach stores on an object store (default: run_storage_options)."""
     run = RunLayout(run_dir)
+    if storage_options is None:
+        storage_options = run_storage_options(run)
     stages: dict[int, StageEntry] = {}
     for m in run.stages():
         index = m["stage"]["index"]
@@ -229,7 +243,7 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> list[StageEntry]:
             m["mode"],
             m["stage"]["num_layers"],
             m["stage"]["frozen_layers"],
-            summarize_store(_resolve(url, run, index), run.root) if url else None,
+            summarize_store(_resolve(url, run, index), run.root, storage_options) if url else None,
         )
     for index, store_dir in run.local_stores().items():
         if index not in stages:
@@ -242,6 +256,14 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> list[StageEntry]:
             "(runs/<preset>) or a store (runs/<preset>/cache/stage-K)?"
         )
     return [stages[i] for i in sorted(stages)]
+
+
+def run_storage_options(run: RunLayout, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The storage options a run's stores are read with: what its config.json recorded of
+    --cache_storage_options (the endpoint; credentials are never saved and come from the
+    environment or `given`), with `given` on top."""
+    saved = ((run.read_config() or {}).get("schedule") or {}).get("cache_storage_options")
+    return {**(json.loads(saved) if saved else {}), **(given or {})}
 
 
 def _resolve(url: str, run: RunLayout, index: int) -> str:

@@ -14,6 +14,8 @@ from cached_mslt.stages.runner import (
     run_all,
     run_stage,
     train_rows,
+    write_run_config,
+    write_run_summary,
 )
 
 __all__ = [
@@ -27,4 +29,6 @@ __all__ = [
     "run_all",
     "run_stage",
     "train_rows",
+    "write_run_config",
+    "write_run_summary",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers import BertForMaskedLM
 
@@ -351,15 +351,33 @@ def _commit(state, store, req, fingerprint, how, rows_total: int, elapsed: float
     built = ActivationStore.open(
         req.url, expected_fingerprint=fingerprint, storage_options=req.storage_options
     )
-    stats = {
+    stats = build_stats(state, rows_total, elapsed, how, built.spec.num_rows)
+    state.print(build_line(req, stats))
+    return built, stats
+
+
+def build_stats(state, rows: int, elapsed: float, how: str, store_rows: int) -> dict[str, Any]:
+    """What this build computed, over every process: `rows` is the total this build wrote
+    (less than the store holds when it resumed a build), `rows_per_process` each share."""
+    per_process = [int(n) for n in gather_object([rows])]
+    total = sum(per_process)
+    return {
         "reused": False,
         "build_s": elapsed,
-        "rows": rows_total,
-        "rows_per_s_per_process": rows_total / elapsed if elapsed > 0 else None,
+        "rows": total,
+        "rows_per_process": per_process,
+        "store_rows": store_rows,
+        "rows_per_s_per_process": total / len(per_process) / elapsed if elapsed > 0 else None,
         "how": how,
     }
-    state.print(
-        f"cache stage-{req.stage}: {rows_total} rows on process 0 in {elapsed:.1f}s "
-        f"({rows_total * req.seq_len / max(elapsed, 1e-9):,.0f} tokens/s per process), {how}"
+
+
+def build_line(req: CacheRequest, stats: dict[str, Any]) -> str:
+    """The build's log line: rows in total and per process, and the store's size."""
+    shares = ", ".join(f"{n}" for n in stats["rows_per_process"])
+    rate = stats["rows_per_s_per_process"] or 0.0
+    return (
+        f"cache stage-{req.stage}: built {stats['rows']} rows on {len(stats['rows_per_process'])} "
+        f"process(es) ({shares}) in {stats['build_s']:.1f}s ({rate * req.seq_len:,.0f} tokens/s "
+        f"per process); the store holds {stats['store_rows']} rows; {stats['how']}"
     )
-    return built, stats

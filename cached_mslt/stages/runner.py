@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import BertForMaskedLM
 
@@ -47,6 +47,13 @@ from cached_mslt.rundir import (
 from cached_mslt.stages.cache import CacheRequest, build_cache, open_write_through
 from cached_mslt.stages.cache_choice import Stored, choose_cache
 from cached_mslt.stages.plan import Stage, StagePlan
+from cached_mslt.stages.precision import (
+    autocast_dtype,
+    check_precision_supported,
+    effective_precision,
+    on_cuda,
+    requested_precision,
+)
 from cached_mslt.stages.write_through import (
     Pending,
     Source,
@@ -221,6 +228,7 @@ def run_stage(
     plan = StagePlan.from_args(args)
     stage = plan[index]
     check_prepared(args.data)  # data settings first: nothing written for a mismatched run
+    check_previous_stage_done(args, stage)
     check_cache_location(args, plan)
     accelerator = accelerator or make_accelerator(args)
     # One owner per run and stage, from before it reads its own state to its manifest.
@@ -337,7 +345,9 @@ def _stage_blocks(
     if mode == "live":
         return prepared, {"build_s": 0.0, "reused": False}, None
     overwrite = args.schedule.overwrite_cache or rebuild_cache
-    req = cache_request(args, run.index, stage, run.data, rows, run.plan)
+    req = cache_request(
+        args, run.index, stage, run.data, rows, run.plan, run.accelerator.mixed_precision
+    )
     if mode == "write-through":
         with store_repair_hint(args, run.index, None):
             store = open_write_through(run.model, req, overwrite=overwrite)
@@ -478,6 +488,7 @@ def _stage_manifest(
         "train": stats,
         "clock": run.clock.to_dict(),
         "num_processes": run.accelerator.num_processes,
+        "mixed_precision": run.accelerator.mixed_precision,  # the launcher's or --mixed_precision
         "version": __version__,
     }
 
@@ -486,13 +497,17 @@ def lower_learning_rate(rate: float) -> float:
     return rate / 10 if math.isfinite(rate) and rate > 0 else 1e-4
 
 
-# --mixed_precision -> the dtype Accelerate's autocast computes in
-AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-
-
 def cache_request(
-    args: RunArgs, index: int, stage: Stage, data, rows: int, plan: StagePlan
+    args: RunArgs,
+    index: int,
+    stage: Stage,
+    data,
+    rows: int,
+    plan: StagePlan,
+    mixed_precision: str,
 ) -> CacheRequest:
+    """What stage `index`'s store holds; `mixed_precision` is the run's Accelerator's (the
+    launcher's or --mixed_precision), so the build computes as the live bottom would."""
     return CacheRequest(
         url=RunLayout.of(args).store_url(index),
         frozen_layers=stage.frozen_layers,
@@ -504,7 +519,7 @@ def cache_request(
         seq_len=args.data.seq_len,
         num_rows=rows,
         stage=index,
-        compute_dtype=AUTOCAST_DTYPES.get(args.train.mixed_precision, "float32"),
+        compute_dtype=autocast_dtype(mixed_precision),
         storage_options=args.schedule.storage_options(),
         round_at=tuple(s.frozen_layers for s in plan.stages if s.index < index and not s.joint),
     )
@@ -553,7 +568,10 @@ def rebuild_stage_store(
     rows = train_rows(args, len(data.train))
     plan = StagePlan.from_args(args)
     _, build = build_cache(
-        model, cache_request(args, index, stage, data, rows, plan), data.train, overwrite=True
+        model,
+        cache_request(args, index, stage, data, rows, plan, accelerator.mixed_precision),
+        data.train,
+        overwrite=True,
     )
     manifest = {**manifest, "cache": {**build, "url": RunLayout.of(args).store_url(index)}}
     if accelerator.is_main_process:
@@ -629,8 +647,12 @@ def make_accelerator(args: RunArgs, *, find_unused_parameters: bool = False) -> 
     before any step (`host_memory.keep_freed_memory`)."""
     if args.train.reuse_host_memory:
         keep_freed_memory()
+    # Only a precision the user asked for is passed: an explicit one overrides the
+    # launcher's (cached_mslt/stages/precision.py).
+    precision = requested_precision(args.train.mixed_precision)
+    check_precision_supported(effective_precision(args.train.mixed_precision), on_cuda())
     accelerator = Accelerator(
-        mixed_precision=args.train.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=args.train.gradient_accumulation_steps,
         log_with=args.train.report_to,
         project_dir=args.train.run_dir,
@@ -654,6 +676,7 @@ def run_all(args: RunArgs) -> list[dict[str, Any]]:
     manifests = []
     for st in plan.stages:
         manifests.append(run_stage(args, st.index, accelerator))
+        write_run_summary(args)  # a run stopped later still has its table and plot
         budget = args.train.max_wall_s
         if (
             budget is not None
@@ -665,8 +688,7 @@ def run_all(args: RunArgs) -> list[dict[str, Any]]:
             )
             break
     if accelerator.is_main_process:
-        final = RunLayout.of(args).model_dir(manifests[-1]["stage"]["index"])
-        write_summary(args, manifests, final)
+        print("\n" + RunLayout.of(args).summary.read_text())
     accelerator.end_training()
     return manifests
 
@@ -679,7 +701,7 @@ def record_peak(args: RunArgs, accelerator: Accelerator) -> None:
     if accelerator.is_main_process and not layout.peak.exists():
         config = bert_config(args.model, vocab_size=2, num_layers=1)  # only H and I matter
         tokens = args.train.batch_size * args.data.seq_len
-        half = args.train.mixed_precision in ("bf16", "fp16")
+        half = accelerator.mixed_precision in ("bf16", "fp16")
         peak = run_peak(
             config, tokens, accelerator.device, half=half, peak_tflops=args.train.peak_tflops
         )
@@ -705,6 +727,7 @@ def summary_rows(
                 "layers": m["stage"]["num_layers"],
                 "frozen": m["stage"]["frozen_layers"],
                 "mode": m["mode"],
+                "precision": m.get("mixed_precision", "no"),
                 "cache build s": m["timings"]["build_s"],
                 "train s": m["timings"]["train_s"],
                 "tokens/s": speed.get("tokens_per_s", m["train"]["tokens_per_s"]),
@@ -761,5 +784,54 @@ def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: P
         "Plot: `val_loss.png`.\n"
     )
     layout.summary.write_text(text)
-    print("\n" + text)
     return text
+
+
+def finished_manifests(args: RunArgs) -> list[dict[str, Any]]:
+    """The manifests of the plan's stages finished so far, in order (up to the first gap)."""
+    layout = RunLayout.of(args)
+    manifests = []
+    for stage in StagePlan.from_args(args).stages:
+        manifest = layout.read_manifest(stage.index)
+        if manifest is None:
+            break
+        manifests.append(manifest)
+    return manifests
+
+
+def write_run_summary(args: RunArgs) -> str | None:
+    """summary.md and val_loss.png of the stages finished so far, on the main process: after
+    every stage, whether all stages run in one call (run_all) or one at a time
+    (pipelines/stage.py). None if no stage has finished or on the other processes."""
+    manifests = finished_manifests(args)
+    if not manifests or not PartialState().is_main_process:
+        return None
+    final = RunLayout.of(args).model_dir(manifests[-1]["stage"]["index"])
+    return write_summary(args, manifests, final)
+
+
+def write_run_config(args: RunArgs) -> tuple[Path, bool]:
+    """Write the run's config.json without training, for every node's `--config` (checks the
+    prepared data first, as a stage does). An existing one is kept if it is the same run
+    and refused if not. Returns the path and whether it was written now."""
+    check_prepared(args.data)
+    path = RunLayout.of(args).config
+    existed = path.exists()
+    check_run_config(args, PartialState())
+    return path, not existed
+
+
+def check_previous_stage_done(args: RunArgs, stage: Stage) -> None:
+    """Stage K needs stage K-1 finished: checked before anything is written, so a refused
+    attempt leaves no config.json and no stage-K/ that look like a started run."""
+    if stage.index == 1:
+        return
+    layout = RunLayout.of(args)
+    if layout.read_manifest(stage.index - 1) is None:
+        raise StageError(
+            f"stage {stage.index} needs stage {stage.index - 1}, which is not finished "
+            f"({layout.manifest(stage.index - 1)} is missing); run `accelerate launch "
+            f"pipelines/stage.py --config {layout.config} --stage {stage.index - 1}` first "
+            "(or every stage in order: `accelerate launch pipelines/pretrain.py --config "
+            f"{layout.config}`)"
+        )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from transformers import BertForMaskedLM
 
 from cached_mslt import __version__
@@ -385,10 +385,13 @@ def abandon_on_failure(run: _StageRun, fill: WriteThrough | None) -> Iterator[No
 def finish_write_through(run: _StageRun, fill: WriteThrough) -> dict[str, Any]:
     """After the last step: every queued unit written, then (all processes done) rank 0
     commits the store if every unit is there, and gives up its lock either way: a store
-    that holds the rows the stage read is a finished write-through store."""
+    that holds the rows the stage read is a finished write-through store. The counts are
+    summed over processes (`*_per_process` keeps each share)."""
     fill.writer.close()
-    stats = fill.stats()
-    run.accelerator.wait_for_everyone()
+    mine = fill.stats()
+    shares = gather_object([mine])
+    stats = {k: sum(s[k] for s in shares) for k in mine}
+    stats |= {f"{k}_per_process": [s[k] for s in shares] for k in ("units_computed", "units_read")}
     store = fill.blocks.store
     held = len(store.shards_done())
     if run.accelerator.is_main_process:
@@ -399,7 +402,8 @@ def finish_write_through(run: _StageRun, fill: WriteThrough) -> dict[str, Any]:
     run.accelerator.wait_for_everyone()
     run.accelerator.print(
         f"{run.stage.name}: write-through computed {stats['units_computed']} blocks and read "
-        f"{stats['units_read']} on process 0; the store holds {held}/{store.num_shards} blocks"
+        f"{stats['units_read']} back on {len(shares)} process(es); the store holds "
+        f"{held}/{store.num_shards} blocks of {fill.blocks.block_rows} rows"
     )
     return {**stats, "units_held": held, "units": store.num_shards}
 

@@ -254,15 +254,24 @@ def _try_create(path: Path, payload: str) -> bool:
     return True
 
 
-def acquire(path: Path, what: str) -> str | None:
-    """Take the lock at `path` for this process; return None, or why it cannot be taken."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mine = {
+def owner_record(what: str) -> dict[str, Any]:
+    """What identifies a lock's owner: host, pid, start time, the stage and the program's
+    name. Never the command line: its flags can carry credentials
+    (`--cache_storage_options`), and a lock outlives a SIGKILLed owner and is printed to
+    whoever is refused by it (docs/reliability.md, secrets)."""
+    return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "since": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "what": what,
+        "program": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
     }
+
+
+def acquire(path: Path, what: str) -> str | None:
+    """Take the lock at `path` for this process; return None, or why it cannot be taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = owner_record(what)
     for _ in range(3):
         if _try_create(path, json.dumps(mine)):
             return None
@@ -279,7 +288,7 @@ def acquire(path: Path, what: str) -> str | None:
         if _alive(host, pid):
             return (
                 f"{what} is already running: pid {pid} on host {host} since "
-                f"{holder.get('since')} (`{holder.get('command')}`) owns {path}. Expected no "
+                f"{holder.get('since')} ({holder.get('program', 'an older version')}) owns {path}. Expected no "
                 f"other owner; wait for it to finish, or if that process is gone (it ran on "
                 f"another host), `rm {path}` and rerun"
             )

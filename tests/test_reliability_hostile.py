@@ -1,0 +1,88 @@
+"""Fault tests of the second campaign (docs/reliability.md, issue 28): secrets never
+written or printed, torn appends, corrupt checkpoints, swapped weights, edited configs,
+printed fixes that work, hanging object stores, config files that do not parse."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cached_mslt.rundir import RunLayout, RunLockedError
+from cached_mslt.stages.runner import run_stage
+from tests.conftest import small_run
+
+REPO = Path(__file__).resolve().parents[1]
+PLANTED_KEY = "AKIAPLANTEDKEY7Q3Z"
+PLANTED_SECRET = "planted-secret-Zq9/xW+4"
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def files_holding(root: Path, needles: tuple[str, ...]) -> list[str]:
+    """Every file under `root` whose bytes contain one of `needles`."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and any(n.encode() in path.read_bytes() for n in needles):
+            found.append(str(path))
+    return found
+
+
+def hold_stage_lock(lock: Path, argv: list[str]) -> subprocess.Popen:
+    """A real process that takes `lock` the way a stage does, with `argv` as its command
+    line, then sleeps: a first command still training."""
+    code = (
+        "import sys, time; from pathlib import Path; from cached_mslt.rundir import acquire; "
+        f"assert acquire(Path({str(lock)!r}), 'stage-1') is None; print('held', flush=True); "
+        "time.sleep(120)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, text=True,
+        env=subprocess_env(), cwd=REPO,
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_secrets_are_never_written_or_printed(
+    prepared_dir, tmp_path, s3_bucket, monkeypatch, capfd
+):
+    bucket, options = s3_bucket
+    planted = json.dumps({**options, "key": PLANTED_KEY, "secret": PLANTED_SECRET})
+    run = tmp_path / "run"
+    args = small_run(
+        prepared_dir, run, stage_steps="2", cache_url=f"s3://{bucket}/run",
+        cache_storage_options=planted,
+    )  # fmt: skip
+    argv = ["pipelines/stage.py", "--stage", "1", "--cache_storage_options", planted]
+    monkeypatch.setattr(sys, "argv", argv)
+    lock = RunLayout.of(args).lock(1)
+    first = hold_stage_lock(lock, argv[1:])
+    try:
+        with pytest.raises(RunLockedError) as refused:  # the second command, refused
+            run_stage(args, 1)
+        assert f"pid {first.pid}" in str(refused.value)
+    finally:
+        first.send_signal(signal.SIGKILL)  # the first command dies, its lock stays behind
+        first.wait()
+    assert lock.exists() and files_holding(lock.parent, (PLANTED_KEY, PLANTED_SECRET)) == []
+    with pytest.warns(UserWarning, match="taking over"):
+        run_stage(args, 1)
+    run_stage(args, 2)
+    printed = capfd.readouterr()
+    needles = (PLANTED_KEY, PLANTED_SECRET)
+    for text in (str(refused.value), printed.out, printed.err):
+        assert not any(n in text for n in needles), text
+    assert files_holding(run, needles) == []
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    objects = [p for p in fs.find(bucket) if any(n.encode() in fs.cat(p) for n in needles)]
+    assert objects == []

@@ -566,12 +566,30 @@ class RunArgs:
 GROUPS = (ModelArgs, DataArgs, TrainArgs, ScheduleArgs)
 
 
+def _parse_file(path: Path) -> Any:
+    """A JSON or YAML file's contents; one line naming file, line and column if it does not
+    parse (a parser traceback names neither the file nor what to fix)."""
+    text = path.read_text()
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        line, column, problem = e.lineno, e.colno, e.msg
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    raise ConfigError(
+        f"config file {path}:{line}:{column}: not valid {kind} ({problem}); expected a mapping "
+        f"of option: value, e.g. `stage_layers: 3,6` (fix the file there, or pass flags instead)"
+    ) from None
+
+
 def _load_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = p.read_text()
-    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    data = _parse_file(p)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
     # Accept both flat files and files grouped as {model: {...}, data: {...}, ...}.

@@ -86,3 +86,25 @@ def test_secrets_are_never_written_or_printed(
     fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
     objects = [p for p in fs.find(bucket) if any(n.encode() in fs.cat(p) for n in needles)]
     assert objects == []
+
+
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("run.json", '{\n  "stage_layers": "2,4",\n  "seq_len": 32,,\n}', ":3:17: not valid JSON"),
+        ("run.json", '{"stage_layers": "2,4', ":1:18: not valid JSON"),
+        ("run.yaml", "stage_layers: 2,4\nseq_len: [32\n", ":3:1: not valid YAML"),
+        ("run.yaml", "a: 1\n b: 2\n", ":2:3: not valid YAML"),
+    ],
+)
+def test_config_file_that_does_not_parse_is_one_line_naming_file_line_and_column(
+    tmp_path, name, text, where
+):
+    from cached_mslt.config import ConfigError, parse_args
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--config", str(path)])
+    message = str(err.value)
+    assert message.startswith(f"config file {path}{where}") and "\n" not in message, message

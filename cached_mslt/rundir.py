@@ -228,6 +228,39 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append `line` (and a newline) whole or not at all: a write cut short (disk full) is
+    taken back, so the file ends where it did, and the error names the file and its free
+    space. A torn tail left by a killed writer is ended first, so it stays one unreadable
+    line that readers skip instead of gluing itself to this one (docs/reliability.md)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        torn_tail = start > 0 and os.pread(fd, 1, start - 1) != b"\n"
+        data = ("\n" if torn_tail else "").encode() + line.encode() + b"\n"
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError as e:
+            os.ftruncate(fd, start)
+            raise _append_error(path, e) from e
+    finally:
+        os.close(fd)
+
+
+def _append_error(path: Path, e: OSError) -> OSError:
+    free = _free_bytes(path.parent) / 2**20
+    what = "no space left on the device" if _is_disk_full(e) else e.strerror or str(e)
+    message = (
+        f"appending a line to {path} failed: {what} ({free:.1f} MiB free there; expected room "
+        f"for one line). The file is as it was before this line. Free space (or use another "
+        f"--run_dir), then rerun the same command: the stage resumes from its last checkpoint"
+    )
+    return DiskFullError(errno.ENOSPC, message) if _is_disk_full(e) else OSError(e.errno, message)
+
+
 def _alive(host: str, pid: int) -> bool:
     if host != socket.gethostname():
         return True  # unknowable from here: assume it runs

@@ -108,3 +108,47 @@ def test_config_file_that_does_not_parse_is_one_line_naming_file_line_and_column
         parse_args(["--config", str(path)])
     message = str(err.value)
     assert message.startswith(f"config file {path}{where}") and "\n" not in message, message
+
+
+def test_torn_metrics_line_is_skipped_and_reported_and_every_stage_still_starts(
+    prepared_dir, tmp_path
+):
+    from cached_mslt.training.metrics import read_metrics
+
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
+    run_stage(args, 1)
+    metrics = RunLayout.of(args).metrics
+    with metrics.open("a") as f:  # a killed writer's half line, no newline
+        f.write('{"stage": "stage-1", "step": 3, "train_lo')
+    with pytest.warns(UserWarning, match=rf"{metrics}:\d+: skipped a torn line"):
+        assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    with pytest.warns(UserWarning, match="skipped a torn line"):
+        run_stage(args, 2)  # resuming rewrites the file without the torn line
+    records = read_metrics(tmp_path / "run")
+    assert [(r["stage"], r["step"]) for r in records] == [
+        ("stage-1", 1), ("stage-1", 2), ("stage-2", 3), ("stage-2", 4),
+    ]  # fmt: skip
+
+
+def test_an_append_cut_short_by_a_full_disk_names_the_file_and_is_taken_back(tmp_path, monkeypatch):
+    import errno
+
+    from cached_mslt.rundir import DiskFullError
+    from cached_mslt.training.metrics import MetricsWriter, read_metrics
+
+    writer = MetricsWriter(tmp_path)
+    writer.log({"stage": "stage-1", "step": 1})
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 4:
+            return real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(DiskFullError, match=rf"appending a line to {writer.path} .*MiB free"):
+        writer.log({"stage": "stage-1", "step": 2, "train_loss": 6.5})
+    monkeypatch.undo()
+    assert writer.path.read_text() == '{"stage": "stage-1", "step": 1}\n'
+    writer.log({"stage": "stage-1", "step": 2})
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]

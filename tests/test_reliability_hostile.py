@@ -152,3 +152,85 @@ def test_an_append_cut_short_by_a_full_disk_names_the_file_and_is_taken_back(tmp
     assert writer.path.read_text() == '{"stage": "stage-1", "step": 1}\n'
     writer.log({"stage": "stage-1", "step": 2})
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def _flip_last_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+CHECKPOINT_DAMAGE = {
+    "flip optimizer.bin": ("optimizer.bin", _flip_last_bytes, "does not match its SHA-256"),
+    "flip model.safetensors": ("model.safetensors", _flip_last_bytes, "does not match"),
+    "truncate optimizer.bin": (
+        "optimizer.bin",
+        lambda p: p.write_bytes(p.read_bytes()[:100]),
+        "is 100 bytes, expected",
+    ),
+}
+
+
+def _trained_parameters(args) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(RunLayout.of(args).model_dir(1) / "model.safetensors")
+
+
+@pytest.mark.parametrize("damage", sorted(CHECKPOINT_DAMAGE))
+def test_corrupt_checkpoint_is_reported_and_never_resumed(
+    prepared_dir, tmp_path, monkeypatch, damage
+):
+    import torch
+
+    from cached_mslt.training import trainer
+    from cached_mslt.training.metrics import read_metrics
+
+    reference = small_run(prepared_dir, tmp_path / "reference", stage_steps="6")
+    run_stage(reference, 1)
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="6")
+    real = trainer._phase_inputs
+
+    def crash_at_step_5(model, phase, batch, *rest, calls=[0]):  # noqa: B006 - a counter
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return real(model, phase, batch, *rest)
+
+    monkeypatch.setattr(trainer, "_phase_inputs", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(args, 1)
+    monkeypatch.undo()
+    checkpoint = RunLayout.of(args).checkpoint_dir(1)
+    name, harm, said = CHECKPOINT_DAMAGE[damage]
+    harm(checkpoint / name)
+    with pytest.warns(UserWarning, match=rf"checkpoint {checkpoint} is corrupt: {name} {said}"):
+        run_stage(args, 1)
+    # Restarted from the phase's beginning: what an uninterrupted run trains, bit for bit.
+    done, expected = _trained_parameters(args), _trained_parameters(reference)
+    assert all(torch.equal(done[k], expected[k]) for k in expected)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    assert (checkpoint.parent / "checkpoint.corrupt" / name).exists()
+
+
+def test_an_undamaged_checkpoint_resumes(prepared_dir, tmp_path, monkeypatch):
+    from cached_mslt.training import checkpointing, trainer
+
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="6")
+    real = trainer._phase_inputs
+
+    def crash_at_step_5(model, phase, batch, *rest, calls=[0]):  # noqa: B006 - a counter
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return real(model, phase, batch, *rest)
+
+    monkeypatch.setattr(trainer, "_phase_inputs", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(args, 1)
+    monkeypatch.undo()
+    assert checkpointing.checkpoint_problem(RunLayout.of(args).checkpoint_dir(1)) is None
+    steps = []
+    monkeypatch.setattr(trainer, "_phase_inputs", lambda *a: steps.append(1) or real(*a))
+    run_stage(args, 1)
+    assert len(steps) == 2  # steps 5 and 6 only: resumed at step 4

@@ -234,3 +234,33 @@ def test_an_undamaged_checkpoint_resumes(prepared_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "_phase_inputs", lambda *a: steps.append(1) or real(*a))
     run_stage(args, 1)
     assert len(steps) == 2  # steps 5 and 6 only: resumed at step 4
+
+
+def run_printed_fix(command: str) -> subprocess.CompletedProcess:
+    """A printed fix, run exactly as printed through a shell (python in place of
+    `accelerate launch`: one process, same script and flags)."""
+    shell = command.replace("accelerate launch", f"{sys.executable}")
+    return subprocess.run(
+        shell, shell=True, cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=subprocess_env(),
+    )  # fmt: skip
+
+
+def test_weights_swapped_under_a_finished_stage_are_refused_and_the_fix_works(
+    prepared_dir, tmp_path
+):
+    from cached_mslt.stages.runner import StageError
+
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
+    other = small_run(prepared_dir, tmp_path / "other", stage_steps="2", seed=7)
+    first, _ = run_stage(args, 1), run_stage(other, 1)
+    assert first["fingerprints"]["model"] != first["fingerprints"]["frozen_bottom"]
+    weights = RunLayout.of(args).model_dir(1) / "model.safetensors"
+    weights.write_bytes((RunLayout.of(other).model_dir(1) / "model.safetensors").read_bytes())
+    with pytest.raises(StageError, match=rf"{weights}: these are not the weights stage 1 saved"):
+        run_stage(args, 2)
+    command = str(pytest.raises(StageError, run_stage, args, 2).value).rsplit("`", 2)[1]
+    assert command.startswith("rm -rf ") and command.endswith("--stage 1")
+    done = run_printed_fix(command)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert run_stage(args, 2)["stage"]["index"] == 2

@@ -35,6 +35,7 @@ from cached_mslt.models import (
     build_model,
     check_tied,
     grow,
+    model_fingerprint,
 )
 from cached_mslt.rundir import (
     DiskFullError,
@@ -180,6 +181,7 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
     model = BertForMaskedLM.from_pretrained(
         layout.model_dir(stage.index - 1), attn_implementation=args.model.attn_implementation
     )
+    check_saved_model(args, stage.index - 1, model)
     if model.config.num_hidden_layers != stage.frozen_layers and not stage.joint:
         raise StageError(
             f"stage {stage.index - 1} saved a {model.config.num_hidden_layers}-layer model but this "
@@ -188,6 +190,24 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
     if stage.num_layers > model.config.num_hidden_layers:
         grow(model, stage.num_layers, init=args.schedule.growth_init)
     return model
+
+
+def check_saved_model(args: RunArgs, index: int, model: BertForMaskedLM) -> None:
+    """Stage `index`'s saved weights are the ones its manifest recorded (manifests from
+    before the record was kept are not checked): weights swapped or damaged under a finished
+    stage would otherwise train every later stage on them without a word."""
+    layout = RunLayout.of(args)
+    expected = layout.read_manifest(index)["fingerprints"].get("model")
+    found = model_fingerprint(model)
+    if expected is None or found == expected:
+        return
+    raise StageError(
+        f"{layout.model_dir(index)}/model.safetensors: these are not the weights stage {index} "
+        f"saved (fingerprint {found[:12]}, its manifest records {expected[:12]}); expected "
+        f"that stage's own model. Put its weights back, or retrain it: `rm -rf "
+        f"{layout.stage_dir(index)} && accelerate launch pipelines/stage.py --config "
+        f"{layout.config} --stage {index}`"
+    )
 
 
 def decide_cache(
@@ -439,7 +459,11 @@ def _stage_manifest(
         "mode": "cached" if cached else "live",
         "cache_decision": why,
         "cache": {**build, "url": run.layout.store_url(run.index) if cached else None},
-        "fingerprints": {"frozen_bottom": bottom_after, "data": run.data.manifest["fingerprint"]},
+        "fingerprints": {
+            "frozen_bottom": bottom_after,
+            "model": model_fingerprint(run.model),  # what save_stage writes: checked on load
+            "data": run.data.manifest["fingerprint"],
+        },
         "timings": {"build_s": build.get("build_s", 0.0), "train_s": stats["train_s"]},
         "train": stats,
         "clock": run.clock.to_dict(),

@@ -345,6 +345,14 @@ class TrainArgs:
     report_to: str | None = field(
         default=None, metadata={"help": "Accelerate tracker, e.g. tensorboard"}
     )
+    override_run_config: bool = field(
+        default=False,
+        metadata={
+            "help": "accept options that shape the plan, the model or the data although they "
+            "differ from the run's contract (<run_dir>/run_identity.json); the contract and "
+            "config.json then take the new values (docs/reliability.md, the run's contract)"
+        },
+    )
     peak_tflops: float | None = field(
         default=None,
         metadata={

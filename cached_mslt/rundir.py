@@ -1,6 +1,7 @@
 """The run directory: where everything of a run lives, one owner per stage, files that are whole.
 
-    <run>/config.json              the run's configuration; later stages must agree with it
+    <run>/config.json              the run's configuration
+    <run>/run_identity.json        the options later stages must agree with (the contract)
     <run>/metrics.jsonl            one line per log step, all stages (or phases)
     <run>/stage-K/model/           save_pretrained checkpoint (plus tokenizer) at stage end
     <run>/stage-K/checkpoint/      accelerate save_state for resuming mid-stage (removed at end)
@@ -83,6 +84,12 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / CONFIG
+
+    @property
+    def identity(self) -> Path:
+        """The run's contract: the options that shape its plan, model and data, as first
+        written (config.json can be edited and passed back with --config)."""
+        return self.root / "run_identity.json"
 
     @property
     def metrics(self) -> Path:

@@ -81,12 +81,18 @@ from storage import (
 logger = logging.getLogger(__name__)
 
 UNBOUNDED_STEPS = 2**62
-# Options that define what a run is; a later stage launched with different values would
-# silently mix two runs, so it is refused.
+# Options that define what a run is (they shape its plan, its model or its data); a later
+# stage launched with different values would silently mix two runs, so it is refused.
 RUN_IDENTITY = {
     "model": ("preset", "num_layers", "hidden_size", "num_attention_heads", "intermediate_size"),
     "data": ("prepared_dir", "seq_len", "mask_seed", "train_examples"),
-    "schedule": ("stage_layers", "growth_init"),
+    "schedule": (
+        "stage_layers",
+        "stage_tokens",
+        "stage_steps",
+        "joint_tokens",
+        "growth_init",
+    ),
 }
 
 
@@ -107,29 +113,54 @@ USER_ERRORS = (
 )
 
 
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The options of a run's configuration (as `RunArgs.to_dict`) that shape its plan, its
+    model or its data: "group.key" -> value."""
+    return {
+        f"{group}.{key}": config.get(group, {}).get(key)
+        for group, keys in RUN_IDENTITY.items()
+        for key in keys
+    }
+
+
 def check_run_config(args: RunArgs, accelerator: Accelerator) -> None:
-    """Write config.json on first use; afterwards refuse options that change the run's identity."""
-    path = RunLayout.of(args).config
-    current = args.to_dict()
-    if path.exists():
-        saved = json.loads(path.read_text())
-        diffs = [
-            f"{group}.{key}: run has {saved.get(group, {}).get(key)!r}, now {current[group][key]!r}"
-            for group, keys in RUN_IDENTITY.items()
-            for key in keys
-            if saved.get(group, {}).get(key) != current[group][key]
-        ]
+    """Write config.json and the run's contract on first use; afterwards refuse options
+    that change the run's identity unless --override_run_config says so. The contract is
+    `run_identity.json`, not config.json: an edited config.json passed back with --config
+    would otherwise agree with itself (docs/reliability.md, the run's contract)."""
+    layout = RunLayout.of(args)
+    current = {**args.to_dict(), "train": {**args.to_dict()["train"], "override_run_config": False}}
+    contract = _read_contract(layout)
+    diffs = [
+        f"{name}: run has {value!r}, now {run_identity(current)[name]!r}"
+        for name, value in (contract or {}).items()
+        if name in run_identity(current) and value != run_identity(current)[name]
+    ]
+    if diffs and not args.train.override_run_config:
+        raise StageError(
+            f"this configuration does not match the run in {args.train.run_dir} (its contract "
+            f"{layout.identity}):\n  " + "\n  ".join(diffs) + f"\nexpected the run's own "
+            f"options: use its config (--config {layout.config}, as first written) or start a "
+            f"new run with another --run_dir; to change them on purpose add --override_run_config"
+        )
+    if accelerator.is_main_process:
         if diffs:
-            raise StageError(
-                f"this configuration does not match the run in {args.train.run_dir}:\n  "
-                + "\n  ".join(diffs)
-                + "\nuse the run's own config (--config "
-                f"{path}) or start a new run with another --run_dir"
-            )
-    elif accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(current, indent=2, sort_keys=True))
+            logger.warning("--override_run_config: the run now has %s", "; ".join(diffs))
+        layout.root.mkdir(parents=True, exist_ok=True)
+        if contract is None or diffs:
+            write_atomic(layout.config, json.dumps(current, indent=2, sort_keys=True))
+        if diffs or not layout.identity.is_file():
+            write_atomic(layout.identity, json.dumps(run_identity(current), indent=2))
     accelerator.wait_for_everyone()
+
+
+def _read_contract(layout: RunLayout) -> dict[str, Any] | None:
+    """The run's identity as first written; a run made before the contract existed has
+    only its config.json."""
+    if layout.identity.is_file():
+        return json.loads(layout.identity.read_text())
+    saved = layout.read_config()
+    return None if saved is None else run_identity(saved)
 
 
 def check_same_data(args: RunArgs, index: int, previous: dict | None, fingerprint: str) -> None:

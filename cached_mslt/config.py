@@ -112,6 +112,8 @@ RANGES: dict[str, tuple[Any, str, str]] = {
     "checkpoint_every": (lambda v: _whole(v) and v >= 1, "a whole number of steps >= 1", "200"),
     "num_workers": (lambda v: _whole(v) and v >= 0, "a whole number >= 0", "0"),
     "max_wall_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "3600"),
+    "cache_connect_timeout_s": (lambda v: _finite(v) and v > 0, "seconds > 0", "5"),
+    "cache_read_timeout_s": (lambda v: _finite(v) and v > 0, "seconds > 0", "20"),
     "peak_tflops": (lambda v: v is None or _finite(v) and v > 0, "TFLOP/s > 0", "312"),
     "warmup_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.06"),
     "joint_tokens": (lambda v: _finite(v) and v >= 0, "a token count >= 0", "0"),
@@ -415,6 +417,17 @@ class ScheduleArgs:
             "credentials may be given here or in the environment (AWS_*), and are never saved"
         },
     )
+    cache_connect_timeout_s: float = field(
+        default=5.0,
+        metadata={"help": "object store: seconds to wait for a connection (s3://)"},
+    )
+    cache_read_timeout_s: float = field(
+        default=20.0,
+        metadata={
+            "help": "object store: seconds to wait for an answer (s3://); a hanging endpoint "
+            "fails after a few of these (docs/reliability.md, object stores)"
+        },
+    )
 
     def __post_init__(self) -> None:
         choices = {
@@ -450,7 +463,15 @@ class ScheduleArgs:
         return options
 
     def storage_options(self) -> dict[str, Any]:
-        return dict(self._storage_options)
+        """The filesystem options in full, with the timeouts bounding every request."""
+        from storage import with_timeouts
+
+        return with_timeouts(
+            self.cache_url,
+            self._storage_options,
+            connect_s=self.cache_connect_timeout_s,
+            read_s=self.cache_read_timeout_s,
+        )
 
 
 @dataclass

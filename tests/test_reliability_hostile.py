@@ -299,3 +299,60 @@ def test_an_edited_config_json_is_refused_unless_overridden(
         assert "does not match the run" not in str(e)
     assert json.loads(layout.identity.read_text())[f"{group}.{key}"] == value
     assert json.loads(layout.config.read_text())["train"]["override_run_config"] is False
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A loopback TCP endpoint that accepts connections and never answers."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept_forever():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_a_hanging_object_store_fails_within_the_timeouts_naming_the_endpoint(silent_endpoint):
+    pytest.importorskip("s3fs")
+    import time
+
+    from cached_mslt.config import run_args
+    from storage import StoreUnreachableError, check_reachable
+
+    options = {"endpoint_url": silent_endpoint, "key": "k", "secret": "s"}
+    args = run_args(
+        "tiny", cache_url="s3://bucket/run", cache_storage_options=json.dumps(options),
+        cache_read_timeout_s=1.0,
+    )  # fmt: skip
+    assert args.schedule.storage_options()["config_kwargs"]["read_timeout"] == 1.0
+    start = time.monotonic()
+    with pytest.raises(StoreUnreachableError, match=rf"endpoint {silent_endpoint}.*timeout"):
+        check_reachable("s3://bucket/run/stage-1", args.schedule.storage_options())
+    assert time.monotonic() - start < 10  # two 1-second reads and their backoff
+
+
+def test_timeouts_the_user_sets_for_botocore_win():
+    from storage import with_timeouts
+
+    mine = {"config_kwargs": {"read_timeout": 300}}
+    out = with_timeouts("s3://b/x", mine, connect_s=5, read_s=20)["config_kwargs"]
+    assert out == {"connect_timeout": 5, "read_timeout": 300, "retries": {"max_attempts": 2}}
+    assert with_timeouts("/local/path", mine, connect_s=5, read_s=20) == mine

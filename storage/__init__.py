@@ -19,7 +19,7 @@ from storage.errors import (
 )
 from storage.fingerprint import fingerprint_dict, fingerprint_file_tree, fingerprint_module
 from storage.loopback import loopback_s3
-from storage.remote import check_reachable, public_options, with_timeouts
+from storage.remote import check_reachable, is_remote, public_options, with_timeouts
 from storage.spec import CODECS, DTYPES, StoreSpec
 from storage.store import ActivationStore
 from storage.synthetic import synthetic_rows, write_synthetic_shards
@@ -51,6 +51,7 @@ __all__ = [
     "fingerprint_file_tree",
     "fingerprint_module",
     "make_block_loader",
+    "is_remote",
     "public_options",
     "with_timeouts",
 ]

@@ -356,3 +356,60 @@ def test_timeouts_the_user_sets_for_botocore_win():
     out = with_timeouts("s3://b/x", mine, connect_s=5, read_s=20)["config_kwargs"]
     assert out == {"connect_timeout": 5, "read_timeout": 300, "retries": {"max_attempts": 2}}
     assert with_timeouts("/local/path", mine, connect_s=5, read_s=20) == mine
+
+
+def test_divergence_fix_as_printed_reaches_a_finite_loss(prepared_dir, tmp_path):
+    from cached_mslt.stages.runner import StageError
+
+    args = small_run(
+        prepared_dir, tmp_path / "run", stage_steps="6", learning_rate=1e5, nonfinite_patience=2
+    )
+    with pytest.raises(StageError, match="diverged") as err:
+        run_stage(args, 1)
+    command = str(err.value).rsplit("fix: ", 1)[1]
+    assert "--learning_rate 0.001" in command  # straight back into the usual range, not 10000
+    done = run_printed_fix(command)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert RunLayout.of(args).manifest(1).exists()
+
+
+def test_divergence_at_a_tiny_rate_says_to_stop_not_to_lower_again():
+    from cached_mslt.stages.runner import lower_learning_rate
+
+    assert lower_learning_rate(1e5) == 1e-3 and lower_learning_rate(1e-3) == 1e-4
+    assert lower_learning_rate(2e-6) == 1e-6 and lower_learning_rate(1e-6) is None
+
+
+def test_store_repair_hint_on_an_object_store_names_the_credentials():
+    from cached_mslt.config import run_args
+    from cached_mslt.stages.runner import repair_command
+
+    secret = json.dumps({"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"})
+    with_secret = run_args("tiny", cache_url="s3://b/run", cache_storage_options=secret)
+    hint = repair_command(with_secret, 2)
+    assert "--rebuild_cache --cache_storage_options" in hint and "AWS_SECRET_ACCESS_KEY" in hint
+    assert '"s"' not in hint and '"k"' not in hint
+    from_env = run_args("tiny", cache_url="s3://b/run")
+    assert "AWS_* environment" in repair_command(from_env, 2)
+    assert repair_command(run_args("tiny"), 2).endswith("--stage 2 --rebuild_cache")
+
+
+def test_inspect_hint_for_a_half_built_store_of_a_finished_stage_works(prepared_dir, tmp_path):
+    from cached_mslt.inspect.summary import summarize_store
+    from storage import ActivationStore
+
+    args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
+    run_stage(args, 1)
+    run_stage(args, 2)
+    url = RunLayout.of(args).store_url(2)
+    root = Path(url) / "zarr.json"  # the build stopped before its commit
+    meta = json.loads(root.read_text())
+    meta["attributes"]["complete"] = False
+    root.write_text(json.dumps(meta))
+    summary = summarize_store(url)
+    assert summary.status == "incomplete"
+    command = summary.problem.rsplit("rebuild it: ", 1)[1]
+    assert command.endswith("--stage 2 --rebuild_cache")
+    done = run_printed_fix(command)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert summarize_store(url).status == "ok" and ActivationStore.open(url).is_complete

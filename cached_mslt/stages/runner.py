@@ -76,6 +76,8 @@ from storage import (
     StoreError,
     StoreExistsError,
     check_reachable,
+    is_remote,
+    public_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -468,11 +470,7 @@ def _train_stage(run: _StageRun, phase: Phase) -> dict[str, Any]:
             return train_phase(run.accelerator, phase, args, run.clock, metrics, run.data.valid)
     except DivergenceError as e:
         # The saved optimizer state carries the old learning rate: resume cannot lower it.
-        raise StageError(
-            f"{e}\nfix: rm -rf {phase.checkpoint_dir} && accelerate launch pipelines/stage.py "
-            f"--config {run.layout.config} --stage {run.index} "
-            f"--learning_rate {lower_learning_rate(args.train.learning_rate):g}"
-        ) from e
+        raise StageError(f"{e}\n{divergence_fix(run, phase.checkpoint_dir)}") from e
 
 
 def _stage_manifest(
@@ -503,8 +501,51 @@ def _stage_manifest(
     }
 
 
-def lower_learning_rate(rate: float) -> float:
-    return rate / 10 if math.isfinite(rate) and rate > 0 else 1e-4
+# Pretraining rates that diverge are rarely off by less than 10x; a rate above the usual
+# BERT range goes straight back into it (a 1e5 rate lowered 10x diverged again, and again).
+SAFE_LEARNING_RATE = 1e-3
+# Below this a diverging loss is not the learning rate's doing: lowering it again is no fix.
+LOWEST_LEARNING_RATE = 1e-6
+
+
+def lower_learning_rate(rate: float) -> float | None:
+    """The rate to retry a diverged stage with, or None when lowering is no longer a fix."""
+    if not math.isfinite(rate) or rate <= 0:
+        return SAFE_LEARNING_RATE / 10
+    if rate <= LOWEST_LEARNING_RATE:
+        return None
+    return max(min(rate / 10, SAFE_LEARNING_RATE), LOWEST_LEARNING_RATE)
+
+
+def divergence_fix(run: _StageRun, checkpoint_dir: Path) -> str:
+    """The command that retrains a diverged stage at a lower rate, or why to stop trying
+    (the saved optimizer state carries the old rate, so the checkpoint goes first)."""
+    rate = run.args.train.learning_rate
+    lower = lower_learning_rate(rate)
+    if lower is None:
+        return (
+            f"stop: the loss is not finite even at --learning_rate {rate:g}, so a lower rate "
+            f"will not help; expected finite losses from the data and the model, so check the "
+            f"prepared data ({run.args.data.prepared_dir}) and --mixed_precision"
+        )
+    return (
+        f"fix: rm -rf {checkpoint_dir} && accelerate launch pipelines/stage.py "
+        f"--config {run.layout.config} --stage {run.index} --learning_rate {lower:g}"
+    )
+
+
+def repair_credentials_note(args: RunArgs) -> str:
+    """What a store repair on an object store needs besides the printed command: the
+    credentials, which are never saved (docs/reliability.md, secrets)."""
+    given = args.schedule.storage_options()
+    if not args.schedule.cache_url or not is_remote(args.schedule.cache_url):
+        return ""
+    if given == public_options(given):
+        return " (credentials from the AWS_* environment, as for the first command)"
+    return (
+        " --cache_storage_options '<the JSON you first passed, with its credentials>' "
+        "(config.json never holds them; or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+    )
 
 
 # --mixed_precision -> the dtype Accelerate's autocast computes in
@@ -532,6 +573,7 @@ def repair_command(args: RunArgs, index: int) -> str:
     return (
         f"accelerate launch pipelines/stage.py --config "
         f"{RunLayout.of(args).config} --stage {index} --rebuild_cache"
+        + repair_credentials_note(args)
     )
 
 

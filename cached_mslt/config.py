@@ -112,6 +112,8 @@ RANGES: dict[str, tuple[Any, str, str]] = {
     "checkpoint_every": (lambda v: _whole(v) and v >= 1, "a whole number of steps >= 1", "200"),
     "num_workers": (lambda v: _whole(v) and v >= 0, "a whole number >= 0", "0"),
     "max_wall_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "3600"),
+    "cache_connect_timeout_s": (lambda v: _finite(v) and v > 0, "seconds > 0", "5"),
+    "cache_read_timeout_s": (lambda v: _finite(v) and v > 0, "seconds > 0", "20"),
     "peak_tflops": (lambda v: v is None or _finite(v) and v > 0, "TFLOP/s > 0", "312"),
     "warmup_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.06"),
     "joint_tokens": (lambda v: _finite(v) and v >= 0, "a token count >= 0", "0"),
@@ -352,6 +354,14 @@ class TrainArgs:
     report_to: str | None = field(
         default=None, metadata={"help": "Accelerate tracker, e.g. tensorboard"}
     )
+    override_run_config: bool = field(
+        default=False,
+        metadata={
+            "help": "accept options that shape the plan, the model or the data although they "
+            "differ from the run's contract (<run_dir>/run_identity.json); the contract and "
+            "config.json then take the new values (docs/reliability.md, the run's contract)"
+        },
+    )
     peak_tflops: float | None = field(
         default=None,
         metadata={
@@ -421,6 +431,17 @@ class ScheduleArgs:
             "credentials may be given here or in the environment (AWS_*), and are never saved"
         },
     )
+    cache_connect_timeout_s: float = field(
+        default=5.0,
+        metadata={"help": "object store: seconds to wait for a connection (s3://)"},
+    )
+    cache_read_timeout_s: float = field(
+        default=20.0,
+        metadata={
+            "help": "object store: seconds to wait for an answer (s3://); a hanging endpoint "
+            "fails after a few of these (docs/reliability.md, object stores)"
+        },
+    )
 
     def __post_init__(self) -> None:
         choices = {
@@ -456,7 +477,15 @@ class ScheduleArgs:
         return options
 
     def storage_options(self) -> dict[str, Any]:
-        return dict(self._storage_options)
+        """The filesystem options in full, with the timeouts bounding every request."""
+        from storage import with_timeouts
+
+        return with_timeouts(
+            self.cache_url,
+            self._storage_options,
+            connect_s=self.cache_connect_timeout_s,
+            read_s=self.cache_read_timeout_s,
+        )
 
 
 @dataclass
@@ -580,12 +609,30 @@ class RunArgs:
 GROUPS = (ModelArgs, DataArgs, TrainArgs, ScheduleArgs)
 
 
+def _parse_file(path: Path) -> Any:
+    """A JSON or YAML file's contents; one line naming file, line and column if it does not
+    parse (a parser traceback names neither the file nor what to fix)."""
+    text = path.read_text()
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        line, column, problem = e.lineno, e.colno, e.msg
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    raise ConfigError(
+        f"config file {path}:{line}:{column}: not valid {kind} ({problem}); expected a mapping "
+        f"of option: value, e.g. `stage_layers: 3,6` (fix the file there, or pass flags instead)"
+    ) from None
+
+
 def _load_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = p.read_text()
-    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    data = _parse_file(p)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
     # Accept both flat files and files grouped as {model: {...}, data: {...}, ...}.

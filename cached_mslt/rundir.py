@@ -1,6 +1,7 @@
 """The run directory: where everything of a run lives, one owner per stage, files that are whole.
 
-    <run>/config.json              the run's configuration; later stages must agree with it
+    <run>/config.json              the run's configuration
+    <run>/run_identity.json        the options later stages must agree with (the contract)
     <run>/metrics.jsonl            one line per log step, all stages (or phases)
     <run>/stage-K/model/           save_pretrained checkpoint (plus tokenizer) at stage end
     <run>/stage-K/checkpoint/      accelerate save_state for resuming mid-stage (removed at end)
@@ -83,6 +84,12 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / CONFIG
+
+    @property
+    def identity(self) -> Path:
+        """The run's contract: the options that shape its plan, model and data, as first
+        written (config.json can be edited and passed back with --config)."""
+        return self.root / "run_identity.json"
 
     @property
     def metrics(self) -> Path:
@@ -228,6 +235,39 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append `line` (and a newline) whole or not at all: a write cut short (disk full) is
+    taken back, so the file ends where it did, and the error names the file and its free
+    space. A torn tail left by a killed writer is ended first, so it stays one unreadable
+    line that readers skip instead of gluing itself to this one (docs/reliability.md)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        torn_tail = start > 0 and os.pread(fd, 1, start - 1) != b"\n"
+        data = ("\n" if torn_tail else "").encode() + line.encode() + b"\n"
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError as e:
+            os.ftruncate(fd, start)
+            raise _append_error(path, e) from e
+    finally:
+        os.close(fd)
+
+
+def _append_error(path: Path, e: OSError) -> OSError:
+    free = _free_bytes(path.parent) / 2**20
+    what = "no space left on the device" if _is_disk_full(e) else e.strerror or str(e)
+    message = (
+        f"appending a line to {path} failed: {what} ({free:.1f} MiB free there; expected room "
+        f"for one line). The file is as it was before this line. Free space (or use another "
+        f"--run_dir), then rerun the same command: the stage resumes from its last checkpoint"
+    )
+    return DiskFullError(errno.ENOSPC, message) if _is_disk_full(e) else OSError(e.errno, message)
+
+
 def _alive(host: str, pid: int) -> bool:
     if host != socket.gethostname():
         return True  # unknowable from here: assume it runs
@@ -254,15 +294,24 @@ def _try_create(path: Path, payload: str) -> bool:
     return True
 
 
-def acquire(path: Path, what: str) -> str | None:
-    """Take the lock at `path` for this process; return None, or why it cannot be taken."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mine = {
+def owner_record(what: str) -> dict[str, Any]:
+    """What identifies a lock's owner: host, pid, start time, the stage and the program's
+    name. Never the command line: its flags can carry credentials
+    (`--cache_storage_options`), and a lock outlives a SIGKILLed owner and is printed to
+    whoever is refused by it (docs/reliability.md, secrets)."""
+    return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "since": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "what": what,
+        "program": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
     }
+
+
+def acquire(path: Path, what: str) -> str | None:
+    """Take the lock at `path` for this process; return None, or why it cannot be taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = owner_record(what)
     for _ in range(3):
         if _try_create(path, json.dumps(mine)):
             return None
@@ -279,7 +328,7 @@ def acquire(path: Path, what: str) -> str | None:
         if _alive(host, pid):
             return (
                 f"{what} is already running: pid {pid} on host {host} since "
-                f"{holder.get('since')} (`{holder.get('command')}`) owns {path}. Expected no "
+                f"{holder.get('since')} ({holder.get('program', 'an older version')}) owns {path}. Expected no "
                 f"other owner; wait for it to finish, or if that process is gone (it ran on "
                 f"another host), `rm {path}` and rerun"
             )

@@ -18,7 +18,7 @@ from storage.errors import (
     StoreWriteError,
 )
 from storage.fingerprint import fingerprint_dict, fingerprint_file_tree, fingerprint_module
-from storage.remote import check_reachable, public_options
+from storage.remote import check_reachable, is_remote, public_options, with_timeouts
 from storage.spec import CODECS, DTYPES, StoreSpec
 from storage.store import ActivationStore
 from storage.synthetic import synthetic_rows, write_synthetic_shards
@@ -50,8 +50,10 @@ __all__ = [
     "fingerprint_file_tree",
     "fingerprint_module",
     "make_block_loader",
+    "is_remote",
     "make_bucket",
     "public_options",
+    "with_timeouts",
 ]
 
 # The two modules that are also commands (`python -m storage.loopback`, `python -m

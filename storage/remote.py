@@ -40,6 +40,20 @@ def public_options(options: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def with_timeouts(
+    url: str | None, options: dict[str, Any], *, connect_s: float, read_s: float
+) -> dict[str, Any]:
+    """`options` for `url` with bounded waits: botocore's defaults (60 s connect, 60 s read,
+    retried) made a loopback endpoint that accepts and never answers fail after 318 s.
+    s3fs hands `config_kwargs` to botocore; values the user set there win."""
+    options = dict(options or {})
+    if url is None or url.split("://", 1)[0] not in ("s3", "s3a"):
+        return options
+    bounded = {"connect_timeout": connect_s, "read_timeout": read_s, "retries": {"max_attempts": 2}}
+    options["config_kwargs"] = {**bounded, **options.get("config_kwargs", {})}
+    return options
+
+
 def is_remote(url: str | os.PathLike[str]) -> bool:
     text = os.fspath(url)
     return "://" in text and not text.startswith(("file://", "memory://"))
@@ -60,9 +74,13 @@ def check_reachable(url: str, storage_options: dict[str, Any] | None = None) -> 
         options = {**options, "config_kwargs": config, "skip_instance_cache": True}
     endpoint = (storage_options or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
     where = f"{url}" + (f" (endpoint {endpoint})" if endpoint else "")
-    hint = "check --cache_url, --cache_storage_options and the AWS_* environment variables"
+    hint = (
+        "check --cache_url, --cache_storage_options and the AWS_* environment variables "
+        "(waits are bounded by --cache_connect_timeout_s and --cache_read_timeout_s)"
+    )
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
+        fs.retries = 1  # s3fs retries 5 times itself: a probe's answer is its first
         bucket = path.split("/", 1)[0]
         fs.info(bucket)
     except FileNotFoundError:

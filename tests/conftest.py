@@ -99,3 +99,18 @@ def s3_bucket(s3_server, request):
     fs = s3fs.S3FileSystem(**s3_server, skip_instance_cache=True)
     fs.mkdir(name)
     return name, dict(s3_server)
+
+
+def replace_stage_model(run_dir: Path, index: int, model) -> None:
+    """Save `model` as stage `index`'s and record it in its manifest, as if the stage had
+    been retrained to these weights (a swap without the manifest is refused: issue 28)."""
+    import json
+
+    from cached_mslt.models import model_fingerprint
+    from cached_mslt.rundir import RunLayout, write_atomic
+
+    layout = RunLayout(run_dir)
+    model.save_pretrained(layout.model_dir(index))
+    manifest = layout.read_manifest(index)
+    manifest["fingerprints"]["model"] = model_fingerprint(model)
+    write_atomic(layout.manifest(index), json.dumps(manifest, indent=2))

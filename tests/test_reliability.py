@@ -41,7 +41,7 @@ from storage import (
     StoreLockedError,
     StoreSpec,
 )
-from tests.conftest import small_run
+from tests.conftest import replace_stage_model, small_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,7 +293,7 @@ def test_stale_store_error_names_the_command_and_that_command_works(prepared_dir
     )  # stage 2 reruns over the store stage 1 no longer matches
     with torch.no_grad():
         model.bert.encoder.layer[0].output.dense.bias.add_(1.0)
-    model.save_pretrained(RunLayout.of(args).stage_dir(1) / "model")
+    replace_stage_model(tmp_path / "run", 1, model)
     with pytest.raises(StaleStoreError) as err:
         run_stage(args, 2)
     command = str(err.value).rsplit("fix: ", 1)[1]

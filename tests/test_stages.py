@@ -19,7 +19,7 @@ from cached_mslt.stages.runner import StageError, run_all, run_stage
 from cached_mslt.training import checkpointing, trainer
 from cached_mslt.training.metrics import read_metrics
 from storage import StaleStoreError
-from tests.conftest import small_run
+from tests.conftest import replace_stage_model, small_run
 
 
 def params(path):
@@ -208,7 +208,7 @@ def test_stale_store_is_refused_unless_asked_to_rebuild(prepared_dir, tmp_path):
     model = BertForMaskedLM.from_pretrained(RunLayout.of(args).stage_dir(1) / "model")
     with torch.no_grad():
         model.bert.encoder.layer[0].output.dense.bias.add_(1.0)
-    model.save_pretrained(RunLayout.of(args).stage_dir(1) / "model")
+    replace_stage_model(tmp_path / "run", 1, model)
     with pytest.raises(StaleStoreError, match="weights"):
         run_stage(args, 2)
     rebuilt = small_run(prepared_dir, tmp_path / "run", stage_steps="2", overwrite_cache=True)

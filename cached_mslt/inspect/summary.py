@@ -131,6 +131,7 @@ def summarize_store(
         )
     attrs = store.attrs
     spec = store.spec.to_dict()
+    run = RunLayout(run_dir) if run_dir is not None else RunLayout.of_store(url)
     summary = StoreSummary(
         url,
         "ok",
@@ -148,9 +149,8 @@ def summarize_store(
         summary.status = "incomplete"
         summary.problem = (
             f"{summary.shards_done}/{summary.num_shards} shards written and the build never "
-            "committed; rerun the stage's cache build to resume it"
+            f"committed; {rebuild_hint(run, attrs.get('stage'))}"
         )
-    run = RunLayout(run_dir) if run_dir is not None else RunLayout.of_store(url)
     if run is not None:
         summary.validity = check_validity(store.fingerprint, attrs.get("stage"), run)
         if summary.validity.valid is False and summary.status == "ok":
@@ -158,10 +158,21 @@ def summarize_store(
             checks = summary.validity.checks.items()
             bad = [f"{k}: {v}" for k, v in checks if v.startswith("differs")]
             summary.problem = (
-                f"not valid for run {run.root}: {'; '.join(bad)}. Rebuild it (rerun the stage "
-                "with --overwrite_cache)"
+                f"not valid for run {run.root}: {'; '.join(bad)}. "
+                f"{rebuild_hint(run, attrs.get('stage'))}"
             )
     return summary
+
+
+def rebuild_hint(run: RunLayout | None, stage: int | None) -> str:
+    """The command that rebuilds a store, finished stage or not: `--rebuild_cache` (a
+    rerun without it answers "already done, skipping" and leaves the store as it is)."""
+    if run is None or stage is None:
+        return "rebuild it: rerun its stage with --rebuild_cache"
+    return (
+        f"rebuild it: accelerate launch pipelines/stage.py --config {run.config} "
+        f"--stage {stage} --rebuild_cache"
+    )
 
 
 def prepared_dir_of(run: RunLayout) -> Path | None:

@@ -17,6 +17,7 @@ from cached_mslt.models.bert import (
     masked_targets,
     mean_pool,
     mlm_head_loss,
+    model_fingerprint,
     run_layers,
     set_encoder_layers,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "TopModel",
     "bert_config",
     "bottom_fingerprint",
+    "model_fingerprint",
     "bottom_forward",
     "build_model",
     "check_tied",

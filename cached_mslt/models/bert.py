@@ -208,6 +208,12 @@ def bottom_fingerprint(model: nn.Module, frozen: int) -> str:
     return fingerprint_module(nn.ModuleList(frozen_modules(model, frozen)))
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """What a stage manifest records of the whole model it saved (every parameter and
+    buffer, head included): the next stage refuses weights that do not hash to it."""
+    return fingerprint_module(model)
+
+
 def decay_param_groups(
     model: nn.Module, weight_decay: float, params: list[nn.Parameter] | None = None
 ) -> list[dict]:

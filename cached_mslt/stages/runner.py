@@ -35,6 +35,7 @@ from cached_mslt.models import (
     build_model,
     check_tied,
     grow,
+    model_fingerprint,
 )
 from cached_mslt.rundir import (
     DiskFullError,
@@ -90,13 +91,18 @@ from storage import (
     StoreError,
     StoreExistsError,
     check_reachable,
+    is_remote,
+    public_options,
 )
 
 logger = logging.getLogger(__name__)
 
 UNBOUNDED_STEPS = 2**62
-# Options that define what a run is; a later stage launched with different values would
-# silently mix two runs, so it is refused.
+# Options that define what a run is (which layers its stages have, its model, its data); a
+# later stage launched with different values would silently mix two runs, so it is refused.
+# How long each stage trains (stage_tokens, stage_steps, joint_tokens) is not among them:
+# an unfinished stage may be given more or fewer steps, and a comparison under a budget
+# re-plans the later stages' lengths once stage 1 has shown what the budget buys.
 RUN_IDENTITY = {
     "model": ("preset", "num_layers", "hidden_size", "num_attention_heads", "intermediate_size"),
     "data": ("prepared_dir", "seq_len", "mask_seed", "train_examples"),
@@ -121,29 +127,54 @@ USER_ERRORS = (
 )
 
 
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The options of a run's configuration (as `RunArgs.to_dict`) that shape its plan, its
+    model or its data: "group.key" -> value."""
+    return {
+        f"{group}.{key}": config.get(group, {}).get(key)
+        for group, keys in RUN_IDENTITY.items()
+        for key in keys
+    }
+
+
 def check_run_config(args: RunArgs, accelerator: Accelerator) -> None:
-    """Write config.json on first use; afterwards refuse options that change the run's identity."""
-    path = RunLayout.of(args).config
-    current = args.to_dict()
-    if path.exists():
-        saved = json.loads(path.read_text())
-        diffs = [
-            f"{group}.{key}: run has {saved.get(group, {}).get(key)!r}, now {current[group][key]!r}"
-            for group, keys in RUN_IDENTITY.items()
-            for key in keys
-            if saved.get(group, {}).get(key) != current[group][key]
-        ]
+    """Write config.json and the run's contract on first use; afterwards refuse options
+    that change the run's identity unless --override_run_config says so. The contract is
+    `run_identity.json`, not config.json: an edited config.json passed back with --config
+    would otherwise agree with itself (docs/reliability.md, the run's contract)."""
+    layout = RunLayout.of(args)
+    current = {**args.to_dict(), "train": {**args.to_dict()["train"], "override_run_config": False}}
+    contract = _read_contract(layout)
+    diffs = [
+        f"{name}: run has {value!r}, now {run_identity(current)[name]!r}"
+        for name, value in (contract or {}).items()
+        if name in run_identity(current) and value != run_identity(current)[name]
+    ]
+    if diffs and not args.train.override_run_config:
+        raise StageError(
+            f"this configuration does not match the run in {args.train.run_dir} (its contract "
+            f"{layout.identity}):\n  " + "\n  ".join(diffs) + f"\nexpected the run's own "
+            f"options: use its config (--config {layout.config}, as first written) or start a "
+            f"new run with another --run_dir; to change them on purpose add --override_run_config"
+        )
+    if accelerator.is_main_process:
         if diffs:
-            raise StageError(
-                f"this configuration does not match the run in {args.train.run_dir}:\n  "
-                + "\n  ".join(diffs)
-                + "\nuse the run's own config (--config "
-                f"{path}) or start a new run with another --run_dir"
-            )
-    elif accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(current, indent=2, sort_keys=True))
+            logger.warning("--override_run_config: the run now has %s", "; ".join(diffs))
+        layout.root.mkdir(parents=True, exist_ok=True)
+        if contract is None or diffs:
+            write_atomic(layout.config, json.dumps(current, indent=2, sort_keys=True))
+        if diffs or not layout.identity.is_file():
+            write_atomic(layout.identity, json.dumps(run_identity(current), indent=2))
     accelerator.wait_for_everyone()
+
+
+def _read_contract(layout: RunLayout) -> dict[str, Any] | None:
+    """The run's identity as first written; a run made before the contract existed has
+    only its config.json."""
+    if layout.identity.is_file():
+        return json.loads(layout.identity.read_text())
+    saved = layout.read_config()
+    return None if saved is None else run_identity(saved)
 
 
 def check_same_data(args: RunArgs, index: int, previous: dict | None, fingerprint: str) -> None:
@@ -195,6 +226,7 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
     model = BertForMaskedLM.from_pretrained(
         layout.model_dir(stage.index - 1), attn_implementation=args.model.attn_implementation
     )
+    check_saved_model(args, stage.index - 1, model)
     if model.config.num_hidden_layers != stage.frozen_layers and not stage.joint:
         raise StageError(
             f"stage {stage.index - 1} saved a {model.config.num_hidden_layers}-layer model but this "
@@ -203,6 +235,24 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
     if stage.num_layers > model.config.num_hidden_layers:
         grow(model, stage.num_layers, init=args.schedule.growth_init)
     return model
+
+
+def check_saved_model(args: RunArgs, index: int, model: BertForMaskedLM) -> None:
+    """Stage `index`'s saved weights are the ones its manifest recorded (manifests from
+    before the record was kept are not checked): weights swapped or damaged under a finished
+    stage would otherwise train every later stage on them without a word."""
+    layout = RunLayout.of(args)
+    expected = layout.read_manifest(index)["fingerprints"].get("model")
+    found = model_fingerprint(model)
+    if expected is None or found == expected:
+        return
+    raise StageError(
+        f"{layout.model_dir(index)}/model.safetensors: these are not the weights stage {index} "
+        f"saved (fingerprint {found[:12]}, its manifest records {expected[:12]}); expected "
+        f"that stage's own model. Put its weights back, or retrain it: `rm -rf "
+        f"{layout.stage_dir(index)} && accelerate launch pipelines/stage.py --config "
+        f"{layout.config} --stage {index}`"
+    )
 
 
 def check_cache_location(args: RunArgs, plan: StagePlan) -> None:
@@ -460,11 +510,7 @@ def _train_stage(run: _StageRun, phase: Phase) -> dict[str, Any]:
             return train_phase(run.accelerator, phase, args, run.clock, metrics, run.data.valid)
     except DivergenceError as e:
         # The saved optimizer state carries the old learning rate: resume cannot lower it.
-        raise StageError(
-            f"{e}\nfix: rm -rf {phase.checkpoint_dir} && accelerate launch pipelines/stage.py "
-            f"--config {run.layout.config} --stage {run.index} "
-            f"--learning_rate {lower_learning_rate(args.train.learning_rate):g}"
-        ) from e
+        raise StageError(f"{e}\n{divergence_fix(run, phase.checkpoint_dir)}") from e
 
 
 # manifest "mode" of each cache mode ("cached": an eager build, the name stores have had)
@@ -487,7 +533,11 @@ def _stage_manifest(
         "mode": MANIFEST_MODES[mode],
         "cache_decision": why,
         "cache": {**build, "url": run.layout.store_url(run.index) if mode != "live" else None},
-        "fingerprints": {"frozen_bottom": bottom_after, "data": run.data.manifest["fingerprint"]},
+        "fingerprints": {
+            "frozen_bottom": bottom_after,
+            "model": model_fingerprint(run.model),  # what save_stage writes: checked on load
+            "data": run.data.manifest["fingerprint"],
+        },
         "timings": {"build_s": build.get("build_s", 0.0), "train_s": stats["train_s"]},
         "train": stats,
         "clock": run.clock.to_dict(),
@@ -497,8 +547,51 @@ def _stage_manifest(
     }
 
 
-def lower_learning_rate(rate: float) -> float:
-    return rate / 10 if math.isfinite(rate) and rate > 0 else 1e-4
+# Pretraining rates that diverge are rarely off by less than 10x; a rate above the usual
+# BERT range goes straight back into it (a 1e5 rate lowered 10x diverged again, and again).
+SAFE_LEARNING_RATE = 1e-3
+# Below this a diverging loss is not the learning rate's doing: lowering it again is no fix.
+LOWEST_LEARNING_RATE = 1e-6
+
+
+def lower_learning_rate(rate: float) -> float | None:
+    """The rate to retry a diverged stage with, or None when lowering is no longer a fix."""
+    if not math.isfinite(rate) or rate <= 0:
+        return SAFE_LEARNING_RATE / 10
+    if rate <= LOWEST_LEARNING_RATE:
+        return None
+    return max(min(rate / 10, SAFE_LEARNING_RATE), LOWEST_LEARNING_RATE)
+
+
+def divergence_fix(run: _StageRun, checkpoint_dir: Path) -> str:
+    """The command that retrains a diverged stage at a lower rate, or why to stop trying
+    (the saved optimizer state carries the old rate, so the checkpoint goes first)."""
+    rate = run.args.train.learning_rate
+    lower = lower_learning_rate(rate)
+    if lower is None:
+        return (
+            f"stop: the loss is not finite even at --learning_rate {rate:g}, so a lower rate "
+            f"will not help; expected finite losses from the data and the model, so check the "
+            f"prepared data ({run.args.data.prepared_dir}) and --mixed_precision"
+        )
+    return (
+        f"fix: rm -rf {checkpoint_dir} && accelerate launch pipelines/stage.py "
+        f"--config {run.layout.config} --stage {run.index} --learning_rate {lower:g}"
+    )
+
+
+def repair_credentials_note(args: RunArgs) -> str:
+    """What a store repair on an object store needs besides the printed command: the
+    credentials, which are never saved (docs/reliability.md, secrets)."""
+    given = args.schedule.storage_options()
+    if not args.schedule.cache_url or not is_remote(args.schedule.cache_url):
+        return ""
+    if given == public_options(given):
+        return " (credentials from the AWS_* environment, as for the first command)"
+    return (
+        " --cache_storage_options '<the JSON you first passed, with its credentials>' "
+        "(config.json never holds them; or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+    )
 
 
 def cache_request(
@@ -533,6 +626,7 @@ def repair_command(args: RunArgs, index: int) -> str:
     return (
         f"accelerate launch pipelines/stage.py --config "
         f"{RunLayout.of(args).config} --stage {index} --rebuild_cache"
+        + repair_credentials_note(args)
     )
 
 

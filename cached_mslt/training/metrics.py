@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cached_mslt.rundir import METRICS, write_atomic
+from cached_mslt.rundir import METRICS, append_line, write_atomic
 
 
 @dataclass
@@ -77,9 +78,7 @@ class MetricsWriter:
         record = {**self.base, **record}
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         if self.accelerator is not None and self.accelerator.trackers:
             numbers = {k: v for k, v in record.items() if isinstance(v, int | float)}
             self.accelerator.log(numbers, step=record.get("step"))
@@ -89,13 +88,30 @@ class MetricsWriter:
         if not self.enabled or not self.path.exists():
             return
         kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if not (
-                json.loads(line).get("stage") == stage and json.loads(line).get("step", 0) > step
-            )
-        ]
+            json.dumps(r)
+            for r in read_jsonl(self.path)
+            if not (r.get("stage") == stage and r.get("step", 0) > step)
+        ]  # torn lines are dropped here: the resumed stage writes its steps again
         write_atomic(self.path, "".join(line + "\n" for line in kept))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file a run appends to. A line that does not parse was
+    torn (disk full, a killed writer): skipped with a warning naming file and line, so
+    one lost log line never stops a run or its report."""
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(
+                f"{path}:{number}: skipped a torn line (a write cut short by a full disk or "
+                f"a killed process): {line[:60]!r}",
+                stacklevel=2,
+            )
+    return records
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -104,7 +120,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         p = p / METRICS
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return read_jsonl(p)
 
 
 # Digits people read, by what a column holds (its name): token rates and counts whole,

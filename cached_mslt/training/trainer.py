@@ -31,7 +31,11 @@ from cached_mslt.models import (
     frozen_modules,
 )
 from cached_mslt.training.budget import PhaseShare, lr_factor
-from cached_mslt.training.checkpointing import has_checkpoint, save_checkpoint, start_progress
+from cached_mslt.training.checkpointing import (
+    save_checkpoint,
+    start_progress,
+    usable_checkpoint,
+)
 from cached_mslt.training.metrics import MetricsWriter, RunClock, Stopwatch
 from cached_mslt.training.step_counts import (
     BatchCounts,
@@ -217,7 +221,7 @@ class _PhaseLoop:
     def resume(self) -> None:
         """Continue from the phase's checkpoint, if it has one."""
         phase = self.phase
-        if has_checkpoint(phase.checkpoint_dir):
+        if usable_checkpoint(self.accelerator, phase.checkpoint_dir, phase.name):
             self.accelerator.load_state(str(phase.checkpoint_dir))  # restores self.progress
             self.accelerator.print(
                 f"{phase.name}: resumed at step {self.progress.step}/{phase.steps}"

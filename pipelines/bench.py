@@ -11,6 +11,8 @@ where the cost model of docs/design.md predicts the figure. Measures, never asse
                                                # float32, bf16 and compiled (minutes: compiling)
     python pipelines/bench.py --variants stage --preset tiny --steps 12 --rounds 3
                                                # a real stage against the bench step
+    python pipelines/bench.py --variants write-through --preset tiny  # write-through's step
+                                               # (rows stored / missing) vs cached / live
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
         pipelines/bench.py --variants stage --batch_size 4   # ... at make run's shape (DDP)
 """
@@ -30,6 +32,7 @@ from cached_mslt.bench import (
     data_benchmarks,
     precision_benchmarks,
     stage_vs_bench,
+    write_through_benchmarks,
 )
 from cached_mslt.training import keep_freed_memory
 
@@ -77,9 +80,10 @@ def add_variant_args(variants: argparse._ArgumentGroup) -> None:
     variants.add_argument(
         "--variants",
         nargs="+",
-        choices=["precision", "stage"],
+        choices=["precision", "stage", "write-through"],
         default=None,
-        help="only these: the trainer's step in float32/bf16/compiled; a stage vs the bench step",
+        help="only these: the trainer's step in float32/bf16/compiled; a stage vs the bench "
+        "step; write-through's step (rows stored / missing) vs the cached / live step",
     )
     variants.add_argument("--preset", default="tiny", help="the shape the variants run at")
     variants.add_argument("--repeats", type=int, default=5, help="precision: interleaved rounds")
@@ -105,6 +109,8 @@ def selected_benchmarks(args: argparse.Namespace) -> list[dict]:
             figures += stage_vs_bench(
                 args.preset, steps=args.steps, rounds=args.rounds, batch_rows=args.batch_size
             )
+        if "write-through" in args.variants:
+            figures += write_through_benchmarks(args.preset)
         return figures
     return all_benchmarks(quick=args.quick, s3=args.s3, peak_tflops=args.peak_tflops)
 

@@ -167,3 +167,17 @@ def test_a_real_stage_is_timed_against_the_bench_step_of_its_shape():
     bench = figures["bench_cached_step_tokens_per_s"]
     assert stage["value"] > 0 and bench["value"] > 0
     assert figures["stage_vs_bench_step"]["value"] == stage["value"] / bench["value"]
+
+
+def test_write_through_steps_are_timed_against_the_cached_and_live_steps():
+    from cached_mslt.bench import write_through_benchmarks
+
+    figures = write_through_benchmarks(
+        "tiny", frozen=1, layers=2, batch_rows=8, seq_len=16, cap_s=0.0, window=2
+    )
+    names = {f["name"]: f for f in figures}
+    assert set(names) == {
+        "write_through_stored_vs_cached_step",
+        "write_through_missing_vs_live_step",
+    }
+    assert all(f["value"] > 0 and f["rounds"] >= 2 for f in figures)

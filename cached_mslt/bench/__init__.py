@@ -8,6 +8,7 @@ The top of the layering: may import any other subpackage.
 from cached_mslt.bench.data import ROOT, data_benchmarks
 from cached_mslt.bench.steps import all_benchmarks
 from cached_mslt.bench.variants import precision_benchmarks, stage_vs_bench
+from cached_mslt.bench.write_through import write_through_benchmarks
 
 __all__ = [
     "ROOT",
@@ -15,4 +16,5 @@ __all__ = [
     "data_benchmarks",
     "precision_benchmarks",
     "stage_vs_bench",
+    "write_through_benchmarks",
 ]

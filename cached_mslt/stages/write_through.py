@@ -42,16 +42,19 @@ class Pending:
     them again (shared by the step, the dataset in the main process and the writer)."""
 
     def __init__(self) -> None:
-        self._rows: dict[int, dict[str, torch.Tensor]] = {}
+        self._rows: dict[int, tuple[dict[str, torch.Tensor], Any]] = {}
         self._lock = threading.Lock()
 
-    def add(self, unit: int, rows: dict[str, torch.Tensor]) -> None:
+    def add(self, unit: int, rows: dict[str, torch.Tensor], ready=None) -> None:
+        """`ready`: the CUDA event of the rows' copy to the host (None on a CPU)."""
         with self._lock:
-            self._rows[unit] = rows
+            self._rows[unit] = (rows, ready)
 
     def get(self, unit: int) -> torch.Tensor | None:
         with self._lock:
-            rows = self._rows.get(unit)
+            rows, ready = self._rows.get(unit, (None, None))
+        if ready is not None:
+            ready.synchronize()  # rare: a unit needed again before its copy was written
         return None if rows is None else rows["hidden"]
 
     def written(self, unit: int) -> None:
@@ -196,7 +199,7 @@ class UnitWriter:
     def put(self, unit: int, rows: dict[str, torch.Tensor], ready=None) -> None:
         if self.error is not None:
             raise self.error
-        self.pending.add(unit, rows)
+        self.pending.add(unit, rows, ready)
         began = time.perf_counter()
         self.queue.put((unit, rows, ready))
         self.stall_s += time.perf_counter() - began
@@ -292,21 +295,27 @@ class WriteThrough:
         return hidden
 
     def _write(self, plan: FillPlan, hidden: torch.Tensor) -> None:
-        """Hand each computed unit to the writer: on a GPU through a pinned host copy the
-        writer waits for, so the step does not."""
-        cuda = hidden.device.type == "cuda"
-        for unit, a, b, rows in plan.units:
-            part = hidden[a:b]
-            ready = None
-            if not cuda:  # its own rows: the batch's tensor lives on in the step
-                part = part.clone()
-            else:
-                host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
-                host.copy_(part, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-                part = host
-            self.writer.put(unit, {"hidden": part, **rows}, ready)
+        """Hand each computed unit to the writer. On a GPU the units' rows go to one pinned
+        host buffer per batch, copied without waiting: the writer waits for the copy's
+        event, the step does not."""
+        ready, rows = None, {}
+        if hidden.device.type == "cuda":
+            host = torch.empty(
+                (sum(b - a for _, a, b, _ in plan.units), *hidden.shape[1:]),
+                dtype=hidden.dtype,
+                pin_memory=True,
+            )
+            at = 0
+            for unit, a, b, _ in plan.units:
+                rows[unit] = host[at : at + b - a]
+                rows[unit].copy_(hidden[a:b], non_blocking=True)
+                at += b - a
+            ready = torch.cuda.Event()
+            ready.record()
+        else:  # their own rows: the batch's tensor lives on in the step
+            rows = {unit: hidden[a:b].clone() for unit, a, b, _ in plan.units}
+        for unit, _, _, small in plan.units:
+            self.writer.put(unit, {"hidden": rows[unit], **small}, ready)
 
     def stats(self) -> dict[str, Any]:
         return {**self.counts, "write_stall_s": self.writer.stall_s}

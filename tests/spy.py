@@ -4,6 +4,7 @@ rank by tests/scripts/two_rank_spy.py."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 import torch
@@ -24,6 +25,10 @@ class Spy:
         self.where: tuple[str, object] | None = None
 
     def record(self, name: str) -> None:
+        # Only the training thread's calls can stall a step: a background writer (write-
+        # through) converts host tensors on its own thread, and waits for the device there.
+        if threading.current_thread() is not threading.main_thread():
+            return
         if self.where is not None:
             place, loop = self.where
             step = loop.progress.step + (place != "end_step")  # the step being trained

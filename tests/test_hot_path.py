@@ -20,11 +20,12 @@ def spy(monkeypatch) -> Spy:
     return install(Spy(), monkeypatch.setattr)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_steps_read_the_device_only_at_sync_steps(prepared_dir, tmp_path, spy, stage):
+@pytest.mark.parametrize("stage, cache", [(1, "always"), (2, "always"), (2, "write-through")])
+def test_steps_read_the_device_only_at_sync_steps(prepared_dir, tmp_path, spy, stage, cache):
     args = small_run(
         prepared_dir,
         tmp_path / "run",
+        cache=cache,
         stage_steps="20",
         log_every=10,
         sync_every=5,
@@ -42,12 +43,14 @@ def test_steps_read_the_device_only_at_sync_steps(prepared_dir, tmp_path, spy, s
     assert steps == [5, 10, 15, 20], spy.calls  # sync steps; 20 also logs and evaluates
 
 
-def test_two_ranks_read_the_device_and_agree_only_at_sync_steps(prepared_dir, tmp_path):
+@pytest.mark.parametrize("cache", ["always", "write-through"])
+def test_two_ranks_read_the_device_and_agree_only_at_sync_steps(prepared_dir, tmp_path, cache):
     """The same over DDP on two real ranks: the stop decision, budgets and counters are
     agreed at syncs; DDP's gradient all-reduce (in C++, inside backward) is the step's
     only communication and is not counted."""
     run_dir = tmp_path / "run"
     sync = dict(stage_steps="20", log_every=10, sync_every=5, eval_every=1000)
+    sync["cache"] = cache
     launch_two_ranks(prepared_dir, run_dir, "1,2", "--spy", checkpoint_every=1000, **sync)
     for rank in (0, 1):
         seen = json.loads((run_dir / f"spy-rank{rank}.json").read_text())

@@ -311,7 +311,7 @@ def summarize(
     rows, curves = [], curves if curves is not None else read_curves(root, methods)
     for name in methods:
         result = RunLayout(root / name).read_result() or {"status": "missing"}
-        final = result.get("final_val_loss")
+        final = final_loss(result, curves[name])
         rows.append(
             {
                 **finetune_columns(root / name),
@@ -357,6 +357,15 @@ def cost_columns(result: dict[str, Any], records: list[dict[str, Any]]) -> dict[
         "PFLOPs": clock["flops"] / 1e15,
         "tokens": clock["tokens"],
     }
+
+
+def final_loss(result: dict[str, Any], records: list[dict[str, Any]]) -> float | None:
+    """The final model's validation loss (result.json's `final_val_loss`); for a run
+    written before it was measured, the last evaluation in its metrics."""
+    if "final_val_loss" in result:
+        return result["final_val_loss"]
+    evals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    return evals[-1] if evals else None
 
 
 def status_cell(result: dict[str, Any]) -> str:

@@ -440,7 +440,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
             "final model's, measured after its last phase. `status`: `short` names the phases "
             f"that trained no step or under {MIN_TRAINED_SHARE:.0%} of their share, `live` "
             "the stages that ran live because a store build would not have fit their share "
-            "(the notes below say why). `val loss @ half`: validation loss at half `{BASELINE}`'s "
+            f"(the notes below say why). `val loss @ half`: validation loss at half `{BASELINE}`'s "
             f"time. `s to baseline loss`: when the method's validation loss first reached "
             f"`{BASELINE}`'s final validation loss, interpolated between evaluations (`-`: "
             "never, within the budget); `x baseline`: that time over the baseline's whole run. "

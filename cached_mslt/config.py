@@ -416,6 +416,14 @@ class ScheduleArgs:
     overwrite_cache: bool = field(
         default=False, metadata={"help": "rebuild a stage's store that no longer matches (stale)"}
     )
+    cache_over_share: str = field(
+        default="live",
+        metadata={
+            "help": "under a comparison's budget share: a stage whose store build would leave "
+            "it less than half its share to train on runs live (`live`) or builds anyway "
+            "(`build`, what runs did before issue 31; docs/methods.md)"
+        },
+    )
     joint_tokens: float = field(default=0.0, metadata={"help": "final phase training all layers"})
     cache_url: str | None = field(
         default=None,
@@ -451,6 +459,7 @@ class ScheduleArgs:
             "cache_dtype": tuple(STORE_DTYPES),
             "cache_codec": STORE_CODECS,
             "cache_rebuild": ("incremental", "full"),
+            "cache_over_share": ("live", "build"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

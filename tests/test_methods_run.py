@@ -27,17 +27,25 @@ COMMON_FIELDS = ("step", "tokens", "wall_s", "flops", "train_loss", "stage", "me
 
 @pytest.mark.parametrize("name", METHODS)
 def test_method_runs_and_writes_common_metrics(prepared_dir, tmp_path, name):
-    # 4 layers so stacking can go 1 -> 2 -> 4 and the V-cycle can halve the depth.
+    # 4 layers so stacking can go 1 -> 2 -> 4 and the V-cycle can halve the depth; the
+    # joint phase gets 2 of the 8 steps (at the default 0.1 it would get none: "short").
     args = small_run(prepared_dir, tmp_path / "unused", eval_every=4)
-    method = MethodArgs(budget_tokens=8 * 32 * 8, stacking_layers="1,2,4")
+    method = MethodArgs(budget_tokens=8 * 32 * 8, stacking_layers="1,2,4", mslt_joint_fraction=0.25)
     result = run_method(name, args, method, tmp_path / name)
     assert result["status"] == "ok", result.get("traceback")
     records = read_metrics(tmp_path / name)
     assert records, "no metrics written"
+    training = [r for r in records if "event" not in r]
     for field in COMMON_FIELDS:
+        assert all(field in r for r in training), field
+    # A build's or phase's end and the final evaluation are lines on the same clock.
+    for field in ("step", "tokens", "wall_s", "cpu_s", "flops", "stage", "method"):
         assert all(field in r for r in records), field
     assert all(r["method"] == name for r in records)
     assert any(r.get("val_loss") is not None for r in records)
+    # The last line is the final model's validation, on the method's whole clock.
+    assert records[-1]["event"] == "final" and records[-1]["step"] == result["clock"]["step"]
+    assert records[-1]["val_loss"] == result["final_val_loss"]
     assert records[-1]["tokens"] >= method.budget_tokens * 0.9
     assert records[-1]["flops"] > 0
     steps = [r["step"] for r in records]
@@ -191,7 +199,7 @@ def test_joint_variant_ends_with_every_layer_training_on_its_share(prepared_dir,
     assert result["status"] == "ok", result.get("traceback")
     assert [p["phase"] for p in result["phases"]] == ["stage-1", "stage-2", "joint"]
     records = read_metrics(tmp_path / "joint")
-    staged = max(r["tokens"] for r in records if r["stage"] != "joint")
+    staged = max(r["tokens"] for r in records if r["stage"] not in ("joint", "final"))
     assert 3072 <= staged < 3072 + 8 * 32  # the stages share 3/4, the joint phase the rest
     plain = run_method("mslt-live", args, method, tmp_path / "plain")
     assert [p["phase"] for p in plain["phases"]] == ["stage-1", "stage-2"]

@@ -20,10 +20,17 @@ from cached_mslt.evaluation import (
     FinetuneArgs,
     evaluate_checkpoint,
 )
-from cached_mslt.methods.harness import method_budget, run_method, run_settings
+from cached_mslt.methods.harness import (
+    FINISHED,
+    method_budget,
+    phase_shortfall,
+    run_method,
+    run_settings,
+)
 from cached_mslt.rundir import RunLayout
 from cached_mslt.training import (
     MEASURES,
+    MIN_TRAINED_SHARE,
     below_unigram,
     markdown_table,
     plot_curves,
@@ -73,7 +80,7 @@ def run_comparison(
             result = run_method(name, args, method, root / name)
         else:
             PartialState().print(f"{name}: reusing the finished run in {root / name}")
-        if method.finetune and result["status"] == "ok":
+        if method.finetune and result["status"] in FINISHED:
             evaluate_method(root / name, finetune_args or FinetuneArgs())
     if not PartialState().is_main_process:
         return ""
@@ -131,8 +138,7 @@ def _trial(
     result = run_method(
         name, replace(args, train=replace(args.train, learning_rate=lr)), method, run_dir
     )
-    records = [r for r in read_metrics(run_dir) if r.get("val_loss") is not None]
-    final = records[-1]["val_loss"] if records and result["status"] == "ok" else None
+    final = result.get("final_val_loss") if result["status"] in FINISHED else None
     return final, result
 
 
@@ -152,13 +158,14 @@ def scaled_budget(method: MethodArgs, fraction: float) -> MethodArgs:
 
 def finished_run(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
     """The result of a finished run with the `wanted` settings (`run_settings`), None if
-    there is none to reuse (missing or failed); a run with other settings is an error,
+    there is none to reuse (missing, failed, or written before the report counted a
+    method's whole charge: no `final_val_loss`); a run with other settings is an error,
     never silently replaced."""
     path = RunLayout(run_dir).result
     result = RunLayout(run_dir).read_result()
     if result is None:
         return None
-    if result.get("status") != "ok":
+    if result.get("status") not in FINISHED or "final_val_loss" not in result:
         return None
     recorded = result.get("settings")
     if recorded is None:
@@ -304,21 +311,18 @@ def summarize(
     rows, curves = [], curves if curves is not None else read_curves(root, methods)
     for name in methods:
         result = RunLayout(root / name).read_result() or {"status": "missing"}
-        records = curves[name]
-        evals = [r for r in records if r.get("val_loss") is not None]
+        final = final_loss(result, curves[name])
         rows.append(
             {
                 **finetune_columns(root / name),
+                **cost_columns(result, curves[name]),
                 "method": name,
-                "status": result.get("status"),
-                "wall s": records[-1]["wall_s"] if records else None,
-                "cpu s": records[-1]["cpu_s"] if records else None,
-                "PFLOPs": records[-1]["flops"] / 1e15 if records else None,
-                "tokens": records[-1]["tokens"] if records else None,
+                "status": status_cell(result),
                 "lr": chosen_learning_rate(result),
-                "final val loss": evals[-1]["val_loss"] if evals else None,
-                "below unigram %": below_unigram(evals[-1]["val_loss"], unigram) if evals else None,
+                "final val loss": final,
+                "below unigram %": below_unigram(final, unigram),
                 "error": result.get("error"),
+                "notes": result.get("status_notes", []),
             }
         )
     base = next((r for r in rows if r["method"] == BASELINE), None)
@@ -338,6 +342,44 @@ def summarize(
 
 
 _COLUMN = {"wall_s": "wall s", "cpu_s": "cpu s"}
+
+
+def cost_columns(result: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A method's whole charge against its budget: the run's own clock (builds included,
+    whether or not a training step followed them), not its last training line; a run
+    without a recorded clock falls back to its last metrics line."""
+    clock = result.get("clock") or (records[-1] if records else None)
+    if clock is None:
+        return {"wall s": None, "cpu s": None, "PFLOPs": None, "tokens": None}
+    return {
+        "wall s": clock["wall_s"],
+        "cpu s": clock["cpu_s"],
+        "PFLOPs": clock["flops"] / 1e15,
+        "tokens": clock["tokens"],
+    }
+
+
+def final_loss(result: dict[str, Any], records: list[dict[str, Any]]) -> float | None:
+    """The final model's validation loss (result.json's `final_val_loss`); for a run
+    written before it was measured, the last evaluation in its metrics."""
+    if "final_val_loss" in result:
+        return result["final_val_loss"]
+    evals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    return evals[-1] if evals else None
+
+
+def status_cell(result: dict[str, Any]) -> str:
+    """The status column: the run's status, the phases that fell short, and the stages
+    that ran live because their store build would not fit their share (the notes below
+    the table say why)."""
+    status = result.get("status", "missing")
+    short = [p["phase"] for p in result.get("phases", []) if phase_shortfall(p)]
+    live = [p["phase"] for p in result.get("phases", []) if p.get("live_under_budget")]
+    parts = [f"{status}: {', '.join(short)}" if short else status]
+    parts += [f"live: {', '.join(live)}"] if live else []
+    return "; ".join(parts)
+
+
 _CLOCK_NAME = {"wall_s": "wall-clock", "cpu_s": "CPU seconds"}
 
 
@@ -380,7 +422,8 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
     write_plots(root, curves, clock, unigram)
     columns = list(REPORT_COLUMNS)
     columns += sorted({k for r in rows for k in r if k.endswith((" acc %", " probe %"))})
-    failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["status"] != "ok"]
+    failures = [f"- `{r['method']}` failed: {r['error']}" for r in rows if r["error"]]
+    notes = [f"- `{r['method']}`: {note}" for r in rows for note in r["notes"]]
     sweeps = sweep_lines(root, methods)
     time = _CLOCK_NAME[clock]
     plots = ["val_loss_vs_wall.png", "val_loss_vs_flops.png"]
@@ -391,8 +434,13 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
             "",
             markdown_table(rows, columns),
             "",
-            f"Times are {time}. `wall / full`, `cpu / full`: the method's whole pretraining "
-            f"time over `{BASELINE}`'s. `val loss @ half`: validation loss at half `{BASELINE}`'s "
+            f"Times are {time}. `wall s`, `cpu s`, `PFLOPs`, `tokens`: the method's whole "
+            "charge against its budget (cache builds included). `wall / full`, `cpu / full`: "
+            f"the method's whole pretraining time over `{BASELINE}`'s. `final val loss`: the "
+            "final model's, measured after its last phase. `status`: `short` names the phases "
+            f"that trained no step or under {MIN_TRAINED_SHARE:.0%} of their share, `live` "
+            "the stages that ran live because a store build would not have fit their share "
+            f"(the notes below say why). `val loss @ half`: validation loss at half `{BASELINE}`'s "
             f"time. `s to baseline loss`: when the method's validation loss first reached "
             f"`{BASELINE}`'s final validation loss, interpolated between evaluations (`-`: "
             "never, within the budget); `x baseline`: that time over the baseline's whole run. "
@@ -405,6 +453,7 @@ def write_report(root: Path, methods: list[str], args: RunArgs, method: MethodAr
                 if {"mslt-cached", "mslt-live"} <= set(methods)
                 else []
             ),
+            *([""] + notes if notes else []),
             *([""] + sweeps if sweeps else []),
             *([""] + failures if failures else []),
             "",

@@ -23,7 +23,7 @@ from torch import nn
 from cached_mslt.config import MethodArgs, RunArgs
 from cached_mslt.data import PreparedBlocks, PreparedData, load_prepared
 from cached_mslt.methods.registry import METHODS
-from cached_mslt.models import build_model
+from cached_mslt.models import TopModel, build_model
 from cached_mslt.rundir import RunLayout
 from cached_mslt.stages import (
     UNBOUNDED_STEPS,
@@ -32,16 +32,22 @@ from cached_mslt.stages import (
     train_rows,
 )
 from cached_mslt.training import (
+    MIN_TRAINED_SHARE,
     Budget,
     MetricsWriter,
     Phase,
     PhaseShare,
     RunClock,
+    clock_fields,
     step_flops,
     train_phase,
+    validation_loss,
 )
 
 DEFAULT_BUDGET_TOKENS = 2_097_152
+# A finished run's status: every phase trained on its share ("ok"), or some phase trained
+# no step or too little of its share ("short", `phase_shortfall` says which and why).
+FINISHED = ("ok", "short")
 
 
 @dataclass
@@ -57,6 +63,8 @@ class MethodContext:
     clock: RunClock = field(default_factory=RunClock)
     phases: list[dict[str, Any]] = field(default_factory=list)
     last_optimizer: torch.optim.Optimizer | None = None
+    # The last phase's model and the module that computes its whole-model loss (PLD's own).
+    last_trained: tuple[nn.Module, nn.Module] | None = None
 
     @property
     def budget(self) -> Budget:
@@ -92,7 +100,9 @@ class MethodContext:
     ) -> dict[str, Any]:
         """Train every parameter of `model` on `share` more of the budget (capped by what
         is left), with its own warmup and decay, counting FLOPs of the layers that ran."""
+        phase_share, start = self.share(self.budget.spent(self.clock) + share), replace(self.clock)
         if self.out_of_budget:
+            self.record_phase(phase_name, phase_share, start, start, {"steps": 0, "skipped": True})
             return {"skipped": True}
         config, seq_len = model.config, self.args.data.seq_len
         layers = trained_layers or (lambda: config.num_hidden_layers)
@@ -102,7 +112,7 @@ class MethodContext:
             model=model,
             frozen_layers=0,
             steps=UNBOUNDED_STEPS,
-            share=self.share(self.budget.spent(self.clock) + share),
+            share=phase_share,
             blocks=PreparedBlocks(
                 self.data.train, block_rows_for(self.args.train.batch_size), rows
             ),
@@ -127,9 +137,93 @@ class MethodContext:
         stats = train_phase(
             self.accelerator, phase, self.args, self.clock, metrics, self.data.valid
         )
-        self.phases.append({"phase": phase_name, "layers": config.num_hidden_layers, **stats})
+        self.record_phase(
+            phase_name, phase_share, start, start, stats, layers=config.num_hidden_layers
+        )
         self.last_optimizer = phase.optimizer
+        self.last_trained = (model, trainable or TopModel(model, 0))
         return stats
+
+    def record_phase(
+        self,
+        name: str,
+        share: PhaseShare,
+        start: RunClock,
+        train_start: RunClock,
+        stats: dict[str, Any],
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Keep what a phase did against its share (`trained_share`, read by
+        `phase_shortfall`) and put its end on metrics.jsonl's clock, so the last line is
+        the method's whole charge even when the phase trained no step. `train_start`:
+        where its training began (after a store build, if it built one)."""
+        record = {
+            "phase": name,
+            **fields,
+            **stats,
+            "share": [share.start, share.end],
+            "trained_share": trained_share(share, train_start, self.clock),
+        }
+        self.phases.append(record)
+        line = {
+            **clock_fields(self.clock),
+            "event": "phase_end",
+            "stage": name,
+            "method": self.name,
+        }
+        MetricsWriter(self.run_dir, self.accelerator).log(line)
+        return record
+
+
+def trained_share(share: PhaseShare, train_start: RunClock, end: RunClock) -> float:
+    """The part of its share a phase spent training (from `train_start` to `end`)."""
+    width = share.end - share.start
+    if width <= 0:
+        return 0.0
+    return (share.budget.spent(end) - share.budget.spent(train_start)) / width
+
+
+def phase_shortfall(phase: dict[str, Any]) -> str | None:
+    """Why a phase does not count as run (None if it does): it never began, trained no
+    step, or trained on less than MIN_TRAINED_SHARE of its share; what took the share
+    (a store build, the phases before it) is named."""
+    if phase.get("skipped"):
+        return "never ran: the budget was spent before it began"
+    built, (start, end) = phase.get("build_share"), phase["share"]
+    cause = f": its store build took {built:.0%} of its share" if built else ""
+    if end <= start:
+        cause = ": the phases before it had spent its share"
+    if phase.get("steps", 0) == 0:
+        return f"trained 0 steps{cause}"
+    if phase["trained_share"] < MIN_TRAINED_SHARE:
+        return f"trained on {phase['trained_share']:.0%} of its share{cause}"
+    return None
+
+
+def run_status(phases: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """A finished run's status ("ok" or "short": some phase fell short) and one note per
+    phase that fell short or ran live because its store build would not fit its share."""
+    short = [f"{p['phase']} {why}" for p in phases if (why := phase_shortfall(p))]
+    live = [
+        f"{p['phase']} ran live: {p['live_under_budget']['reason']}"
+        for p in phases
+        if p.get("live_under_budget")
+    ]
+    return ("short" if short else "ok"), short + live
+
+
+def final_validation(ctx: MethodContext, model: nn.Module) -> float:
+    """The final model's validation loss, measured after the last phase (a phase's last
+    evaluation is of its own model: an MSLT stage that trained nothing never evaluated
+    the grown model it saved), and logged on the run's final clock."""
+    trained = ctx.last_trained
+    module = trained[1] if trained and trained[0] is model else TopModel(model, 0)
+    model.to(ctx.accelerator.device)
+    t = ctx.args.train
+    loss = validation_loss(module, ctx.accelerator, ctx.data.valid, t.batch_size, t.eval_batches)
+    line = {**clock_fields(ctx.clock), "event": "final", "val_loss": loss, "stage": "final"}
+    MetricsWriter(ctx.run_dir, ctx.accelerator).log({**line, "method": ctx.name})
+    return loss
 
 
 # A method: builds its model(s), trains them through `MethodContext.train`, returns the final model.
@@ -194,11 +288,15 @@ def run_method(name: str, args: RunArgs, method: MethodArgs, run_dir: Path) -> d
     layout = RunLayout(run_dir)
     try:
         model = run(ctx)
+        final_loss = final_validation(ctx, model)
         final = layout.final_model
         if accelerator.is_main_process:
             model.save_pretrained(final)
             data.tokenizer().save_pretrained(final)
-        result.update(status="ok", final_model=str(final))
+        status, notes = run_status(ctx.phases)
+        result.update(
+            status=status, status_notes=notes, final_val_loss=final_loss, final_model=str(final)
+        )
     except Exception as e:  # reported in the comparison table; the other methods still run
         result.update(
             status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()

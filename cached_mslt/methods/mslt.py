@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from itertools import accumulate
+from typing import Any
 
 from transformers import AutoModelForMaskedLM, PreTrainedModel
 
@@ -17,53 +18,78 @@ from cached_mslt.config import RunArgs
 from cached_mslt.methods.harness import MethodContext
 from cached_mslt.rundir import RunLayout
 from cached_mslt.stages import StagePlan, run_stage
-from cached_mslt.training import RunClock
+from cached_mslt.training import PhaseShare, RunClock
 
 
 def _run(ctx: MethodContext, cache: str, with_joint: bool = False) -> PreTrainedModel:
-    budget = ctx.budget
     joint = ctx.method.mslt_joint_fraction if with_joint else 0.0
     weights = stage_weights(ctx.args)
+    args = _staged_args(ctx, cache, joint, weights)
+    done, ends = None, list(accumulate(w / sum(weights) for w in weights))
+    stages = StagePlan.from_args(args).stages
+    for stage in stages:
+        end = 1.0 if stage.joint else (1 - joint) * ends[stage.index - 1]
+        share, start = ctx.share(end), replace(ctx.clock)
+        manifest = run_stage(
+            args, stage.index, ctx.accelerator, extra={"method": ctx.name}, share=share
+        )
+        ctx.clock = RunClock(**manifest["clock"])
+        record_stage(ctx, share, start, manifest)
+        done = stage.index
+        if ctx.out_of_budget:
+            break
+        if stage.index == 1 and not ctx.budget.tokens:
+            estimates = estimated_stage_tokens(args, weights, manifest["train"]["tokens"])
+            args = replace(args, schedule=replace(args.schedule, stage_tokens=estimates))
+    for stage in stages[done:]:  # the budget ran out before them: the status says so
+        ctx.record_phase(
+            stage.name, ctx.share(1.0), ctx.clock, ctx.clock, {"steps": 0, "skipped": True}
+        )
+    layout = RunLayout.of(args)
+    assert layout.read_manifest(done) is not None
+    return AutoModelForMaskedLM.from_pretrained(layout.model_dir(done))
+
+
+def _staged_args(ctx: MethodContext, cache: str, joint: float, weights: list[float]) -> RunArgs:
+    """The run's options with the stage plan scaled to the budget, in `cache` mode."""
+    budget = ctx.budget
     # Shares end the phases. A stage's token count then only informs `--cache auto`'s
     # decision, which mslt-live and mslt-cached record but do not follow (they fix the
     # mode): its part of a token budget; under other budgets, the plan's proportions until
     # stage 1 has shown what the budget buys (`estimated_stage_tokens`).
     total = budget.tokens * (1 - joint) if budget.tokens else sum(weights)
-    stage_tokens = ",".join(f"{total * w / sum(weights):.0f}" for w in weights)
     schedule = replace(
         ctx.args.schedule,
         cache=cache,
         stage_steps=None,
-        stage_tokens=stage_tokens,
+        stage_tokens=",".join(f"{total * w / sum(weights):.0f}" for w in weights),
         joint_tokens=(budget.tokens or 1.0) * joint,  # > 0 adds the joint phase to the plan
     )
-    args = replace(ctx.args, schedule=schedule)
-    done = None
-    ends = list(accumulate(w / sum(weights) for w in weights))
-    for stage in StagePlan.from_args(args).stages:
-        end = 1.0 if stage.joint else (1 - joint) * ends[stage.index - 1]
-        manifest = run_stage(
-            args, stage.index, ctx.accelerator, extra={"method": ctx.name}, share=ctx.share(end)
-        )
-        ctx.clock = RunClock(**manifest["clock"])
-        ctx.phases.append(
-            {
-                "phase": stage.name,
-                "mode": manifest["mode"],
-                "cache_decision": manifest["cache_decision"],
-                **manifest["train"],
-                **manifest["timings"],
-            }
-        )
-        done = stage.index
-        if ctx.out_of_budget:
-            break
-        if stage.index == 1 and not budget.tokens:
-            estimates = estimated_stage_tokens(args, weights, manifest["train"]["tokens"])
-            args = replace(args, schedule=replace(schedule, stage_tokens=estimates))
-    layout = RunLayout.of(args)
-    assert layout.read_manifest(done) is not None
-    return AutoModelForMaskedLM.from_pretrained(layout.model_dir(done))
+    return replace(ctx.args, schedule=schedule)
+
+
+def record_stage(
+    ctx: MethodContext, share: PhaseShare, start: RunClock, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """A stage among the method's phases: its mode and why, its training, the part of its
+    share its store build took, and whether it ran live because a build would not have
+    fit (`cached_mslt.stages.runner.fit_build_to_share`). Its training began where its
+    manifest's `cache.clock_after` says (the stage's start when that is missing)."""
+    cache = manifest["cache"]
+    train_start = RunClock(**cache.get("clock_after", start.to_dict()))
+    fields: dict[str, Any] = {
+        "mode": manifest["mode"],
+        "cache_decision": manifest["cache_decision"],
+        **manifest["timings"],
+    }
+    built = manifest["mode"] == "cached" and not cache.get("reused")
+    if built and share.end > share.start:
+        spent = share.budget.spent
+        fields["build_share"] = (spent(train_start) - spent(start)) / (share.end - share.start)
+    if cache.get("live_under_budget"):
+        fields["live_under_budget"] = cache["live_under_budget"]
+    name = manifest["stage"]["name"]
+    return ctx.record_phase(name, share, start, train_start, manifest["train"], **fields)
 
 
 def _growth_stages(args: RunArgs) -> list:

@@ -63,6 +63,7 @@ from cached_mslt.stages.write_through import (
     WriteThroughBlocks,
 )
 from cached_mslt.training import (
+    MIN_TRAINED_SHARE,
     DivergenceError,
     MetricsWriter,
     OldCheckpointError,
@@ -71,12 +72,14 @@ from cached_mslt.training import (
     RunClock,
     Stopwatch,
     below_unigram,
+    clock_fields,
     keep_freed_memory,
     layer_forward_flops,
     markdown_table,
     plot_curves,
     read_metrics,
     run_peak,
+    share_of_flops,
     stage_speeds,
     step_flops,
     train_phase,
@@ -333,7 +336,9 @@ def _run_stage_locked(
         return done
     run = _start_stage(args, plan, stage, accelerator)
     mode, why, sources = _choose_mode(run)
+    mode, why, over_share = fit_build_to_share(run, mode, why, sources, share)
     blocks, build, fill = _stage_blocks(run, mode, sources, rebuild_cache)
+    build = record_build(run, mode == "eager", build, over_share, share, extra)
     phase = _stage_phase(run, blocks, mode, fill, share, extra)
     with abandon_on_failure(run, fill):
         stats = _train_stage(run, phase)
@@ -456,6 +461,65 @@ def finish_write_through(run: _StageRun, fill: WriteThrough) -> dict[str, Any]:
         f"{held}/{store.num_shards} blocks of {fill.blocks.block_rows} rows"
     )
     return {**stats, "units_held": held, "units": store.num_shards}
+
+
+def fit_build_to_share(
+    run: _StageRun,
+    mode: str,
+    why: str,
+    sources: list[ActivationStore],
+    share: PhaseShare | None,
+) -> tuple[str, str, dict[str, Any] | None]:
+    """Under a share of a comparison's budget, a store build the cost model says would
+    leave the stage less than MIN_TRAINED_SHARE of its share to train on is not started:
+    the stage runs live (`--cache_over_share live`, the default) and says why; the third
+    value is that verdict (None when the chosen mode stands). Builds count at the cost
+    model's forward FLOPs (`build_flops`), in seconds at the run's rate so far
+    (`share_of_flops`). `--cache_over_share build` keeps the eager build."""
+    if mode != "eager" or share is None or run.args.schedule.cache_over_share == "build":
+        return mode, why, None  # write-through has no build to fit: it costs at most live
+    source = next((s for s in sources if s.is_complete), None)  # what the build starts from
+    rows = train_rows(run.args, len(run.data.train))
+    flops = build_flops(run.model.config, run.args.data.seq_len, {"rows": rows}, run.stage, source)
+    cost = share_of_flops(share.budget, run.clock, flops)
+    # share.end and the clock read from the previous manifest are the same on every rank,
+    # so every rank takes the same decision.
+    room = share.end - share.budget.spent(run.clock)
+    if cost <= (1.0 - MIN_TRAINED_SHARE) * room:
+        return mode, why, None
+    part = f"{cost / room:.0%}" if room > 0 else "more than all"
+    verdict = {
+        "build_flops": flops,
+        "build_share": cost / room if room > 0 else None,
+        "reason": f"its store build would spend {part} of its share, leaving less than "
+        f"{MIN_TRAINED_SHARE:.0%} to train on",
+    }
+    run.accelerator.print(f"{run.stage.name}: live instead: {verdict['reason']}")
+    return "live", f"live under the budget: {verdict['reason']} (was {why})", verdict
+
+
+def record_build(
+    run: _StageRun,
+    cached: bool,
+    build: dict[str, Any],
+    over_share: dict[str, Any] | None,
+    share: PhaseShare | None,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Under a share, where the stage's training starts on the clock (`clock_after` in the
+    manifest's `cache`, the budget rule's verdict beside it) and, after a build, a
+    metrics line on the clock at the build's end: a comparison's curves and tables then
+    count the build whether or not a training step follows."""
+    if share is None:
+        return build
+    build = {**build, "clock_after": run.clock.to_dict()}
+    if over_share is not None:
+        build["live_under_budget"] = over_share
+    if cached:
+        line = {**clock_fields(run.clock), "event": "cache_build", "build_s": build["build_s"]}
+        line.update(stage=run.stage.name, **(extra or {}))
+        MetricsWriter(run.args.train.run_dir, run.accelerator).log(line)
+    return build
 
 
 def _stage_phase(

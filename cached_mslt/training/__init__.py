@@ -5,7 +5,13 @@ count of the cost model.
 Imports `config`, `rundir`, `models`, `storage`; knows no stage plan and no method.
 """
 
-from cached_mslt.training.budget import MEASURES, Budget, PhaseShare
+from cached_mslt.training.budget import (
+    MEASURES,
+    MIN_TRAINED_SHARE,
+    Budget,
+    PhaseShare,
+    share_of_flops,
+)
 from cached_mslt.training.checkpointing import OldCheckpointError
 from cached_mslt.training.flops import (
     SQUARE,
@@ -22,18 +28,20 @@ from cached_mslt.training.metrics import (
     RunClock,
     Stopwatch,
     below_unigram,
+    clock_fields,
     markdown_table,
     plot_curves,
     read_metrics,
     stage_speeds,
 )
 from cached_mslt.training.step_counts import host_batch, padded_gather_per_row
-from cached_mslt.training.trainer import DivergenceError, Phase, train_phase
+from cached_mslt.training.trainer import DivergenceError, Phase, train_phase, validation_loss
 
 __all__ = [
     "Budget",
     "DivergenceError",
     "MEASURES",
+    "MIN_TRAINED_SHARE",
     "MetricsWriter",
     "OldCheckpointError",
     "Peak",
@@ -43,6 +51,7 @@ __all__ = [
     "SQUARE",
     "Stopwatch",
     "below_unigram",
+    "clock_fields",
     "ffn_shape",
     "host_batch",
     "keep_freed_memory",
@@ -53,7 +62,9 @@ __all__ = [
     "plot_curves",
     "read_metrics",
     "run_peak",
+    "share_of_flops",
     "stage_speeds",
     "step_flops",
     "train_phase",
+    "validation_loss",
 ]

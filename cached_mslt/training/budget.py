@@ -17,6 +17,10 @@ from cached_mslt.config import ConfigError
 from cached_mslt.training.metrics import RunClock
 
 MEASURES = ("tokens", "wall_s", "cpu_s", "flops")
+# A phase that trains on less than this part of its share has not really run: a
+# comparison marks it (not "ok"), and an MSLT stage does not start a store build that
+# would leave it less than this to train on (docs/methods.md, what a report counts).
+MIN_TRAINED_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,21 @@ class PhaseShare:
         if width <= 0:
             return 1.0
         return min(1.0, max(0.0, (self.budget.spent(clock) - self.start) / width))
+
+
+def share_of_flops(budget: Budget, clock: RunClock, flops: float) -> float:
+    """The part of `budget` that `flops` more model FLOPs would spend: exact under a FLOP
+    budget; under a time budget at the run's own seconds per FLOP so far (0 before
+    anything was counted); none of a token budget (a store build reads no training token).
+    Several measures: the largest part, as `Budget.spent` counts."""
+    parts = [0.0]
+    if budget.flops is not None:
+        parts.append(flops / budget.flops)
+    for measure in ("wall_s", "cpu_s"):
+        limit = getattr(budget, measure)
+        if limit is not None and clock.flops > 0:
+            parts.append(flops * getattr(clock, measure) / clock.flops / limit)
+    return max(parts)
 
 
 def lr_factor(progress: float, warmup_fraction: float, schedule: str) -> float:

@@ -58,6 +58,19 @@ class Stopwatch:
         return self.clock.wall_s
 
 
+def clock_fields(clock: RunClock) -> dict[str, Any]:
+    """The clock as a metrics line carries it (the training loop's rounding): a line that
+    is not a training step (a store build's end, a phase's end, the final evaluation)
+    still places itself on the run's clock, so curves and tables read the same total."""
+    return {
+        "step": clock.step,
+        "tokens": clock.tokens,
+        "wall_s": round(clock.wall_s, 3),
+        "cpu_s": round(clock.cpu_s, 3),
+        "flops": clock.flops,
+    }
+
+
 class MetricsWriter:
     """Appends one JSON object per line to `metrics.jsonl` (main process only) and forwards
     the same values to Accelerate's trackers when the run configured any."""

@@ -43,7 +43,8 @@ def test_write_config_writes_the_run_config_and_nothing_else(prepared_dir, tmp_p
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"wrote {run_dir / 'config.json'}" in done.stdout
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+    # the config and the run's contract beside it (docs/reliability.md), nothing else
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "run_identity.json"]
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"]["hidden_size"] == 32 and saved["train"]["mixed_precision"] is None
     # the same run again: kept; another run's options under this run_dir: refused

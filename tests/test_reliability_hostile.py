@@ -374,7 +374,7 @@ def test_divergence_fix_as_printed_reaches_a_finite_loss(prepared_dir, tmp_path)
 
 
 def test_divergence_at_a_tiny_rate_says_to_stop_not_to_lower_again():
-    from cached_mslt.stages.runner import lower_learning_rate
+    from cached_mslt.stages.fixes import lower_learning_rate
 
     assert lower_learning_rate(1e5) == 1e-3 and lower_learning_rate(1e-3) == 1e-4
     assert lower_learning_rate(2e-6) == 1e-6 and lower_learning_rate(1e-6) is None
@@ -382,7 +382,7 @@ def test_divergence_at_a_tiny_rate_says_to_stop_not_to_lower_again():
 
 def test_store_repair_hint_on_an_object_store_names_the_credentials():
     from cached_mslt.config import run_args
-    from cached_mslt.stages.runner import repair_command
+    from cached_mslt.stages.fixes import repair_command
 
     secret = json.dumps({"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"})
     with_secret = run_args("tiny", cache_url="s3://b/run", cache_storage_options=secret)

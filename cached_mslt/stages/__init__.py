@@ -1,10 +1,12 @@
 """MSLT stages: the stage plan, running one stage (grow, freeze, cache or live, train,
-save) and building a stage's activation store.
+save), the run's contract, building or filling a stage's activation store (eager,
+write-through) and the end-of-run summary.
 
 Imports `config`, `rundir`, `data`, `models`, `training`, `storage`.
 """
 
 from cached_mslt.stages.cache import CacheRequest, build_cache
+from cached_mslt.stages.contract import StageError, write_run_config
 from cached_mslt.stages.plan import StagePlan
 from cached_mslt.stages.runner import (
     UNBOUNDED_STEPS,
@@ -14,12 +16,12 @@ from cached_mslt.stages.runner import (
     run_all,
     run_stage,
     train_rows,
-    write_run_config,
-    write_run_summary,
 )
+from cached_mslt.stages.summary import write_run_summary
 
 __all__ = [
     "CacheRequest",
+    "StageError",
     "StagePlan",
     "UNBOUNDED_STEPS",
     "USER_ERRORS",

@@ -12,10 +12,9 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from transformers import BertForMaskedLM
 
@@ -27,10 +26,8 @@ from cached_mslt.data import (
     PreparedData,
     check_prepared,
     load_prepared,
-    prepared_manifest,
 )
 from cached_mslt.models import (
-    bert_config,
     bottom_fingerprint,
     build_model,
     check_tied,
@@ -47,6 +44,15 @@ from cached_mslt.rundir import (
 )
 from cached_mslt.stages.cache import CacheRequest, build_cache, open_write_through
 from cached_mslt.stages.cache_choice import Stored, choose_cache
+from cached_mslt.stages.contract import (
+    StageError,
+    check_cache_location,
+    check_previous_stage_done,
+    check_run_config,
+    check_same_data,
+    check_saved_model,
+)
+from cached_mslt.stages.fixes import divergence_fix, repair_command, store_repair_hint
 from cached_mslt.stages.plan import Stage, StagePlan
 from cached_mslt.stages.precision import (
     autocast_dtype,
@@ -55,6 +61,7 @@ from cached_mslt.stages.precision import (
     on_cuda,
     requested_precision,
 )
+from cached_mslt.stages.summary import record_peak, write_run_summary
 from cached_mslt.stages.write_through import (
     Pending,
     Source,
@@ -71,16 +78,10 @@ from cached_mslt.training import (
     PhaseShare,
     RunClock,
     Stopwatch,
-    below_unigram,
     clock_fields,
     keep_freed_memory,
     layer_forward_flops,
-    markdown_table,
-    plot_curves,
-    read_metrics,
-    run_peak,
     share_of_flops,
-    stage_speeds,
     step_flops,
     train_phase,
 )
@@ -88,33 +89,12 @@ from storage import (
     ActivationStore,
     BlockDataset,
     Blocks,
-    CorruptStoreError,
-    IncompleteStoreError,
-    StaleStoreError,
     StoreError,
-    StoreExistsError,
-    check_reachable,
-    is_remote,
-    public_options,
 )
 
 logger = logging.getLogger(__name__)
 
 UNBOUNDED_STEPS = 2**62
-# Options that define what a run is (which layers its stages have, its model, its data); a
-# later stage launched with different values would silently mix two runs, so it is refused.
-# How long each stage trains (stage_tokens, stage_steps, joint_tokens) is not among them:
-# an unfinished stage may be given more or fewer steps, and a comparison under a budget
-# re-plans the later stages' lengths once stage 1 has shown what the budget buys.
-RUN_IDENTITY = {
-    "model": ("preset", "num_layers", "hidden_size", "num_attention_heads", "intermediate_size"),
-    "data": ("prepared_dir", "seq_len", "mask_seed", "train_examples"),
-    "schedule": ("stage_layers", "growth_init"),
-}
-
-
-class StageError(RuntimeError):
-    """A stage cannot run as asked (missing previous stage, mismatched config...)."""
 
 
 # Refusals whose message already says what was expected, what was found and what to run:
@@ -128,69 +108,6 @@ USER_ERRORS = (
     DiskFullError,
     OldCheckpointError,
 )
-
-
-def run_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """The options of a run's configuration (as `RunArgs.to_dict`) that shape its plan, its
-    model or its data: "group.key" -> value."""
-    return {
-        f"{group}.{key}": config.get(group, {}).get(key)
-        for group, keys in RUN_IDENTITY.items()
-        for key in keys
-    }
-
-
-def check_run_config(args: RunArgs, accelerator: Accelerator) -> None:
-    """Write config.json and the run's contract on first use; afterwards refuse options
-    that change the run's identity unless --override_run_config says so. The contract is
-    `run_identity.json`, not config.json: an edited config.json passed back with --config
-    would otherwise agree with itself (docs/reliability.md, the run's contract)."""
-    layout = RunLayout.of(args)
-    current = {**args.to_dict(), "train": {**args.to_dict()["train"], "override_run_config": False}}
-    contract = _read_contract(layout)
-    diffs = [
-        f"{name}: run has {value!r}, now {run_identity(current)[name]!r}"
-        for name, value in (contract or {}).items()
-        if name in run_identity(current) and value != run_identity(current)[name]
-    ]
-    if diffs and not args.train.override_run_config:
-        raise StageError(
-            f"this configuration does not match the run in {args.train.run_dir} (its contract "
-            f"{layout.identity}):\n  " + "\n  ".join(diffs) + f"\nexpected the run's own "
-            f"options: use its config (--config {layout.config}, as first written) or start a "
-            f"new run with another --run_dir; to change them on purpose add --override_run_config"
-        )
-    if accelerator.is_main_process:
-        if diffs:
-            logger.warning("--override_run_config: the run now has %s", "; ".join(diffs))
-        layout.root.mkdir(parents=True, exist_ok=True)
-        if contract is None or diffs:
-            write_atomic(layout.config, json.dumps(current, indent=2, sort_keys=True))
-        if diffs or not layout.identity.is_file():
-            write_atomic(layout.identity, json.dumps(run_identity(current), indent=2))
-    accelerator.wait_for_everyone()
-
-
-def _read_contract(layout: RunLayout) -> dict[str, Any] | None:
-    """The run's identity as first written; a run made before the contract existed has
-    only its config.json."""
-    if layout.identity.is_file():
-        return json.loads(layout.identity.read_text())
-    saved = layout.read_config()
-    return None if saved is None else run_identity(saved)
-
-
-def check_same_data(args: RunArgs, index: int, previous: dict | None, fingerprint: str) -> None:
-    """Every stage of a run trains on the same prepared data (same fingerprint)."""
-    if previous is None or previous["fingerprints"]["data"] == fingerprint:
-        return
-    raise StageError(
-        f"stage {index - 1} trained on prepared data with fingerprint "
-        f"{previous['fingerprints']['data'][:12]}, but {args.data.prepared_dir} now holds "
-        f"{fingerprint[:12]}; expected the same data for every stage of a run. Restore that "
-        f"data (`python pipelines/prepare_data.py --config {RunLayout.of(args).config}"
-        f" --overwrite`, if the corpus is unchanged) or start a new run with another --run_dir"
-    )
 
 
 def block_rows_for(batch_size: int) -> int:
@@ -238,31 +155,6 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
     if stage.num_layers > model.config.num_hidden_layers:
         grow(model, stage.num_layers, init=args.schedule.growth_init)
     return model
-
-
-def check_saved_model(args: RunArgs, index: int, model: BertForMaskedLM) -> None:
-    """Stage `index`'s saved weights are the ones its manifest recorded (manifests from
-    before the record was kept are not checked): weights swapped or damaged under a finished
-    stage would otherwise train every later stage on them without a word."""
-    layout = RunLayout.of(args)
-    expected = layout.read_manifest(index)["fingerprints"].get("model")
-    found = model_fingerprint(model)
-    if expected is None or found == expected:
-        return
-    raise StageError(
-        f"{layout.model_dir(index)}/model.safetensors: these are not the weights stage {index} "
-        f"saved (fingerprint {found[:12]}, its manifest records {expected[:12]}); expected "
-        f"that stage's own model. Put its weights back, or retrain it: `rm -rf "
-        f"{layout.stage_dir(index)} && accelerate launch pipelines/stage.py --config "
-        f"{layout.config} --stage {index}`"
-    )
-
-
-def check_cache_location(args: RunArgs, plan: StagePlan) -> None:
-    """Fail before anything is written (no half-made run) if the plan caches and the cache
-    location cannot be used: endpoint down, bucket missing (storage.StoreUnreachableError)."""
-    if any(s.frozen_layers and s.cache != "never" for s in plan.stages):
-        check_reachable(RunLayout.of(args).store_url(1), args.schedule.storage_options())
 
 
 def run_stage(
@@ -574,7 +466,7 @@ def _train_stage(run: _StageRun, phase: Phase) -> dict[str, Any]:
             return train_phase(run.accelerator, phase, args, run.clock, metrics, run.data.valid)
     except DivergenceError as e:
         # The saved optimizer state carries the old learning rate: resume cannot lower it.
-        raise StageError(f"{e}\n{divergence_fix(run, phase.checkpoint_dir)}") from e
+        raise StageError(f"{e}\n{divergence_fix(run.args, run.index, phase.checkpoint_dir)}") from e
 
 
 # manifest "mode" of each cache mode ("cached": an eager build, the name stores have had)
@@ -611,53 +503,6 @@ def _stage_manifest(
     }
 
 
-# Pretraining rates that diverge are rarely off by less than 10x; a rate above the usual
-# BERT range goes straight back into it (a 1e5 rate lowered 10x diverged again, and again).
-SAFE_LEARNING_RATE = 1e-3
-# Below this a diverging loss is not the learning rate's doing: lowering it again is no fix.
-LOWEST_LEARNING_RATE = 1e-6
-
-
-def lower_learning_rate(rate: float) -> float | None:
-    """The rate to retry a diverged stage with, or None when lowering is no longer a fix."""
-    if not math.isfinite(rate) or rate <= 0:
-        return SAFE_LEARNING_RATE / 10
-    if rate <= LOWEST_LEARNING_RATE:
-        return None
-    return max(min(rate / 10, SAFE_LEARNING_RATE), LOWEST_LEARNING_RATE)
-
-
-def divergence_fix(run: _StageRun, checkpoint_dir: Path) -> str:
-    """The command that retrains a diverged stage at a lower rate, or why to stop trying
-    (the saved optimizer state carries the old rate, so the checkpoint goes first)."""
-    rate = run.args.train.learning_rate
-    lower = lower_learning_rate(rate)
-    if lower is None:
-        return (
-            f"stop: the loss is not finite even at --learning_rate {rate:g}, so a lower rate "
-            f"will not help; expected finite losses from the data and the model, so check the "
-            f"prepared data ({run.args.data.prepared_dir}) and --mixed_precision"
-        )
-    return (
-        f"fix: rm -rf {checkpoint_dir} && accelerate launch pipelines/stage.py "
-        f"--config {run.layout.config} --stage {run.index} --learning_rate {lower:g}"
-    )
-
-
-def repair_credentials_note(args: RunArgs) -> str:
-    """What a store repair on an object store needs besides the printed command: the
-    credentials, which are never saved (docs/reliability.md, secrets)."""
-    given = args.schedule.storage_options()
-    if not args.schedule.cache_url or not is_remote(args.schedule.cache_url):
-        return ""
-    if given == public_options(given):
-        return " (credentials from the AWS_* environment, as for the first command)"
-    return (
-        " --cache_storage_options '<the JSON you first passed, with its credentials>' "
-        "(config.json never holds them; or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
-    )
-
-
 def cache_request(
     args: RunArgs,
     index: int,
@@ -684,28 +529,6 @@ def cache_request(
         storage_options=args.schedule.storage_options(),
         round_at=tuple(s.frozen_layers for s in plan.stages if s.index < index and not s.joint),
     )
-
-
-def repair_command(args: RunArgs, index: int) -> str:
-    return (
-        f"accelerate launch pipelines/stage.py --config "
-        f"{RunLayout.of(args).config} --stage {index} --rebuild_cache"
-        + repair_credentials_note(args)
-    )
-
-
-@contextmanager
-def store_repair_hint(args: RunArgs, index: int, source: ActivationStore | None) -> Iterator[None]:
-    """A store that cannot be used (stale, corrupt, half-written by another build) is
-    repaired by one command: rebuilding the store it is, this stage's or the source's."""
-    try:
-        yield
-    except (StaleStoreError, CorruptStoreError, IncompleteStoreError, StoreExistsError) as e:
-        owner = index
-        if source is not None and str(source.url) in str(e):
-            owner = index - 1  # the previous stage's store, read by an incremental build
-        # Same type (callers act on it), with the command added.
-        raise type(e)(f"{e}\nfix: {repair_command(args, owner)}") from e
 
 
 def rebuild_stage_store(
@@ -853,147 +676,3 @@ def run_all(args: RunArgs) -> list[dict[str, Any]]:
         print("\n" + RunLayout.of(args).summary.read_text())
     accelerator.end_training()
     return manifests
-
-
-def record_peak(args: RunArgs, accelerator: Accelerator) -> None:
-    """Write the run's MFU reference (cached_mslt.training.flops.run_peak) beside config.json, once:
-    a resumed run keeps the first measurement. On a CPU it is measured now, at the run's
-    FFN shape and a large square, before training loads the machine."""
-    layout = RunLayout.of(args)
-    if accelerator.is_main_process and not layout.peak.exists():
-        config = bert_config(args.model, vocab_size=2, num_layers=1)  # only H and I matter
-        tokens = args.train.batch_size * args.data.seq_len
-        half = accelerator.mixed_precision in ("bf16", "fp16")
-        peak = run_peak(
-            config, tokens, accelerator.device, half=half, peak_tflops=args.train.peak_tflops
-        )
-        layout.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(layout.peak, json.dumps(peak, indent=2))
-    accelerator.wait_for_everyone()
-
-
-def summary_rows(
-    manifests: list[dict[str, Any]], metrics: list[dict[str, Any]], peak: dict, unigram
-) -> list[dict[str, Any]]:
-    """One row per stage: what it was, its times, its training speed (tokens/s and MFU
-    between its first and last log lines, cached_mslt.training.metrics.stage_speeds) and loss."""
-    devices = manifests[-1].get("num_processes", 1) if manifests else 1
-    speeds = stage_speeds(metrics, peak.get("peak_flops_per_s"), devices)
-    rows = []
-    for m in manifests:
-        speed = speeds.get(m["stage"]["name"], {})
-        mfu = speed.get("mfu")
-        rows.append(
-            {
-                "stage": m["stage"]["name"],
-                "layers": m["stage"]["num_layers"],
-                "frozen": m["stage"]["frozen_layers"],
-                "mode": m["mode"],
-                "precision": m.get("mixed_precision", "no"),
-                "cache build s": m["timings"]["build_s"],
-                "train s": m["timings"]["train_s"],
-                "tokens/s": speed.get("tokens_per_s", m["train"]["tokens_per_s"]),
-                "MFU %": None if mfu is None else 100.0 * mfu,
-                "val loss": m["train"]["val_loss"],
-                "below unigram %": below_unigram(m["train"]["val_loss"], unigram),
-            }
-        )
-    return rows
-
-
-def _mfu_note(peak: dict[str, Any]) -> str:
-    """What the summary's speed columns mean and which peak MFU divides by."""
-    if not peak:
-        return ""
-    if not peak.get("peak_flops_per_s"):
-        return f"MFU: no peak known ({peak['peak_source']}).\n"
-    return (
-        "tokens/s and MFU: training between a stage's first and last log lines (validation "
-        f"excluded); MFU = counted model FLOP/s / {peak['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s "
-        f"per device ({peak['peak_source']}, `peak.json`).\n"
-    )
-
-
-def write_summary(args: RunArgs, manifests: list[dict[str, Any]], final_model: Path) -> str:
-    unigram = (prepared_manifest(args.data.prepared_dir) or {}).get("unigram_loss")
-    layout = RunLayout.of(args)
-    peak = json.loads(layout.peak.read_text()) if layout.peak.is_file() else {}
-    metrics = read_metrics(layout.root)
-    rows = summary_rows(manifests, metrics, peak, unigram)
-    table = markdown_table(rows, list(rows[0]))
-    plot_curves(
-        {"mslt": metrics},
-        "wall_s",
-        layout.loss_plot,
-        f"{args.model.preset}: validation loss",
-        "wall-clock seconds (cache builds included)",
-        unigram=unigram,
-    )
-    total = manifests[-1]["clock"]
-    final = manifests[-1]["train"]["val_loss"]
-    reference = (
-        f"Unigram loss of the validation targets (token frequencies alone): {unigram:.3f}; the "
-        f"final model is {below_unigram(final, unigram):.1f}% below it.\n"
-        if unigram is not None and final is not None
-        else ""
-    )
-    text = (
-        f"# Run summary: {layout.root}\n\n{table}\n\n{_mfu_note(peak)}{reference}"
-        f"Total: {total['step']:,} steps, {total['tokens']:,} tokens, {total['wall_s']:.0f} s "
-        f"wall-clock ({total.get('cpu_s', 0):.0f} s CPU), cache builds included, validation "
-        "excluded.\n"
-        f"Final model: `{final_model}` (AutoModelForMaskedLM and AutoTokenizer load it). "
-        "Plot: `val_loss.png`.\n"
-    )
-    layout.summary.write_text(text)
-    return text
-
-
-def finished_manifests(args: RunArgs) -> list[dict[str, Any]]:
-    """The manifests of the plan's stages finished so far, in order (up to the first gap)."""
-    layout = RunLayout.of(args)
-    manifests = []
-    for stage in StagePlan.from_args(args).stages:
-        manifest = layout.read_manifest(stage.index)
-        if manifest is None:
-            break
-        manifests.append(manifest)
-    return manifests
-
-
-def write_run_summary(args: RunArgs) -> str | None:
-    """summary.md and val_loss.png of the stages finished so far, on the main process: after
-    every stage, whether all stages run in one call (run_all) or one at a time
-    (pipelines/stage.py). None if no stage has finished or on the other processes."""
-    manifests = finished_manifests(args)
-    if not manifests or not PartialState().is_main_process:
-        return None
-    final = RunLayout.of(args).model_dir(manifests[-1]["stage"]["index"])
-    return write_summary(args, manifests, final)
-
-
-def write_run_config(args: RunArgs) -> tuple[Path, bool]:
-    """Write the run's config.json without training, for every node's `--config` (checks the
-    prepared data first, as a stage does). An existing one is kept if it is the same run
-    and refused if not. Returns the path and whether it was written now."""
-    check_prepared(args.data)
-    path = RunLayout.of(args).config
-    existed = path.exists()
-    check_run_config(args, PartialState())
-    return path, not existed
-
-
-def check_previous_stage_done(args: RunArgs, stage: Stage) -> None:
-    """Stage K needs stage K-1 finished: checked before anything is written, so a refused
-    attempt leaves no config.json and no stage-K/ that look like a started run."""
-    if stage.index == 1:
-        return
-    layout = RunLayout.of(args)
-    if layout.read_manifest(stage.index - 1) is None:
-        raise StageError(
-            f"stage {stage.index} needs stage {stage.index - 1}, which is not finished "
-            f"({layout.manifest(stage.index - 1)} is missing); run `accelerate launch "
-            f"pipelines/stage.py --config {layout.config} --stage {stage.index - 1}` first "
-            "(or every stage in order: `accelerate launch pipelines/pretrain.py --config "
-            f"{layout.config}`)"
-        )

@@ -17,12 +17,12 @@ from cached_mslt.bench.interleave import interleaved_rounds
 from cached_mslt.bench.steps import _FakePrepared, _store_feed, cached_case, trainer_step
 from cached_mslt.data import PreparedBlocks
 from cached_mslt.models import bottom_forward
-from cached_mslt.stages import block_rows_for
-from cached_mslt.stages.write_through import (
+from cached_mslt.stages import (
     Pending,
     UnitWriter,
     WriteThrough,
     WriteThroughBlocks,
+    block_rows_for,
 )
 from storage import ActivationStore, StoreSpec, make_block_loader
 

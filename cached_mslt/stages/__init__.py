@@ -18,13 +18,18 @@ from cached_mslt.stages.runner import (
     train_rows,
 )
 from cached_mslt.stages.summary import write_run_summary
+from cached_mslt.stages.write_through import Pending, UnitWriter, WriteThrough, WriteThroughBlocks
 
 __all__ = [
     "CacheRequest",
     "StageError",
     "StagePlan",
+    "Pending",
     "UNBOUNDED_STEPS",
     "USER_ERRORS",
+    "UnitWriter",
+    "WriteThrough",
+    "WriteThroughBlocks",
     "block_rows_for",
     "build_cache",
     "make_accelerator",

@@ -132,6 +132,7 @@ RANGES: dict[str, tuple[Any, str, str]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "attn_implementation": ("sdpa", "eager"),
     "mixed_precision": (None, "no", "fp16", "bf16"),  # None: the launcher's
+    "mslt_cache": ("write-through", "always"),
 }
 
 
@@ -559,6 +560,14 @@ class MethodArgs:
             "help": "keep a method's finished run in compare_dir (same settings) instead of "
             "training it again: methods can run as separate, parallel calls and be fine-tuned "
             "or reported later"
+        },
+    )
+    mslt_cache: str = field(
+        default="write-through",
+        metadata={
+            "help": "how mslt-cached and mslt-cached-joint fill their stores: write-through "
+            "(the training steps fill them) or always (an eager build per stage, what they did "
+            "before write-through; docs/methods.md)"
         },
     )
     mslt_joint_fraction: float = field(

@@ -50,6 +50,7 @@ def _compare_mslt_cached(prepared: Path, root: Path, measure: str, over_share: s
     )
     method = MethodArgs(
         methods=["mslt-cached"],
+        mslt_cache="always",  # eager builds: what the budget rule weighs
         compare_dir=str(root / "cmp"),
         **{f"budget_{measure}": TIGHT_BUDGETS[measure]},
     )

@@ -1,6 +1,6 @@
 """MSLT through the staged trainer, live (`cache: never`) or from the activation store
-filled by the training steps (`cache: write-through`, docs/design.md invariant 9; before
-it, `mslt-cached` built each stage's store eagerly, `cache: always`). The stages split the comparison's budget in the proportions of the
+filled by the training steps (`cache: write-through`, docs/design.md invariant 9) or built
+eagerly per stage (`--mslt_cache always`, what `mslt-cached` did before write-through). The stages split the comparison's budget in the proportions of the
 plan's `stage_tokens` (the `tiny` preset's 5M, 2M, 2M, 2M gives stage 1 5/11 of it; equal
 stage tokens split it evenly), so a comparison runs the plan `pretrain.py` runs, scaled
 to the budget. The `-joint` variants end with a joint phase (every layer trains, live) on
@@ -127,7 +127,7 @@ def run_live(ctx: MethodContext) -> PreTrainedModel:
 
 
 def run_cached(ctx: MethodContext) -> PreTrainedModel:
-    return _run(ctx, "write-through")
+    return _run(ctx, ctx.method.mslt_cache)
 
 
 def run_live_joint(ctx: MethodContext) -> PreTrainedModel:
@@ -135,4 +135,4 @@ def run_live_joint(ctx: MethodContext) -> PreTrainedModel:
 
 
 def run_cached_joint(ctx: MethodContext) -> PreTrainedModel:
-    return _run(ctx, "write-through", with_joint=True)
+    return _run(ctx, ctx.method.mslt_cache, with_joint=True)

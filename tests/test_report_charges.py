@@ -35,6 +35,10 @@ from tests.conftest import small_run
 # steps (a slow first step on a loaded machine cannot spend them all).
 TIGHT_BUDGETS = {"flops": 1e9, "cpu_s": 0.6, "wall_s": 1.0}
 STAGE_TOKENS = "3000,1000"  # the proportions the stages split the budget in
+# A one-second wall budget holds only on an unloaded machine (under a load of 8 on 2 cores
+# stage 1's first step took the whole of it): the wall-clock case runs in `make test-slow`;
+# FLOPs and CPU seconds, which load barely moves, run by default.
+MEASURES = ["cpu_s", "flops", pytest.param("wall_s", marks=pytest.mark.slow)]
 
 
 def _compare_mslt_cached(prepared: Path, root: Path, measure: str, over_share: str) -> dict:
@@ -88,7 +92,7 @@ def _final_model_loss(run: dict) -> float:
     return validation_loss(TopModel(model, 0), accelerator, valid, t.batch_size, t.eval_batches)
 
 
-@pytest.mark.parametrize("measure", sorted(TIGHT_BUDGETS))
+@pytest.mark.parametrize("measure", MEASURES)
 def test_report_charges_builds_flags_the_stage_they_left_empty_and_reads_the_final_model(
     prepared_dir, tmp_path, measure
 ):
@@ -114,7 +118,7 @@ def test_report_charges_builds_flags_the_stage_they_left_empty_and_reads_the_fin
     assert result["final_val_loss"] == pytest.approx(_final_model_loss(run), abs=1e-6)
 
 
-@pytest.mark.parametrize("measure", sorted(TIGHT_BUDGETS))
+@pytest.mark.parametrize("measure", MEASURES)
 def test_mslt_stage_whose_build_would_not_fit_its_share_runs_live_and_says_so(
     prepared_dir, tmp_path, measure
 ):

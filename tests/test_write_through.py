@@ -11,7 +11,6 @@ from collections import defaultdict
 import pytest
 import torch
 import zarr
-from transformers import BertForMaskedLM
 
 from cached_mslt.config import run_args
 from cached_mslt.data.prepare import load_prepared
@@ -22,6 +21,7 @@ from cached_mslt.stages.cache_choice import MODES, Stored, choose_cache, stage_c
 from cached_mslt.stages.runner import run_all, run_stage
 from storage import ActivationStore
 from tests.conftest import small_run
+from tests.test_stages import assert_same_params, params
 
 # 1 -> 2 -> 3 -> 4 layers over 40 rows (10 units of 4): stages 2 and 3 read 0.3 of an
 # epoch, so their stores are partial and later stages start from them; stage 4 reads 1.5
@@ -29,16 +29,6 @@ from tests.conftest import small_run
 FOUR_STAGES = dict(
     stage_layers="1,2,3,4", stage_steps="3,3,3,15", batch_size=4, dropout=0.0, train_examples=40
 )
-
-
-def params(path):
-    return BertForMaskedLM.from_pretrained(path).state_dict()
-
-
-def assert_same_params(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def stage_params(args, index):

@@ -28,12 +28,15 @@ WHERE_LAUNCHER_SETS_IT = (
 
 
 def requested_precision(
-    requested: str | None, environ: Mapping[str, str] = os.environ
+    requested: str | None, environ: Mapping[str, str] | None = None
 ) -> str | None:
     """The value to give `Accelerator(mixed_precision=...)`: `requested` (the run's
     `--mixed_precision`) or None to follow the launcher. ConfigError when both ask for
     different precisions. The launcher's "no" does not conflict: `accelerate launch`
-    sets it when it was not asked for anything, so it cannot be told from a choice."""
+    sets it when it was not asked for anything, so it cannot be told from a choice.
+    `environ` defaults to the process environment as it is now (read at each call, as
+    Accelerator reads it, not the mapping that was `os.environ` at import)."""
+    environ = os.environ if environ is None else environ
     launcher = (environ.get(LAUNCHER_VARIABLE) or "").lower() or None
     if launcher is not None and launcher not in SUPPORTED:
         raise ConfigError(
@@ -50,8 +53,9 @@ def requested_precision(
     )
 
 
-def effective_precision(requested: str | None, environ: Mapping[str, str] = os.environ) -> str:
+def effective_precision(requested: str | None, environ: Mapping[str, str] | None = None) -> str:
     """The precision the Accelerator will use: the request, else the launcher's, else no."""
+    environ = os.environ if environ is None else environ
     chosen = requested_precision(requested, environ)
     return chosen or (environ.get(LAUNCHER_VARIABLE) or "no").lower()
 

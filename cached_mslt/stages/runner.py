@@ -136,13 +136,8 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
     """Stage 1 starts from a fresh model; stage K from stage K-1's checkpoint, grown."""
     if stage.index == 1:
         return build_model(args.model, vocab_size, stage.num_layers, seed=args.train.seed)
+    check_previous_stage_done(args, stage)  # callers other than run_stage too
     layout = RunLayout.of(args)
-    if layout.read_manifest(stage.index - 1) is None:
-        raise StageError(
-            f"stage {stage.index} needs stage {stage.index - 1}, which is not finished "
-            f"({layout.manifest(stage.index - 1)} is missing); run `accelerate launch "
-            f"pipelines/stage.py --config {layout.config} --stage {stage.index - 1}` first"
-        )
     model = BertForMaskedLM.from_pretrained(
         layout.model_dir(stage.index - 1), attn_implementation=args.model.attn_implementation
     )

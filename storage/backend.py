@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from zarr.abc.store import ByteRequest, Store, SuffixByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
@@ -46,6 +47,55 @@ def open_zarr_store(
 
 def is_local(store: Store) -> bool:
     return isinstance(store, LocalStore)
+
+
+def get_bytes(store: Store, key: str) -> bytes | None:
+    """The file at `key`, or None if there is none; a local file is read directly (a
+    writer checks the root metadata before every unit it writes)."""
+    if is_local(store):
+        try:
+            return (store.root / key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+    try:
+        buf = sync(store.get(key, default_buffer_prototype()))
+    except FileNotFoundError:  # a read-only LocalStore whose directory does not exist
+        return None
+    return None if buf is None else buf.to_bytes()
+
+
+def put_files(store: Store, files: dict[str, Buffer], last: tuple[str, Buffer]) -> None:
+    """Write `files`, then `last` once they all are (a shard's marker). A local store is
+    written from the calling thread, each file through a temporary name and a rename as
+    LocalStore does: a write-through unit is five small files, and handing each to Zarr's
+    event loop and its thread pool cost three times the file system calls themselves
+    (docs/cache-format.md, "Writing"). Other stores get every file's request at once."""
+    if is_local(store):
+        for key, value in [*files.items(), last]:
+            _put_local(store.root / key, value)
+        return
+
+    async def put_all() -> None:
+        await asyncio.gather(*(store.set(key, value) for key, value in files.items()))
+        await store.set(*last)
+
+    sync(put_all())
+
+
+def _put_local(path: Path, value: Buffer) -> None:
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+    try:
+        try:
+            f = partial.open("wb")
+        except FileNotFoundError:  # the shard's first file: its directories are new
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = partial.open("wb")
+        with f:
+            f.write(value.as_buffer_like())
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 class MissingChunkError(FileNotFoundError):

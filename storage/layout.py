@@ -10,9 +10,8 @@ from typing import Any
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import Crc32cCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
+from storage.backend import get_bytes
 from storage.errors import CorruptStoreError
 from storage.spec import StoreSpec
 
@@ -59,18 +58,15 @@ def _package_version() -> str:
 
 def read_root_metadata(store: Store) -> dict[str, Any] | None:
     """The root `zarr.json`, parsed fresh: Zarr handles keep stale attrs (docs/library-facts.md)."""
-    try:
-        buf = sync(store.get("zarr.json", default_buffer_prototype()))
-    except FileNotFoundError:  # a read-only LocalStore whose directory does not exist
-        return None
-    if buf is None:
+    raw = get_bytes(store, "zarr.json")
+    if raw is None:
         return None
     try:
-        meta = json.loads(buf.to_bytes())
+        meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:  # truncated, emptied, overwritten
         raise CorruptStoreError(
             f"{store}/zarr.json (the store's root metadata) is corrupt: expected JSON, found "
-            f"{len(buf.to_bytes())} bytes that do not parse ({e}). The store cannot be trusted: "
+            f"{len(raw)} bytes that do not parse ({e}). The store cannot be trusted: "
             f"rebuild it"
         ) from e
     if not isinstance(meta, dict):

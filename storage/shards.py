@@ -88,3 +88,10 @@ def encode_shard(
         np.uint32(google_crc32c.value(tail[:index_bytes])).astype("<u4").tobytes(), np.uint8
     )
     return out
+
+
+def marker_chunk(value: int) -> bytes:
+    """The file of one uint8 chunk of a single element under `[bytes, crc32c]`: a store's
+    shard marker (storage/layout.py), without a trip through Zarr's codec pipeline."""
+    raw = np.uint8(value).tobytes()
+    return raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()

@@ -36,6 +36,7 @@ from storage.backend import (
     key_sizes,
     list_keys,
     open_zarr_store,
+    put_files,
 )
 from storage.errors import (
     CorruptStoreError,
@@ -66,12 +67,15 @@ from storage.lock import (
     release_lock,
 )
 from storage.remote import check_reachable
-from storage.shards import encode_shard, fast_path_applies
+from storage.shards import encode_shard, fast_path_applies, marker_chunk
 from storage.spec import StoreSpec
 
 # Budget for keeping a finished store's small arrays in RAM (~650 bytes per row at T=128):
 # stores up to ~100k rows; beyond that, random blocks would rarely hit a partial cache.
 SMALL_ARRAYS_IN_RAM = 64 * 2**20
+# A set marker chunk as Zarr encodes it (uint8 1, then its crc32c: the marker array's
+# [bytes, crc32c] chain), written directly; tests/test_store_roundtrip.py compares it.
+_MARKER_SET = default_buffer_prototype().buffer.from_bytes(marker_chunk(1))
 SPEC_FIELDS_CHECKED = ("num_rows", "seq_len", "hidden_size", "dtype")
 REBUILD_HINT = (
     "rebuild it: rerun the stage's cache build, or ActivationStore.create(..., overwrite=True)"
@@ -397,14 +401,14 @@ class ActivationStore:
         exists exactly when it is set (unset markers equal the fill value and are not
         stored), and reading thousands of one-byte chunks one by one would cost a request
         each (a write-through store has one shard per batch block)."""
-        prefix = f"{MARKERS}/"
-        keys = set(list_keys(self._store, prefix))
-        encode = self._markers.metadata.encode_chunk_key
-        return [s for s in range(self.num_shards) if f"{prefix}{encode((s,))}" in keys]
+        keys = set(list_keys(self._store, f"{MARKERS}/"))
+        return [s for s in range(self.num_shards) if self._marker_key(s) in keys]
 
     def is_shard_done(self, shard: int) -> bool:
+        """One existence check (the marker chunk exists exactly when it is set): a
+        write-through reader asks this for every block it has not seen written."""
         self.shard_rows(shard)  # range check
-        return bool(self._markers[shard])
+        return sync(self._store.exists(self._marker_key(shard)))
 
     def pending_shards(self, rank: int, world_size: int) -> list[int]:
         """Owned shards not marked done yet (what a resumed build still has to write)."""
@@ -460,34 +464,47 @@ class ActivationStore:
             with _file_size_limit_as_oserror():
                 # One call per array for the whole shard: Zarr rewrites a shard whole, so
                 # partial writes from two processes to one shard lose data (docs/library-facts.md).
-                for name, values in data.items():
-                    self._write_array(name, shard, start, stop, values)
-                self._markers[shard] = 1  # last: a set marker means every array is written
+                if files := self._encoded_files(shard, start, stop, data):
+                    put_files(self._store, files, last=(self._marker_key(shard), _MARKER_SET))
+                else:
+                    for name, values in data.items():
+                        self._write_array(name, shard, start, stop, values)
+                    self._markers[shard] = 1  # last: a set marker means every array is written
         except OSError as e:
             raise StoreWriteError(
                 f"{self.url}: writing shard {shard} (rows {start}-{stop}) failed: {e}. The "
                 f"shard stays not-done; free space (or raise the file-size limit) and {RESUME_HINT}"
             ) from e
 
+    def _encoded_files(
+        self, shard: int, start: int, stop: int, data: dict[str, np.ndarray]
+    ) -> dict[str, Any] | None:
+        """Store key -> encoded file of each array's shard, when every array's codec chain
+        allows encoding it here (storage/shards.py: the same bytes as Zarr's, without its
+        per-chunk overhead); None if one does not."""
+        if any(name not in self._fast_arrays for name in data):
+            return None
+        keys, files = self._shard_keys(shard), {}
+        for name, values in data.items():
+            meta = self._writers[name].metadata
+            inner_rows = meta.codecs[0].chunk_shape[0]  # type: ignore[attr-defined]
+            encoded = encode_shard(
+                values,
+                rows_per_chunk=inner_rows,
+                chunks_per_shard=meta.chunk_grid.chunk_shape[0] // inner_rows,  # type: ignore[attr-defined]
+                fill_value=meta.fill_value,
+            )
+            files[keys[name]] = default_buffer_prototype().buffer.from_array_like(encoded)
+        return files
+
+    def _marker_key(self, shard: int) -> str:
+        return f"{MARKERS}/{self._markers.metadata.encode_chunk_key((shard,))}"
+
     def _write_array(
         self, name: str, shard: int, start: int, stop: int, values: np.ndarray
     ) -> None:
-        """One array's whole shard: encoded here in one pass when the array's codec chain
-        allows it (storage/shards.py: the same bytes as Zarr's, without its per-chunk
-        overhead), else through Zarr."""
-        if name not in self._fast_arrays:
-            self._writers[name][start:stop] = values
-            return
-        meta = self._writers[name].metadata
-        inner_rows = meta.codecs[0].chunk_shape[0]  # type: ignore[attr-defined]
-        encoded = encode_shard(
-            values,
-            rows_per_chunk=inner_rows,
-            chunks_per_shard=meta.chunk_grid.chunk_shape[0] // inner_rows,  # type: ignore[attr-defined]
-            fill_value=meta.fill_value,
-        )
-        key = self._shard_keys(shard)[name]
-        sync(self._store.set(key, default_buffer_prototype().buffer.from_array_like(encoded)))
+        """One array's whole shard through Zarr (a codec chain `encode_shard` cannot build)."""
+        self._writers[name][start:stop] = values
 
     def commit(self) -> None:
         """Check every marker and shard file, then set `complete` and release the lock

@@ -166,9 +166,9 @@ def test_read_hidden_is_read_rows_hidden(tmp_path, dtype) -> None:
 @pytest.mark.parametrize("rows", [37, 3])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_one_pass_shard_encoding_writes_zarrs_bytes(tmp_path, monkeypatch, dtype, rows) -> None:
-    """storage/shards.py builds an uncompressed store's shard files itself: every file is
-    byte-identical to what Zarr writes for the same rows (short last chunk and shard
-    included), so readers and the format cannot tell the difference."""
+    """storage/shards.py builds an uncompressed store's shard files and markers itself:
+    every file is byte-identical to what Zarr writes for the same rows (short last chunk
+    and shard included), so readers and the format cannot tell the difference."""
     import storage.store
 
     spec = small_spec(dtype=dtype, num_rows=rows)

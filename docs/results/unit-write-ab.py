@@ -1,10 +1,16 @@
 """A/B of one write-through unit's write (tiny: 8 rows x 128 x 128), the previous code path
 against write_shard, alternated in rounds so both see the same load."""
 
-import statistics, sys, tempfile, time
-import numpy as np, torch
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+
 from storage import ActivationStore, StoreSpec
 from storage.shards import encode_shard
 
@@ -51,7 +57,7 @@ def current(s, u):
 
 times = {"previous": [], "current": []}
 u = 0
-for rnd in range(8):
+for _round in range(8):
     for name, fn, s in (("previous", previous, st["a"]), ("current", current, st["b"])):
         t = time.process_time()
         for k in range(100):

@@ -54,12 +54,13 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values)
 
 
-def _time_call(fn: Callable[[], Any]) -> float:
-    calls, began = 0, time.perf_counter()
+def _time_call(fn: Callable[[], Any], clock: Callable[[], float] | None = None) -> float:
+    clock = clock or time.perf_counter  # looked up per call: tests patch it
+    calls, began = 0, clock()
     while True:
         fn()
         calls += 1
-        elapsed = time.perf_counter() - began
+        elapsed = clock() - began
         if elapsed >= MIN_CALL_S:
             return elapsed / calls
 
@@ -72,10 +73,13 @@ def interleaved_rounds(
     tolerance: float = 0.10,
     cap_s: float = 60.0,
     warmup: int = 1,
+    clock: Callable[[], float] | None = None,
 ) -> Rounds:
     """Time `fns` in interleaved rounds until every (slow, fast) pair of `ratios` spans at
     most `tolerance` over the last `window` rounds, or `cap_s` seconds have passed (never
-    fewer than `window` rounds)."""
+    fewer than `window` rounds). `clock` times each call: wall time by default (None);
+    `time.process_time` for CPU work whose cost includes the process's other threads and
+    should not include the time a loaded machine keeps it waiting."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -85,7 +89,7 @@ def interleaved_rounds(
     while True:
         k = len(out.seconds[names[0]]) % len(names)
         for name in names[k:] + names[:k]:
-            out.seconds[name].append(_time_call(fns[name]))
+            out.seconds[name].append(_time_call(fns[name], clock))
         rounds = len(out.seconds[names[0]])
         if rounds < window:
             continue

@@ -38,6 +38,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         mask_prob=0.4,
         batch_size=8,
         stage_tokens="5000000,2000000,2000000,2000000",
+        views=1,
+        lr_scope="stage",
     ),
     "mini": dict(
         hidden_size=256,
@@ -51,6 +53,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         mask_prob=0.15,
         batch_size=32,
         stage_tokens="1048576",
+        views=1,
+        lr_scope="stage",
     ),
     "bert-base": dict(
         hidden_size=768,
@@ -64,6 +68,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         mask_prob=0.15,
         batch_size=32,
         stage_tokens="1048576",
+        views=1,
+        lr_scope="stage",
     ),
 }
 
@@ -235,10 +241,12 @@ class DataArgs:
     mask_seed: int = field(
         default=1234, metadata={"help": "static masking seed: mask(i) = f(seed, i)"}
     )
-    views: int = field(
-        default=1,
+    views: int | None = field(
+        default=None,
         metadata={
-            "help": "masked views per sequence (BERT's duplication factor); the cache holds all"
+            "help": "masked views of each training sequence, each its own static mask (BERT's "
+            "duplication factor; validation keeps one); a view is another row of the cache; "
+            "default: preset"
         },
     )
     valid_fraction: float = 0.02
@@ -271,7 +279,7 @@ class DataArgs:
 
     def resolve(self, model: ModelArgs) -> None:
         preset = PRESETS[model.preset]
-        for name in ("seq_len", "tokenizer", "train_examples", "mask_prob"):
+        for name in ("seq_len", "tokenizer", "train_examples", "mask_prob", "views"):
             if getattr(self, name) is None:
                 setattr(self, name, preset[name])
         # The preset's vocabulary size is the size to fit; a given tokenizer has its own.
@@ -393,6 +401,15 @@ class ScheduleArgs:
     lr_schedule: str = field(
         default="linear", metadata={"help": "linear or cosine decay per stage"}
     )
+    lr_scope: str | None = field(
+        default=None,
+        metadata={
+            "help": "stage (each stage warms up and decays on its own) or run (one warm-up "
+            "and decay over the whole plan, each stage continuing the curve where the last "
+            "ended; --warmup_fraction is then of the run); default: preset "
+            "(docs/levers.md, the schedule across stages)"
+        },
+    )
     growth_init: str = field(
         default="copy",
         metadata={
@@ -455,6 +472,7 @@ class ScheduleArgs:
     def __post_init__(self) -> None:
         choices = {
             "lr_schedule": ("linear", "cosine"),
+            "lr_scope": (None, "stage", "run"),
             "growth_init": GROWTH_INITS,
             "cache": ("auto", "write-through", "always", "never"),
             "cache_dtype": tuple(STORE_DTYPES),
@@ -608,7 +626,11 @@ class RunArgs:
     def __post_init__(self) -> None:
         self.data.resolve(self.model)
         preset = PRESETS[self.model.preset]
-        for group, name in ((self.train, "batch_size"), (self.schedule, "stage_tokens")):
+        for group, name in (
+            (self.train, "batch_size"),
+            (self.schedule, "stage_tokens"),
+            (self.schedule, "lr_scope"),
+        ):
             if getattr(group, name) is None:
                 setattr(group, name, preset[name])
         if self.train.run_dir is None:

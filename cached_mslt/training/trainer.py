@@ -76,6 +76,9 @@ class Phase:
     learning_rate: float
     warmup_fraction: float  # of the phase: linear warmup, then decay to zero
     lr_schedule: str = "linear"
+    # The part of one learning-rate curve this phase covers: (0, 1) warms up and decays
+    # within the phase; a stage of a run-wide schedule continues where the last one ended.
+    lr_span: tuple[float, float] = (0.0, 1.0)
     fill: BatchFill | None = None  # write-through: the hidden states of blocks of token ids
     # Set when the phase trains on a share of a budget (tokens, wall-clock or FLOPs): it ends
     # when the share is spent, and its learning rate follows its progress through it.
@@ -193,7 +196,11 @@ class _PhaseLoop:
         self.lr_progress = phase.share.progress(self.clock) if phase.share else 0.0
         scheduler = LambdaLR(
             optimizer,
-            lambda _: lr_factor(self.lr_progress, phase.warmup_fraction, phase.lr_schedule),
+            lambda _: lr_factor(
+                phase.lr_span[0] + self.lr_progress * (phase.lr_span[1] - phase.lr_span[0]),
+                phase.warmup_fraction,
+                phase.lr_schedule,
+            ),
         )
         return optimizer, scheduler
 

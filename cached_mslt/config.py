@@ -38,8 +38,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         mask_prob=0.4,
         batch_size=8,
         stage_tokens="5000000,2000000,2000000,2000000",
-        views=1,
-        lr_scope="stage",
+        views=4,
+        lr_scope="run",
+        growth_init="identity",
     ),
     "mini": dict(
         hidden_size=256,
@@ -55,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         stage_tokens="1048576",
         views=1,
         lr_scope="stage",
+        growth_init="copy",
     ),
     "bert-base": dict(
         hidden_size=768,
@@ -70,6 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         stage_tokens="1048576",
         views=1,
         lr_scope="stage",
+        growth_init="copy",
     ),
 }
 
@@ -410,12 +413,12 @@ class ScheduleArgs:
             "(docs/levers.md, the schedule across stages)"
         },
     )
-    growth_init: str = field(
-        default="copy",
+    growth_init: str | None = field(
+        default=None,
         metadata={
             "help": "new layers: copy (of the top layers), fresh (random) or identity "
             "(copies whose residual branches start at zero: the grown model computes "
-            "what the previous one did)"
+            "what the previous one did); default: preset"
         },
     )
     cache: str = field(
@@ -473,7 +476,7 @@ class ScheduleArgs:
         choices = {
             "lr_schedule": ("linear", "cosine"),
             "lr_scope": (None, "stage", "run"),
-            "growth_init": GROWTH_INITS,
+            "growth_init": (None, *GROWTH_INITS),
             "cache": ("auto", "write-through", "always", "never"),
             "cache_dtype": tuple(STORE_DTYPES),
             "cache_codec": STORE_CODECS,
@@ -630,6 +633,7 @@ class RunArgs:
             (self.train, "batch_size"),
             (self.schedule, "stage_tokens"),
             (self.schedule, "lr_scope"),
+            (self.schedule, "growth_init"),
         ):
             if getattr(group, name) is None:
                 setattr(group, name, preset[name])

@@ -39,7 +39,13 @@ def test_a_per_stage_schedule_restarts_the_rate_at_every_stage(prepared_dir, tmp
 
 
 def test_presets_set_the_scope_and_views_and_a_flag_wins():
-    assert run_args("tiny").schedule.lr_scope in ("stage", "run")
+    tiny = run_args("tiny")
+    assert (tiny.schedule.lr_scope, tiny.schedule.growth_init, tiny.data.views) == (
+        "run",
+        "identity",
+        4,
+    )
+    assert run_args("mini").schedule.growth_init == "copy"
     assert run_args("mini").schedule.lr_scope == "stage"
     assert run_args("mini").data.views == 1
     assert run_args("tiny", lr_scope="stage", views=3).schedule.lr_scope == "stage"

@@ -38,9 +38,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         mask_prob=0.4,
         batch_size=8,
         stage_tokens="5000000,2000000,2000000,2000000",
-        views=4,
+        views=8,
         lr_scope="run",
         growth_init="identity",
+        stage_order="fresh",
     ),
     "mini": dict(
         hidden_size=256,
@@ -57,6 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         views=1,
         lr_scope="stage",
         growth_init="copy",
+        stage_order="same",
     ),
     "bert-base": dict(
         hidden_size=768,
@@ -73,6 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         views=1,
         lr_scope="stage",
         growth_init="copy",
+        stage_order="same",
     ),
 }
 
@@ -413,6 +416,16 @@ class ScheduleArgs:
             "(docs/levers.md, the schedule across stages)"
         },
     )
+    stage_order: str | None = field(
+        default=None,
+        metadata={
+            "help": "same (every stage reads the rows in one seeded order, so stage K+1 "
+            "reads the rows stage K's store holds) or fresh (stage K shuffles with seed + "
+            "K - 1: a grown stage reads other (sequence, mask) pairs than the stage before; "
+            "with --views its rows are mostly ones no earlier stage read); default: preset "
+            "(docs/levers.md, fresh rows)"
+        },
+    )
     growth_init: str | None = field(
         default=None,
         metadata={
@@ -476,6 +489,7 @@ class ScheduleArgs:
         choices = {
             "lr_schedule": ("linear", "cosine"),
             "lr_scope": (None, "stage", "run"),
+            "stage_order": (None, "same", "fresh"),
             "growth_init": (None, *GROWTH_INITS),
             "cache": ("auto", "write-through", "always", "never"),
             "cache_dtype": tuple(STORE_DTYPES),
@@ -634,6 +648,7 @@ class RunArgs:
             (self.schedule, "stage_tokens"),
             (self.schedule, "lr_scope"),
             (self.schedule, "growth_init"),
+            (self.schedule, "stage_order"),
         ):
             if getattr(group, name) is None:
                 setattr(group, name, preset[name])

@@ -75,6 +75,7 @@ def small_run(prepared: Path, run_dir: Path, **overrides):
         # written for (tests/test_schedule.py covers the tiny preset's run-wide schedule).
         lr_scope="stage",
         growth_init="copy",
+        stage_order="same",
         views=1,
     )
     options.update(overrides)

@@ -40,11 +40,13 @@ def test_a_per_stage_schedule_restarts_the_rate_at_every_stage(prepared_dir, tmp
 
 def test_presets_set_the_scope_and_views_and_a_flag_wins():
     tiny = run_args("tiny")
-    assert (tiny.schedule.lr_scope, tiny.schedule.growth_init, tiny.data.views) == (
+    schedule = tiny.schedule
+    assert (schedule.lr_scope, schedule.growth_init, schedule.stage_order) == (
         "run",
         "identity",
-        4,
+        "fresh",
     )
+    assert tiny.data.views == 8 and run_args("mini").schedule.stage_order == "same"
     assert run_args("mini").schedule.growth_init == "copy"
     assert run_args("mini").schedule.lr_scope == "stage"
     assert run_args("mini").data.views == 1
@@ -54,3 +56,20 @@ def test_presets_set_the_scope_and_views_and_a_flag_wins():
         run_args("tiny", lr_scope="epoch")
     with pytest.raises(ConfigError, match="views"):
         run_args("tiny", views=0)
+
+
+@pytest.mark.parametrize("order, seeds", [("same", [0, 0]), ("fresh", [0, 1])])
+def test_fresh_stages_shuffle_with_their_own_seed(
+    prepared_dir, tmp_path, monkeypatch, order, seeds
+):
+    from cached_mslt.training import trainer
+
+    used, make = [], trainer.make_block_loader
+
+    def spy(*args, **kwargs):
+        used.append(kwargs["seed"])
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "make_block_loader", spy)
+    run_all(small_run(prepared_dir, tmp_path / "run", stage_order=order, stage_steps="2"))
+    assert used == seeds

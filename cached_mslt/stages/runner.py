@@ -451,6 +451,9 @@ def _stage_phase(
         share=share,
         lr_schedule=args.schedule.lr_schedule,
         lr_span=lr_span(run, share),
+        # `fresh`: each stage its own shuffle, so a grown stage reads rows the stage before
+        # did not (docs/levers.md, fresh rows); `same`: the rows the previous store holds.
+        data_seed=args.train.seed + run.index - 1 if args.schedule.stage_order == "fresh" else None,
         checkpoint_dir=run.layout.checkpoint_dir(run.index),
         flops_per_step=lambda c: (
             step_flops(

@@ -79,6 +79,7 @@ class Phase:
     # The part of one learning-rate curve this phase covers: (0, 1) warms up and decays
     # within the phase; a stage of a run-wide schedule continues where the last one ended.
     lr_span: tuple[float, float] = (0.0, 1.0)
+    data_seed: int | None = None  # the loader's shuffle; default --seed
     fill: BatchFill | None = None  # write-through: the hidden states of blocks of token ids
     # Set when the phase trains on a share of a budget (tokens, wall-clock or FLOPs): it ends
     # when the share is spent, and its learning rate follows its progress through it.
@@ -154,7 +155,7 @@ class _PhaseLoop:
             phase.blocks,
             rows_per_batch=self.t.batch_size,
             shuffle=True,
-            seed=self.t.seed,
+            seed=self.t.seed if phase.data_seed is None else phase.data_seed,
             num_workers=self.t.num_workers,
             pin_memory=accelerator.device.type == "cuda",
         )

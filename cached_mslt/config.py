@@ -413,7 +413,7 @@ class ScheduleArgs:
             "help": "stage (each stage warms up and decays on its own) or run (one warm-up "
             "and decay over the whole plan, each stage continuing the curve where the last "
             "ended; --warmup_fraction is then of the run); default: preset "
-            "(docs/levers.md, the schedule across stages)"
+            "(docs/levers.md, growth that pays)"
         },
     )
     stage_order: str | None = field(
@@ -423,7 +423,7 @@ class ScheduleArgs:
             "reads the rows stage K's store holds) or fresh (stage K shuffles with seed + "
             "K - 1: a grown stage reads other (sequence, mask) pairs than the stage before; "
             "with --views its rows are mostly ones no earlier stage read); default: preset "
-            "(docs/levers.md, fresh rows)"
+            "(docs/levers.md, growth that pays)"
         },
     )
     growth_init: str | None = field(

@@ -124,7 +124,7 @@ def test_views_are_the_same_sequences_masked_differently(prepared):
 
 def test_validation_keeps_one_view_whatever_the_training_views(prepared):
     # Validation measures: one mask per sequence keeps its loss and unigram reference the
-    # same for every --views (docs/levers.md, views).
+    # same for every --views (docs/levers.md, growth that pays).
     valid = prepared.manifest["splits"]["valid"]
     assert len(prepared.valid) == valid["examples"] == valid["sequences"]
     assert set(prepared.valid[:]["view"].tolist()) == {0}

@@ -1,4 +1,4 @@
-"""The learning-rate schedule across stages (docs/levers.md, the schedule across stages):
+"""The learning-rate schedule across stages (docs/levers.md, growth that pays):
 with `--lr_scope run` the stages share one warm-up and one decay, each continuing where
 the last ended; with `--lr_scope stage` each stage warms up and decays on its own."""
 

@@ -361,7 +361,7 @@ def _tokenize_split(
 def split_views(split: str, data: DataArgs) -> int:
     """Masked views of a split's sequences: `--views` for training, one for validation,
     which measures and does not train: one mask keeps its loss (and its unigram loss)
-    the same for every `--views` and costs one pass to evaluate (docs/levers.md, views)."""
+    the same for every `--views` and costs one pass to evaluate (docs/levers.md, growth that pays)."""
     return data.views if split == "train" else 1
 
 

@@ -452,7 +452,7 @@ def _stage_phase(
         lr_schedule=args.schedule.lr_schedule,
         lr_span=lr_span(run, share),
         # `fresh`: each stage its own shuffle, so a grown stage reads rows the stage before
-        # did not (docs/levers.md, fresh rows); `same`: the rows the previous store holds.
+        # did not (docs/levers.md, growth that pays); `same`: the rows the previous store holds.
         data_seed=args.train.seed + run.index - 1 if args.schedule.stage_order == "fresh" else None,
         checkpoint_dir=run.layout.checkpoint_dir(run.index),
         flops_per_step=lambda c: (

@@ -38,6 +38,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         mask_prob=0.4,
         batch_size=8,
         stage_tokens="5000000,2000000,2000000,2000000",
+        views=8,
+        lr_scope="run",
+        growth_init="identity",
+        stage_order="fresh",
     ),
     "mini": dict(
         hidden_size=256,
@@ -51,6 +55,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         mask_prob=0.15,
         batch_size=32,
         stage_tokens="1048576",
+        views=1,
+        lr_scope="stage",
+        growth_init="copy",
+        stage_order="same",
     ),
     "bert-base": dict(
         hidden_size=768,
@@ -64,6 +72,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         mask_prob=0.15,
         batch_size=32,
         stage_tokens="1048576",
+        views=1,
+        lr_scope="stage",
+        growth_init="copy",
+        stage_order="same",
     ),
 }
 
@@ -235,10 +247,12 @@ class DataArgs:
     mask_seed: int = field(
         default=1234, metadata={"help": "static masking seed: mask(i) = f(seed, i)"}
     )
-    views: int = field(
-        default=1,
+    views: int | None = field(
+        default=None,
         metadata={
-            "help": "masked views per sequence (BERT's duplication factor); the cache holds all"
+            "help": "masked views of each training sequence, each its own static mask (BERT's "
+            "duplication factor; validation keeps one); a view is another row of the cache; "
+            "default: preset"
         },
     )
     valid_fraction: float = 0.02
@@ -271,7 +285,7 @@ class DataArgs:
 
     def resolve(self, model: ModelArgs) -> None:
         preset = PRESETS[model.preset]
-        for name in ("seq_len", "tokenizer", "train_examples", "mask_prob"):
+        for name in ("seq_len", "tokenizer", "train_examples", "mask_prob", "views"):
             if getattr(self, name) is None:
                 setattr(self, name, preset[name])
         # The preset's vocabulary size is the size to fit; a given tokenizer has its own.
@@ -393,12 +407,31 @@ class ScheduleArgs:
     lr_schedule: str = field(
         default="linear", metadata={"help": "linear or cosine decay per stage"}
     )
-    growth_init: str = field(
-        default="copy",
+    lr_scope: str | None = field(
+        default=None,
+        metadata={
+            "help": "stage (each stage warms up and decays on its own) or run (one warm-up "
+            "and decay over the whole plan, each stage continuing the curve where the last "
+            "ended; --warmup_fraction is then of the run); default: preset "
+            "(docs/levers.md, growth that pays)"
+        },
+    )
+    stage_order: str | None = field(
+        default=None,
+        metadata={
+            "help": "same (every stage reads the rows in one seeded order, so stage K+1 "
+            "reads the rows stage K's store holds) or fresh (stage K shuffles with seed + "
+            "K - 1: a grown stage reads other (sequence, mask) pairs than the stage before; "
+            "with --views its rows are mostly ones no earlier stage read); default: preset "
+            "(docs/levers.md, growth that pays)"
+        },
+    )
+    growth_init: str | None = field(
+        default=None,
         metadata={
             "help": "new layers: copy (of the top layers), fresh (random) or identity "
             "(copies whose residual branches start at zero: the grown model computes "
-            "what the previous one did)"
+            "what the previous one did); default: preset"
         },
     )
     cache: str = field(
@@ -455,7 +488,9 @@ class ScheduleArgs:
     def __post_init__(self) -> None:
         choices = {
             "lr_schedule": ("linear", "cosine"),
-            "growth_init": GROWTH_INITS,
+            "lr_scope": (None, "stage", "run"),
+            "stage_order": (None, "same", "fresh"),
+            "growth_init": (None, *GROWTH_INITS),
             "cache": ("auto", "write-through", "always", "never"),
             "cache_dtype": tuple(STORE_DTYPES),
             "cache_codec": STORE_CODECS,
@@ -608,7 +643,13 @@ class RunArgs:
     def __post_init__(self) -> None:
         self.data.resolve(self.model)
         preset = PRESETS[self.model.preset]
-        for group, name in ((self.train, "batch_size"), (self.schedule, "stage_tokens")):
+        for group, name in (
+            (self.train, "batch_size"),
+            (self.schedule, "stage_tokens"),
+            (self.schedule, "lr_scope"),
+            (self.schedule, "growth_init"),
+            (self.schedule, "stage_order"),
+        ):
             if getattr(group, name) is None:
                 setattr(group, name, preset[name])
         if self.train.run_dir is None:

@@ -44,6 +44,7 @@ def prepared_dir(tmp_path_factory) -> Path:
         seq_len=32,
         num_proc=1,
         valid_fraction=0.1,
+        views=1,  # the tests' small runs; the tiny preset's views are tested on their own
     )
     return prepare_dataset(args)
 
@@ -70,6 +71,12 @@ def small_run(prepared: Path, run_dir: Path, **overrides):
         cache_dtype="float32",
         learning_rate=1e-3,
         warmup_fraction=0.0,
+        # Each stage its own schedule, copied growth: what the tests' expectations were
+        # written for (tests/test_schedule.py covers the tiny preset's run-wide schedule).
+        lr_scope="stage",
+        growth_init="copy",
+        stage_order="same",
+        views=1,
     )
     options.update(overrides)
     return run_args("tiny", **options)

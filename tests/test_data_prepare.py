@@ -122,6 +122,14 @@ def test_views_are_the_same_sequences_masked_differently(prepared):
     assert ((labels[:n] != IGNORE_INDEX) != (labels[n:] != IGNORE_INDEX)).any(axis=1).all()
 
 
+def test_validation_keeps_one_view_whatever_the_training_views(prepared):
+    # Validation measures: one mask per sequence keeps its loss and unigram reference the
+    # same for every --views (docs/levers.md, growth that pays).
+    valid = prepared.manifest["splits"]["valid"]
+    assert len(prepared.valid) == valid["examples"] == valid["sequences"]
+    assert set(prepared.valid[:]["view"].tolist()) == {0}
+
+
 def test_load_prepared_gives_torch_columns_and_a_manifest(prepared):
     row = prepared.train[:4]
     assert set(row) == {"input_ids", "labels", "attention_mask", "sequence", "view"}

@@ -35,6 +35,7 @@ def stage_cmd(
         "--prepared_dir", str(prepared),
         "--run_dir", str(run_dir),
         "--seq_len", "32",
+        "--views", "1",
         "--num_layers", "4",
         "--hidden_size", "32",
         "--num_attention_heads", "2",

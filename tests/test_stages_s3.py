@@ -124,6 +124,7 @@ def test_missing_bucket_fails_at_start_with_one_message_and_no_run(
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "pipelines" / "stage.py"), "--stage", "1"]
     cmd += ["--prepared_dir", str(prepared_dir), "--seq_len", "32", "--run_dir", str(run_dir)]
+    cmd += ["--views", "1"]  # as the shared prepared data was made (tests/conftest.py)
     cmd += ["--cache_url", "s3://no-such-bucket/cache", "--cache", "always"]
     cmd += ["--cache_storage_options", json.dumps(s3_server)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

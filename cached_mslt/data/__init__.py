@@ -6,6 +6,8 @@ Imports only `cached_mslt.config`, `cached_mslt.rundir` and `storage` (docs/desi
 
 from cached_mslt.data.blocks import PreparedBlocks
 from cached_mslt.data.corpora import DataError, load_corpus
+from cached_mslt.data.masking import SPLIT_IDS, MaskingSpec, mask_batch
+from cached_mslt.data.packing import unigram_log_probs
 from cached_mslt.data.prepare import (
     PrepareArgs,
     PreparedData,
@@ -26,6 +28,8 @@ from cached_mslt.data.tokenizer import (
 __all__ = [
     "BUNDLED",
     "DataError",
+    "MaskingSpec",
+    "SPLIT_IDS",
     "PrepareArgs",
     "PreparedBlocks",
     "PreparedData",
@@ -36,7 +40,9 @@ __all__ = [
     "load_corpus",
     "load_prepared",
     "load_tokenizer",
+    "mask_batch",
     "prepare_dataset",
     "prepared_manifest",
     "summary",
+    "unigram_log_probs",
 ]

@@ -353,7 +353,16 @@ def _tokenize_split(
     )
     starts = np.cumsum([0, *lengths]).tolist()
     files = tuple(out for _, out in tasks)
-    return SplitStream(split, files, tuple(starts), data.seq_len, data.views, rows_per_shard)
+    return SplitStream(
+        split, files, tuple(starts), data.seq_len, split_views(split, data), rows_per_shard
+    )
+
+
+def split_views(split: str, data: DataArgs) -> int:
+    """Masked views of a split's sequences: `--views` for training, one for validation,
+    which measures and does not train: one mask keeps its loss (and its unigram loss)
+    the same for every `--views` and costs one pass to evaluate (docs/levers.md, growth that pays)."""
+    return data.views if split == "train" else 1
 
 
 def _split_counts(
@@ -371,7 +380,7 @@ def _split_counts(
         "documents": documents,
         "tokens": tokens,
         "sequences": n,
-        "examples": n * data.views,
+        "examples": n * split_views(split, data),
         # The stream is tokens plus one [SEP] per document; this tail did not fill a block.
         "remainder_tokens": stream.starts[-1] - n * (data.seq_len - 2),
     }
@@ -527,8 +536,9 @@ def summary(path: Path, manifest: dict[str, Any]) -> str:
         f"{docs['duplicates_dropped']} duplicates, {docs['undecodable_lines_skipped']} "
         f"undecodable lines skipped, {docs['kept']} kept",
     ]
-    views = f"{manifest['views']} view{'s' if manifest['views'] > 1 else ''}"
     for split, c in manifest["splits"].items():
+        n = c["examples"] // c["sequences"]
+        views = f"{n} view{'s' if n > 1 else ''}"
         lines.append(
             f"  {split}: {c['documents']:,} docs, {c['tokens']:,} tokens -> {c['sequences']:,} "
             f"sequences of {manifest['seq_len']} x {views} = {c['examples']:,} examples "

@@ -9,7 +9,8 @@ Notebook API (docs/inspect.md):
 - `similarity`: linear CKA and per-token cosine between stores of the same rows;
 - `row_text`, `nearest_rows`: the tokens behind a row, and the rows nearest to it;
 - `summarize_store`, `summarize_run`: shapes, size, completeness, fingerprints, validity;
-- `probe_run`: BBC topic probe on every stage's frozen bottom.
+- `probe_run`: BBC topic probe on every stage's frozen bottom;
+- `heldout_check`: a checkpoint's MLM loss on held-out prose beside its unigram loss.
 """
 
 from cached_mslt.inspect.api import (
@@ -23,6 +24,7 @@ from cached_mslt.inspect.api import (
     single_threaded_compute,
     to_numpy,
 )
+from cached_mslt.inspect.heldout import HeldoutError, HeldoutResult, heldout_check, heldout_texts
 from cached_mslt.inspect.probe import ProbeResult, probe_run
 from cached_mslt.inspect.render import format_report
 from cached_mslt.inspect.report import InspectError, InspectOptions, gather, to_json
@@ -39,6 +41,10 @@ from cached_mslt.inspect.text import RowText, nearest_rows, row_text
 
 __all__ = [
     "EXIT_CODES",
+    "HeldoutError",
+    "HeldoutResult",
+    "heldout_check",
+    "heldout_texts",
     "InspectError",
     "InspectOptions",
     "format_report",

@@ -409,6 +409,21 @@ def record_build(
     return build
 
 
+def lr_span(run: _StageRun, share: PhaseShare | None) -> tuple[float, float]:
+    """The part of the learning-rate curve a stage covers. `--lr_scope stage`: all of its
+    own. `run`: its place in the whole plan, by planned steps (under a comparison's budget,
+    its share of the budget), so the run warms up once and decays once and a grown stage
+    starts at the rate the previous one ended at (docs/levers.md, the schedule across
+    stages)."""
+    if run.args.schedule.lr_scope != "run":
+        return (0.0, 1.0)
+    if share is not None:
+        return (share.start, share.end)
+    steps = [run.steps(s) for s in run.plan.stages]
+    before = sum(steps[: run.index - 1])
+    return (before / sum(steps), (before + steps[run.index - 1]) / sum(steps))
+
+
 def _stage_phase(
     run: _StageRun,
     blocks: Blocks,
@@ -435,6 +450,10 @@ def _stage_phase(
         warmup_fraction=args.schedule.warmup_fraction,
         share=share,
         lr_schedule=args.schedule.lr_schedule,
+        lr_span=lr_span(run, share),
+        # `fresh`: each stage its own shuffle, so a grown stage reads rows the stage before
+        # did not (docs/levers.md, growth that pays); `same`: the rows the previous store holds.
+        data_seed=args.train.seed + run.index - 1 if args.schedule.stage_order == "fresh" else None,
         checkpoint_dir=run.layout.checkpoint_dir(run.index),
         flops_per_step=lambda c: (
             step_flops(

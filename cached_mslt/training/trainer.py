@@ -76,6 +76,10 @@ class Phase:
     learning_rate: float
     warmup_fraction: float  # of the phase: linear warmup, then decay to zero
     lr_schedule: str = "linear"
+    # The part of one learning-rate curve this phase covers: (0, 1) warms up and decays
+    # within the phase; a stage of a run-wide schedule continues where the last one ended.
+    lr_span: tuple[float, float] = (0.0, 1.0)
+    data_seed: int | None = None  # the loader's shuffle; default --seed
     fill: BatchFill | None = None  # write-through: the hidden states of blocks of token ids
     # Set when the phase trains on a share of a budget (tokens, wall-clock or FLOPs): it ends
     # when the share is spent, and its learning rate follows its progress through it.
@@ -151,7 +155,7 @@ class _PhaseLoop:
             phase.blocks,
             rows_per_batch=self.t.batch_size,
             shuffle=True,
-            seed=self.t.seed,
+            seed=self.t.seed if phase.data_seed is None else phase.data_seed,
             num_workers=self.t.num_workers,
             pin_memory=accelerator.device.type == "cuda",
         )
@@ -193,7 +197,11 @@ class _PhaseLoop:
         self.lr_progress = phase.share.progress(self.clock) if phase.share else 0.0
         scheduler = LambdaLR(
             optimizer,
-            lambda _: lr_factor(self.lr_progress, phase.warmup_fraction, phase.lr_schedule),
+            lambda _: lr_factor(
+                phase.lr_span[0] + self.lr_progress * (phase.lr_span[1] - phase.lr_span[0]),
+                phase.warmup_fraction,
+                phase.lr_schedule,
+            ),
         )
         return optimizer, scheduler
 

@@ -6,6 +6,7 @@ The top of the layering: may import any other subpackage.
 """
 
 from cached_mslt.bench.data import ROOT, data_benchmarks
+from cached_mslt.bench.loader import loader_benchmarks
 from cached_mslt.bench.rates import measure_rates
 from cached_mslt.bench.steps import all_benchmarks
 from cached_mslt.bench.variants import precision_benchmarks, stage_vs_bench
@@ -15,6 +16,7 @@ __all__ = [
     "ROOT",
     "all_benchmarks",
     "data_benchmarks",
+    "loader_benchmarks",
     "measure_rates",
     "precision_benchmarks",
     "stage_vs_bench",

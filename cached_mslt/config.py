@@ -736,6 +736,10 @@ class PlanArgs:
     write_gbps: float = field(
         default=float("inf"), metadata={"help": "store write GB/s over all processes"}
     )
+    stage_overhead_s: float = field(
+        default=0.0,
+        metadata={"help": "a stage's fixed seconds (loading, first steps, saving) added to each"},
+    )
     io_overlap: bool = field(
         default=True,
         metadata={

@@ -85,6 +85,7 @@ class Rates:
     write_bytes_per_s: float = math.inf
     overlap: bool = True
     processes: int = 1
+    stage_overhead_s: float = 0.0  # a stage's fixed cost: loading, first steps, saving
 
     def combine(self, compute_s: float, io_s: float) -> float:
         return max(compute_s, io_s) if self.overlap else compute_s + io_s
@@ -143,10 +144,11 @@ class StageCost:
     io_s: float  # the training steps' store I/O
     train_s: float  # the two combined (Rates.combine)
     processes: int = 1
+    overhead_s: float = 0.0  # Rates.stage_overhead_s
 
     @property
     def wall_s(self) -> float:
-        return self.build_s + self.train_s
+        return self.overhead_s + self.build_s + self.train_s
 
     @property
     def bound(self) -> str:
@@ -194,7 +196,17 @@ def stage_seconds(
     compute /= p
     read = source_read + train_read
     return StageCost(
-        mode, reads, count, written, read, build_s, compute, io, rates.combine(compute, io), p
+        mode,
+        reads,
+        count,
+        written,
+        read,
+        build_s,
+        compute,
+        io,
+        rates.combine(compute, io),
+        p,
+        rates.stage_overhead_s,
     )
 
 

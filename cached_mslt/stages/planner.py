@@ -69,6 +69,7 @@ def plan_rates(plan: PlanArgs, peak_tflops: float | None = None) -> Rates:
         write_bytes_per_s=plan.write_gbps * 1e9 / plan.gpus,
         overlap=plan.io_overlap,
         processes=plan.gpus,
+        stage_overhead_s=plan.stage_overhead_s,
     )
 
 
@@ -126,7 +127,7 @@ def totals(args: RunArgs, plan: PlanArgs, planned: list[PlannedStage]) -> dict[s
     return {
         "live_mslt_s": sum(p.costs["live"].wall_s for p in planned),
         "cached_mslt_s": sum(p.chosen.wall_s for p in planned),
-        "full_model_s": full / rates.train_flops_per_s / rates.processes,
+        "full_model_s": full / rates.train_flops_per_s / rates.processes + rates.stage_overhead_s,
     }
 
 

@@ -80,14 +80,19 @@ def build_store(url: str, rows: int, storage_options: dict | None = None) -> Act
 
 
 def loader_figures(
-    store: ActivationStore, backend: str, epochs: int, cold_root: Path | None = None
+    store: ActivationStore,
+    backend: str,
+    epochs: int,
+    cold_root: Path | None = None,
+    block_rows: int = 8,
 ) -> list[dict[str, Any]]:
     """rows/s and GB/s per worker count: the best of `epochs` epochs after one warm-up
-    epoch (which also starts the workers); cold: the page cache dropped before each."""
+    epoch (which also starts the workers); cold: the page cache dropped before each.
+    `block_rows` rows are one request (8: the trainer's block)."""
     figures = []
     for workers in WORKERS:
         loader = make_block_loader(
-            BlockDataset(store, block_rows=8),
+            BlockDataset(store, block_rows=block_rows),
             rows_per_batch=BATCH_ROWS,
             shuffle=True,
             seed=0,
@@ -101,6 +106,7 @@ def loader_figures(
             rates.append(epoch_rate(loader, epoch))
         rows_s, gbps = max(rates)
         tag = {"backend": backend, "num_workers": workers, "rows": store.spec.num_rows}
+        tag["block_rows"] = block_rows
         figures += [
             {"name": "loader_rows_per_s", "value": round(rows_s, 1), "unit": "rows/s", **tag},
             {"name": "loader_gbps", "value": round(gbps, 3), "unit": "GB/s", **tag},
@@ -146,4 +152,6 @@ def loader_benchmarks(quick: bool, s3: bool = True, root: str | None = None) -> 
         with loopback_s3("bench") as options:
             store = build_store("s3://bench/loader", rows // 2, options)
             figures += loader_figures(store, "s3-loopback", epochs)
+            # a whole batch per request: a quarter of the requests, the shuffle coarser
+            figures += loader_figures(store, "s3-loopback", epochs, block_rows=BATCH_ROWS)
     return figures

@@ -119,7 +119,7 @@ def gpu_consumption_gbps(gpu: str = "A100", mfu: float = 0.3) -> dict[str, Any]:
     """What the cost model says one GPU's cached bert-base step (3 trained layers and the
     head, frozen decoder weight) reads per second at `mfu` of the peak table's bf16 figure."""
     from cached_mslt.config import PlanArgs, run_args
-    from cached_mslt.stages.planner import model_shape, plan_rates
+    from cached_mslt.stages import model_shape, plan_rates
 
     shape = model_shape(run_args("bert-base"))
     rate = plan_rates(PlanArgs(gpu=gpu, mfu=mfu)).train_flops_per_s

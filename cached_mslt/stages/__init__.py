@@ -8,7 +8,7 @@ Imports `config`, `rundir`, `data`, `models`, `training`, `storage`.
 from cached_mslt.stages.cache import CacheRequest, build_cache
 from cached_mslt.stages.contract import StageError, write_run_config
 from cached_mslt.stages.plan import StagePlan
-from cached_mslt.stages.planner import format_plan, make_plan
+from cached_mslt.stages.planner import format_plan, make_plan, model_shape, plan_rates
 from cached_mslt.stages.runner import (
     UNBOUNDED_STEPS,
     USER_ERRORS,
@@ -36,6 +36,8 @@ __all__ = [
     "format_plan",
     "make_accelerator",
     "make_plan",
+    "model_shape",
+    "plan_rates",
     "run_all",
     "run_stage",
     "train_rows",

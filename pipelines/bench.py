@@ -13,6 +13,8 @@ where the cost model of docs/design.md predicts the figure. Measures, never asse
                                                # a real stage against the bench step
     python pipelines/bench.py --variants write-through --preset tiny  # write-through's step
                                                # (rows stored / missing) vs cached / live
+    python pipelines/bench.py --variants loader --s3  # the loader in GB/s at bert-base rows:
+                                               # page cache, cold, S3 loopback; 0/2/4 workers
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
         pipelines/bench.py --variants stage --batch_size 4   # ... at make run's shape (DDP)
 """
@@ -30,6 +32,7 @@ from cached_mslt.bench import (
     ROOT,
     all_benchmarks,
     data_benchmarks,
+    loader_benchmarks,
     precision_benchmarks,
     stage_vs_bench,
     write_through_benchmarks,
@@ -80,10 +83,11 @@ def add_variant_args(variants: argparse._ArgumentGroup) -> None:
     variants.add_argument(
         "--variants",
         nargs="+",
-        choices=["precision", "stage", "write-through"],
+        choices=["precision", "stage", "write-through", "loader"],
         default=None,
         help="only these: the trainer's step in float32/bf16/compiled; a stage vs the bench "
-        "step; write-through's step (rows stored / missing) vs the cached / live step",
+        "step; write-through's step (rows stored / missing) vs the cached / live step; the "
+        "loader in bytes at bert-base rows",
     )
     variants.add_argument("--preset", default="tiny", help="the shape the variants run at")
     variants.add_argument("--repeats", type=int, default=5, help="precision: interleaved rounds")
@@ -111,6 +115,8 @@ def selected_benchmarks(args: argparse.Namespace) -> list[dict]:
             )
         if "write-through" in args.variants:
             figures += write_through_benchmarks(args.preset)
+        if "loader" in args.variants:
+            figures += loader_benchmarks(args.quick, s3=args.s3)
         return figures
     return all_benchmarks(quick=args.quick, s3=args.s3, peak_tflops=args.peak_tflops)
 

@@ -18,6 +18,7 @@ from storage.errors import (
     StoreWriteError,
 )
 from storage.fingerprint import fingerprint_dict, fingerprint_file_tree, fingerprint_module
+from storage.int8 import round_to_store
 from storage.remote import check_reachable, is_remote, public_options, with_timeouts
 from storage.spec import CODECS, DTYPES, StoreSpec
 from storage.store import ActivationStore
@@ -53,6 +54,7 @@ __all__ = [
     "is_remote",
     "make_bucket",
     "public_options",
+    "round_to_store",
     "with_timeouts",
 ]
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from storage.errors import NonFiniteActivationsError, StoreWriteError
+from storage.int8 import encode
 from storage.spec import StoreSpec
 
 INT_DTYPES = {"attention_mask": np.uint8, "labels": np.int32, "row_index": np.int64}
@@ -25,7 +26,10 @@ INT_RANGES = {
 def hidden_to_numpy(
     x: torch.Tensor | np.ndarray, spec: StoreSpec, shape: tuple[int, ...], where: str
 ) -> np.ndarray:
-    """The array to store for `hidden`: bfloat16 as its raw bits in uint16."""
+    """The array to store for `hidden`: bfloat16 as its raw bits in uint16; int8 encoded
+    from any floating tensor (storage/int8.py), after a finiteness check."""
+    if spec.dtype == "int8":
+        return int8_to_numpy(x, shape, where)
     if isinstance(x, torch.Tensor):
         if x.dtype != spec.torch_dtype:
             raise StoreWriteError(
@@ -50,6 +54,26 @@ def hidden_to_numpy(
         raise StoreWriteError(f"{where}: hidden has shape {tuple(arr.shape)}, expected {shape}")
     check_finite(arr, spec, where)
     return arr
+
+
+def int8_to_numpy(x: torch.Tensor, shape: tuple[int, ...], where: str) -> np.ndarray:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise StoreWriteError(
+            f"{where}: an int8 store encodes hidden from a floating torch.Tensor, got "
+            f"{type(x).__name__} {getattr(x, 'dtype', '')}"
+        )
+    if tuple(x.shape) != shape:
+        raise StoreWriteError(f"{where}: hidden has shape {tuple(x.shape)}, expected {shape}")
+    x = x.detach().cpu()
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        first_row = int(bad.reshape(len(x), -1).any(1).nonzero()[0, 0])
+        raise NonFiniteActivationsError(
+            f"{where}: refused {int(bad.sum())} non-finite values (NaN or inf; first in row "
+            f"{first_row} of the shard). A store never holds them: retrain the stage that "
+            f"produced those weights with a lower learning rate; this shard stays not-done."
+        )
+    return encode(x)
 
 
 # Exponent bits of each stored dtype (bfloat16 as its raw bits in uint16): all ones is

@@ -94,9 +94,9 @@ def initialize(
         **extra,
     }
     zarr.create_group(store, attributes=attrs)
-    n, t, h = spec.num_rows, spec.seq_len, spec.hidden_size
+    n, t, w = spec.num_rows, spec.seq_len, spec.stored_width
     layouts = {
-        "hidden": ((n, t, h), spec.storage_dtype, spec.hidden_fill, ("row", "token", "hidden")),
+        "hidden": ((n, t, w), spec.storage_dtype, spec.hidden_fill, ("row", "token", "hidden")),
         "attention_mask": ((n, t), "uint8", INT_FILLS["attention_mask"], ("row", "token")),
         "labels": ((n, t), "int32", INT_FILLS["labels"], ("row", "token")),
         "row_index": ((n,), "int64", INT_FILLS["row_index"], ("row",)),

@@ -24,10 +24,13 @@ MIN_SHARDS = 16
 
 # logical dtype -> (dtype stored in Zarr, torch dtype). Zarr 3.1.6 has no bfloat16
 # (`dtype="bfloat16"` raises TypeError), so bfloat16 is kept as its raw bits in uint16.
+# int8 (storage/int8.py): 8-bit values with a power-of-two scale per token, decoded
+# exactly into bfloat16, the dtype its rows come back in.
 DTYPES: dict[str, tuple[str, torch.dtype]] = {
     "float32": ("float32", torch.float32),
     "float16": ("float16", torch.float16),
     "bfloat16": ("uint16", torch.bfloat16),
+    "int8": ("int8", torch.bfloat16),
 }
 CODECS = ("none", "zstd", "blosc")
 
@@ -90,12 +93,22 @@ class StoreSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.finfo(self.torch_dtype).bits // 8
+        return np.dtype(self.storage_dtype).itemsize
+
+    @property
+    def stored_width(self) -> int:
+        """Values stored per token: H, and for int8 its exponent after them."""
+        return self.hidden_size + (self.dtype == "int8")
 
     @property
     def row_bytes(self) -> int:
         """Bytes of `hidden` per row (the other arrays add about 5 bytes per token)."""
-        return self.seq_len * self.hidden_size * self.itemsize
+        return self.seq_len * self.stored_width * self.itemsize
+
+    @property
+    def rounding(self) -> torch.dtype | str:
+        """What `round_to_store` takes: the torch dtype rows are rounded to, or "int8"."""
+        return "int8" if self.dtype == "int8" else self.torch_dtype
 
     @property
     def rows_per_shard(self) -> int:
@@ -115,7 +128,9 @@ class StoreSpec:
 
     @property
     def hidden_fill(self) -> float | int:
-        """Fill value of `hidden`: NaN in the logical dtype."""
+        """Fill value of `hidden`: NaN in the logical dtype (int8: -128, which no value uses)."""
+        if self.dtype == "int8":
+            return -128
         return BFLOAT16_NAN_BITS if self.dtype == "bfloat16" else float("nan")
 
     def compressors(self) -> list[BytesBytesCodec]:

@@ -49,6 +49,14 @@ def prepared_dir(tmp_path_factory) -> Path:
     return prepare_dataset(args)
 
 
+def device_under_test():
+    """Where tests that can run on CUDA run: CACHED_MSLT_TEST_DEVICE (scripts/gpu_check.sh
+    sets `cuda`), else the CPU."""
+    import torch
+
+    return torch.device(os.environ.get("CACHED_MSLT_TEST_DEVICE", "cpu"))
+
+
 def small_run(prepared: Path, run_dir: Path, **overrides):
     """RunArgs for a 2-stage (2 -> 4 layers) hidden-32 model that trains in seconds."""
     from cached_mslt.config import run_args

@@ -16,6 +16,9 @@ from cached_mslt.models.bert import (
 )
 from cached_mslt.stages.cache import CacheRequest, build_cache, store_fingerprint
 from storage import BlockDataset
+from tests.conftest import device_under_test
+
+DEVICE = device_under_test()  # scripts/gpu_check.sh runs this file on CUDA
 
 # 16-bit storage rounds the hidden states once; these bound what that does downstream
 # on random small models (measured worst cases are about half of these).
@@ -60,7 +63,8 @@ def random_case(seed: int, padded: bool):
     chosen = (torch.rand(rows, t, generator=g) < 0.3) & mask.bool()
     chosen[:, 0] = True
     labels[chosen] = ids[chosen]
-    return model, frozen, Rows(input_ids=ids, attention_mask=mask, labels=labels)
+    cols = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return model.to(DEVICE), frozen, Rows(**{k: v.to(DEVICE) for k, v in cols.items()})
 
 
 def cached_rows(tmp_path, model, frozen, data, dtype, compute_dtype="float32"):
@@ -78,7 +82,8 @@ def cached_rows(tmp_path, model, frozen, data, dtype, compute_dtype="float32"):
         compute_dtype=compute_dtype,
     )
     store, _ = build_cache(model, req, data)
-    return BlockDataset(store, block_rows=4, in_memory=True).store.read_rows(0, len(data))
+    rows = BlockDataset(store, block_rows=4, in_memory=True).store.read_rows(0, len(data))
+    return {k: v.to(DEVICE) for k, v in rows.items()}
 
 
 def step(model, frozen, labels, mask, compiled=False, **inputs):
@@ -162,7 +167,7 @@ def test_a_cache_built_under_bf16_autocast_holds_what_the_live_bottom_computes(t
     cached = cached_rows(tmp_path, model, frozen, data, "float32", compute_dtype="bfloat16")
     ids, mask = data.cols["input_ids"], data.cols["attention_mask"]
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+    with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16):
         live = bottom_forward(model, ids, mask, frozen)
     with torch.no_grad():
         float32 = bottom_forward(model, ids, mask, frozen)

@@ -18,7 +18,7 @@ from transformers import BertForMaskedLM
 from cached_mslt.rundir import RunLayout
 from cached_mslt.stages.runner import run_stage
 from cached_mslt.training.metrics import read_metrics
-from tests.conftest import small_run
+from tests.conftest import device_under_test, small_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "two_rank_stage.py"
@@ -26,7 +26,9 @@ SCRIPT = ROOT / "tests" / "scripts" / "two_rank_stage.py"
 
 def launch_two_ranks(prepared, run_dir, stage, *extra, **overrides):
     accelerate = Path(sys.executable).with_name("accelerate")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if device_under_test().type == "cpu":  # on CUDA (scripts/gpu_check.sh): NCCL, a GPU a rank
+        env["ACCELERATE_USE_CPU"] = "1"
     cmd = [
         str(accelerate),
         "launch",

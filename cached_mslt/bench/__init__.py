@@ -6,6 +6,8 @@ The top of the layering: may import any other subpackage.
 """
 
 from cached_mslt.bench.data import ROOT, data_benchmarks
+from cached_mslt.bench.loader import loader_benchmarks
+from cached_mslt.bench.rates import measure_rates
 from cached_mslt.bench.steps import all_benchmarks
 from cached_mslt.bench.variants import precision_benchmarks, stage_vs_bench
 from cached_mslt.bench.write_through import write_through_benchmarks
@@ -14,6 +16,8 @@ __all__ = [
     "ROOT",
     "all_benchmarks",
     "data_benchmarks",
+    "loader_benchmarks",
+    "measure_rates",
     "precision_benchmarks",
     "stage_vs_bench",
     "write_through_benchmarks",

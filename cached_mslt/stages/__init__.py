@@ -8,6 +8,7 @@ Imports `config`, `rundir`, `data`, `models`, `training`, `storage`.
 from cached_mslt.stages.cache import CacheRequest, build_cache
 from cached_mslt.stages.contract import StageError, write_run_config
 from cached_mslt.stages.plan import StagePlan
+from cached_mslt.stages.planner import format_plan, make_plan, model_shape, plan_rates
 from cached_mslt.stages.runner import (
     UNBOUNDED_STEPS,
     USER_ERRORS,
@@ -32,7 +33,11 @@ __all__ = [
     "WriteThroughBlocks",
     "block_rows_for",
     "build_cache",
+    "format_plan",
     "make_accelerator",
+    "make_plan",
+    "model_shape",
+    "plan_rates",
     "run_all",
     "run_stage",
     "train_rows",

@@ -37,6 +37,7 @@ from storage import (
     StoreError,
     StoreNotFoundError,
     StoreSpec,
+    round_to_store,
 )
 
 SHARD_ARRAYS = ("hidden", "attention_mask", "labels", "row_index")
@@ -96,7 +97,7 @@ def frozen_output(
     attention_mask: torch.Tensor | None,
     *,
     stop: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype | str,
     round_at: tuple[int, ...] = (),
     input_ids: torch.Tensor | None = None,
     previous: torch.Tensor | None = None,
@@ -113,7 +114,7 @@ def frozen_output(
             hidden = bottom_forward(model, input_ids, attention_mask, cut)
         else:  # a stored entry: widened, as the frozen layers compute in float32
             hidden = run_layers(model, hidden.to(torch.float32), attention_mask, depth, cut)
-        hidden, depth = hidden.to(dtype), cut
+        hidden, depth = round_to_store(hidden, dtype), cut  # int8: encoded and decoded
     return hidden
 
 
@@ -290,7 +291,7 @@ def _build_shards(model, req, store, pending, prepared, source, device, bar) -> 
     writer = ShardWriter(store)
     batches = read_ahead(_input_batches(store, pending, prepared, source))
     try:
-        dtype = store.spec.torch_dtype
+        dtype = store.spec.rounding
         for shard, rows in _shard_rows(model, req, batches, start_layer, dtype, device, bar):
             writer.put(shard, rows)
     finally:

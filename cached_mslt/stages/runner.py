@@ -11,7 +11,7 @@ import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from accelerate import Accelerator
@@ -43,7 +43,7 @@ from cached_mslt.rundir import (
     write_atomic,
 )
 from cached_mslt.stages.cache import CacheRequest, build_cache, open_write_through
-from cached_mslt.stages.cache_choice import Stored, choose_cache
+from cached_mslt.stages.cache_choice import MODES, Stored, choose_cache
 from cached_mslt.stages.contract import (
     StageError,
     check_cache_location,
@@ -53,6 +53,7 @@ from cached_mslt.stages.contract import (
     check_saved_model,
 )
 from cached_mslt.stages.fixes import divergence_fix, repair_command, store_repair_hint
+from cached_mslt.stages.measured import cost_record, predicted, priced_by_previous
 from cached_mslt.stages.plan import Stage, StagePlan
 from cached_mslt.stages.precision import (
     autocast_dtype,
@@ -190,6 +191,8 @@ class _StageRun:
     model: BertForMaskedLM
     bottom_before: str  # the frozen bottom's fingerprint before training
     tokenizer: Any  # saved with every checkpoint: the ids are its ids
+    previous: dict[str, Any] | None = None  # the previous stage's manifest
+    prediction: dict[str, Any] = field(default_factory=dict)  # mode -> the cost model's
 
     @property
     def index(self) -> int:
@@ -222,16 +225,26 @@ def _run_stage_locked(
         accelerator.print(f"{stage.name}: already done ({layout.manifest(index)}), skipping")
         return done
     run = _start_stage(args, plan, stage, accelerator)
+    start = run.clock.to_dict()
     mode, why, sources = _choose_mode(run)
     mode, why, over_share = fit_build_to_share(run, mode, why, sources, share)
     blocks, build, fill = _stage_blocks(run, mode, sources, rebuild_cache)
     build = record_build(run, mode == "eager", build, over_share, share, extra)
     phase = _stage_phase(run, blocks, mode, fill, share, extra)
+    before_training = run.clock.to_dict()
     with abandon_on_failure(run, fill):
         stats = _train_stage(run, phase)
     if fill is not None:
         build = {**build, **finish_write_through(run, fill)}
     manifest = _stage_manifest(run, mode, why, build, stats)
+    manifest["cost_model"] = cost_record(
+        run.prediction.get(mode),
+        start,
+        before_training,
+        run.clock.to_dict(),
+        stats,
+        accelerator.num_processes,
+    )
     save_stage(accelerator, run.model, run.tokenizer, layout, index, manifest)
     return manifest
 
@@ -249,7 +262,9 @@ def _start_stage(
     set_seed(args.train.seed + index)  # a stage's randomness does not depend on how it was launched
     model = load_stage_model(args, stage, data.manifest["vocab_size"])
     bottom = bottom_fingerprint(model, stage.frozen_layers)
-    return _StageRun(args, plan, stage, accelerator, data, clock, model, bottom, tokenizer)
+    return _StageRun(
+        args, plan, stage, accelerator, data, clock, model, bottom, tokenizer, previous
+    )
 
 
 def _choose_mode(run: _StageRun) -> tuple[str, str, list[ActivationStore]]:
@@ -261,9 +276,11 @@ def _choose_mode(run: _StageRun) -> tuple[str, str, list[ActivationStore]]:
     sources = earlier_stores(args, stage, run.model) if incremental else []
     rows = train_rows(args, len(run.data.train))
     stored = [Stored(int(s.fingerprint["frozen_layers"]), _held(s)) for s in sources]
-    mode, why = choose_cache(
-        run.plan, stage, rows, lambda s: run.steps(s) * rows_per_step(args, world), stored
-    )
+    priced = priced_by_previous(args, run.previous, world)
+    reads = lambda s: run.steps(s) * rows_per_step(args, world)  # noqa: E731
+    mode, why = choose_cache(run.plan, stage, rows, reads, stored, priced)
+    for m in MODES if stage.frozen_layers else ("live",):
+        run.prediction[m] = predicted(priced, m, stage, rows, reads(stage), stored)
     run.accelerator.print(
         f"{stage.name}: {stage.num_layers} layers, {stage.frozen_layers} frozen, "
         f"{run.steps(stage)} steps; {mode} ({why})"

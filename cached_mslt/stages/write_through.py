@@ -226,7 +226,7 @@ class WriteThrough:
         round_at: tuple[int, ...],
     ):
         self.model, self.blocks, self.writer, self.round_at = model, blocks, writer, round_at
-        self.depth, self.dtype = blocks.depth, blocks.store.spec.torch_dtype
+        self.depth, self.dtype = blocks.depth, blocks.store.spec.rounding
         self.seq_len = blocks.store.spec.seq_len
         self.computed: set[int] = set()  # units this process computed, this stage
         self.counts = {"units_read": 0, "units_computed": 0, "layer_rows": 0}

@@ -250,6 +250,7 @@ def test_probe_reads_the_store_instead_of_running_the_bottom(
         torch.testing.assert_close(stored, live, rtol=0, atol=1e-5)  # sdpa: padding ~1e-6
 
 
+@pytest.mark.slow  # ~50 s: every shard of three stores is a request to the loopback server
 def test_cache_url_on_the_loopback_s3_server(checkpoint, task_file, tmp_path, s3_bucket):
     bucket, options = s3_bucket
     location = StoreLocation(f"s3://{bucket}/ft", options)
@@ -279,8 +280,9 @@ def test_two_ranks_build_the_store_once_and_fine_tune_progressively_from_s3(
     cmd += ["--evaluation", "finetune", "probe"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert "built 120 rows on 2 process(es)" in done.stdout + done.stderr
     result = json.loads((tmp_path / "out" / "toy" / "finetune_results.json").read_text())
+    built = result["frozen_bottom"]
+    assert built["rows"] == 120 and min(built["rows_per_process"]) > 0  # both ranks wrote
     assert all(r["final_depth"] == LAYERS - 1 for r in result["runs"])
     probe = json.loads((tmp_path / "out" / "toy" / "probe_results.json").read_text())
     assert probe["frozen_bottom"]["reused"] is True

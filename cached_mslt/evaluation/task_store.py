@@ -32,9 +32,10 @@ from transformers import PreTrainedModel
 from cached_mslt.evaluation.args import FinetuneArgs, FinetuneError
 from cached_mslt.models import IGNORE_INDEX
 from cached_mslt.stages import CacheRequest, build_cache
-from storage import ActivationStore, StaleStoreError
+from storage import ActivationStore, StaleStoreError, StoreSpec
 
 SPLITS = ("train", "validation", "test")
+BUILD_SHARDS = 16  # storage/spec.py's MIN_SHARDS: a shard per chunk up to 16 processes
 
 
 @dataclass(frozen=True)
@@ -112,14 +113,18 @@ class TaskStores:
         return self._in_memory
 
 
-def _request(url, depth, columns, fp, args: FinetuneArgs, options) -> CacheRequest:
+def _request(url, depth, columns, fp, args: FinetuneArgs, options, hidden: int) -> CacheRequest:
     n, t = columns["input_ids"].shape
+    # ~2 MiB chunks, but at least 16 of them: a store then has a shard per chunk for up to
+    # 16 processes to build (storage/spec.py MIN_SHARDS), even for a small task.
+    derived = StoreSpec(n, t, hidden, dtype=args.freeze_cache_dtype).rows_per_chunk
+    rows_per_chunk = max(1, min(derived, -(-n // BUILD_SHARDS)))
     return CacheRequest(
         url=url,
         frozen_layers=depth,
         dtype=args.freeze_cache_dtype,
         codec="none",
-        rows_per_chunk=None,  # derived: ~2 MiB chunks (storage/spec.py)
+        rows_per_chunk=rows_per_chunk,
         data_fingerprint=fp,
         mask_seed=0,  # classification rows are not masked
         seq_len=t,
@@ -149,7 +154,15 @@ def build_task_stores(
     stores, stats = {}, {"depth": depth, "cpu_s": 0.0, "wall_s": 0.0, "reused": True, "rows": 0}
     for split in SPLITS:
         fp = data_fingerprint(task_fingerprint, split, columns[split])
-        req = _request(urls[split], depth, columns[split], fp, args, location.storage_options)
+        req = _request(
+            urls[split],
+            depth,
+            columns[split],
+            fp,
+            args,
+            location.storage_options,
+            model.config.hidden_size,
+        )
         cpu, wall = time.process_time(), time.perf_counter()
         try:
             stores[split], built = build_cache(
@@ -168,6 +181,9 @@ def build_task_stores(
         stats["wall_s"] += time.perf_counter() - wall
         stats["reused"] &= built["reused"]
         stats["rows"] += built["rows"]
+        for rank, n in enumerate(built.get("rows_per_process", [])):
+            stats.setdefault("rows_per_process", [0] * len(built["rows_per_process"]))
+            stats["rows_per_process"][rank] += n
     stats["urls"] = dict(urls)
     return TaskStores(depth, stores, columns, stats)
 

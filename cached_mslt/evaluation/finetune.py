@@ -133,6 +133,19 @@ def _train_epoch(run: _Training, epoch: int, step: int) -> int:
     return step
 
 
+def _loaders(data, collate, batch_size: int) -> list[DataLoader]:
+    """Train (shuffled), validation and test loaders; evaluation at twice the batch."""
+    return [
+        DataLoader(
+            data[s],
+            shuffle=s == "train",
+            batch_size=batch_size if s == "train" else 2 * batch_size,
+            collate_fn=collate[s],
+        )
+        for s in SPLITS
+    ]
+
+
 def _fit(
     model: torch.nn.Module,
     data: dict[str, Any],
@@ -147,12 +160,7 @@ def _fit(
     """Train with early stopping on validation, then test the best epoch's weights.
     `data` and `collate` per split; `freezing` freezes layers as they converge."""
     num_labels = model.config.num_labels
-    bs = args.finetune_batch_size
-    train_dl = DataLoader(data["train"], shuffle=True, batch_size=bs, collate_fn=collate["train"])
-    valid_dl, test_dl = (
-        DataLoader(data[s], batch_size=2 * bs, collate_fn=collate[s])
-        for s in ("validation", "test")
-    )
+    train_dl, valid_dl, test_dl = _loaders(data, collate, args.finetune_batch_size)
     optimizer, lr_scheduler = _optimizer(model, args, len(train_dl), lr)
     model, optimizer, train_dl, valid_dl, test_dl, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dl, valid_dl, test_dl, lr_scheduler
@@ -272,6 +280,23 @@ def _extender(args, location, default_root, task) -> Callable[[str], Extend]:
     return at
 
 
+def _sweep(checkpoint_dir, task, args, writer, train_one, model_class) -> list[dict[str, Any]]:
+    """One run per learning rate and seed, each from a fresh copy of the checkpoint."""
+    runs = []
+    for lr in args.finetune_lr:
+        for seed in args.seeds:
+            set_seed(seed)  # before loading: the new classifier head is drawn from this seed
+            start, cpu = time.perf_counter(), time.process_time()
+            model = load_classifier(checkpoint_dir, task.num_labels, model_class)
+            writer.base.update(seed=seed, lr=lr)
+            run = train_one(model, f"{task.name} lr {lr:g} seed {seed}", lr)
+            seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+            run = {"seed": seed, "lr": lr, **run, "seconds": seconds, "cpu_s": cpu_s}
+            writer.log({"split": "test", **run})
+            runs.append(run)
+    return runs
+
+
 def finetune(
     checkpoint_dir: str | Path,
     task: str | Task,
@@ -285,12 +310,10 @@ def finetune(
 
     `task` is a prepared `Task` or a name for `prepare_task`. `model_class` is any
     `...ForSequenceClassification` whose `from_pretrained` reads the checkpoint (default:
-    the one the Auto classes register for the checkpoint's architecture). With
-    `args.freeze_layers` (or progressive freezing) the frozen bottom's outputs are built
-    once into stores at `location` (default: under the task's output directory) and every
-    run trains its top from them.
-    Returns (and writes to `finetune_results.json`) the per-seed runs and their summary.
-    """
+    the one the Auto classes register). With `args.freeze_layers` (or progressive freezing)
+    the frozen bottom's outputs are built once into stores at `location` (default: under
+    the output directory) and every run trains its top from them. Returns (and writes to
+    `finetune_results.json`) the per-seed runs and their summary."""
     checkpoint_dir = Path(checkpoint_dir)
     tokenizer = checkpoint_tokenizer(checkpoint_dir, tokenizer)
     accelerator = Accelerator()
@@ -302,46 +325,28 @@ def finetune(
         overlap = pretraining_overlap(task, checkpoint_dir, args.overlap_corpus)
     data = tokenize_task(task, tokenizer, args.max_seq_len, args.max_train_examples)
     out_dir = task_output_dir(checkpoint_dir, args, task)
-    location = location or StoreLocation()
-    base = None
-    if args.freezes:
-        root = str(out_dir.parent / "cache")
-        base = task_bottom(checkpoint_dir, task, data, tokenizer, args, location, root, model_class)
-        extend_at = _extender(args, location, root, task)
     # The one metrics writer, under its own file name: a fine-tuning log must not mix with
     # the pretraining metrics.jsonl of the run it evaluates.
     writer = MetricsWriter(
         out_dir, accelerator, base={"task": task.name}, filename=FINETUNE_METRICS_FILE
     )
+    base = None
+    if args.freezes:  # built (or reused) once, before the first run
+        root, location = str(out_dir.parent / "cache"), location or StoreLocation()
+        base = task_bottom(checkpoint_dir, task, data, tokenizer, args, location, root, model_class)
+        extend_at = _extender(args, location, root, task)
+
+        def train_one(model, desc, lr):
+            return _fit_frozen(model, base, args, extend_at, accelerator, writer.log, desc, lr)
+    else:
+        collate = dict.fromkeys(SPLITS, DataCollatorWithPadding(tokenizer))
+
+        def train_one(model, desc, lr):
+            return _fit(model, data, collate, args, accelerator, writer.log, desc, lr)
+
     if accelerator.is_main_process:
         writer.path.unlink(missing_ok=True)
-    runs = []
-    for lr in args.finetune_lr:
-        for seed in args.seeds:
-            set_seed(seed)  # before loading: the new classifier head is drawn from this seed
-            start, cpu = time.perf_counter(), time.process_time()
-            model = load_classifier(checkpoint_dir, task.num_labels, model_class)
-            writer.base.update(seed=seed, lr=lr)
-            desc = f"{task.name} lr {lr:g} seed {seed}"
-            if base is None:
-                collate = DataCollatorWithPadding(tokenizer)
-                run = _fit(
-                    model,
-                    data,
-                    dict.fromkeys(SPLITS, collate),
-                    args,
-                    accelerator,
-                    writer.log,
-                    desc,
-                    lr,
-                )
-            else:
-                run = _fit_frozen(model, base, args, extend_at, accelerator, writer.log, desc, lr)
-            seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
-            run = {"seed": seed, "lr": lr, **run, "seconds": seconds, "cpu_s": cpu_s}
-            writer.log({"split": "test", **run})
-            runs.append(run)
-
+    runs = _sweep(checkpoint_dir, task, args, writer, train_one, model_class)
     result = {
         **result_header(task, checkpoint_dir, data),
         **_summary(runs),
@@ -350,6 +355,10 @@ def finetune(
         "runs": runs,
         "args": dataclasses.asdict(args),
     }
+    return _written(result, out_dir, accelerator)
+
+
+def _written(result: dict[str, Any], out_dir: Path, accelerator: Accelerator) -> dict[str, Any]:
     if accelerator.is_main_process:
         (out_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
     return result

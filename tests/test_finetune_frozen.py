@@ -28,6 +28,7 @@ from cached_mslt.evaluation.finetune import FINETUNE_METRICS_FILE, _optimizer
 from cached_mslt.evaluation.frozen_top import AutoFreezeTest, ClassifierTop, freeze_to
 from cached_mslt.evaluation.probe import encoder_features, stored_features
 from cached_mslt.evaluation.task_store import SPLITS
+from cached_mslt.models import run_layers
 from storage import ActivationStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,28 +199,52 @@ def test_autofreeze_test_freezes_converged_layers_bottom_up_and_keeps_the_top():
     assert test.decide(2)[0] == 3
 
 
+@pytest.mark.parametrize("start", [0, 1])
 def test_progressive_freezing_extends_the_store_and_records_each_decision(
-    checkpoint, task_file, tmp_path
+    checkpoint, task_file, tmp_path, start
 ):
-    # percentile 100: every rate is at or below the largest, so each test freezes all
-    # it may; keep 1 stops it below the top layer.
+    # percentile 100: every rate is at or below the largest, so each test freezes all it
+    # may; keep 1 stops it below the top layer. From 0 the first freeze builds the store
+    # from token ids, from 1 it extends the K = 1 store; either way the batch the loader
+    # read ahead before a freeze must reach the new top at its own depth.
     args = frozen_args(
-        tmp_path, freeze_layers=1, freeze="progressive", freeze_interval=2, freeze_percentile=100
+        tmp_path,
+        freeze_layers=start,
+        freeze="progressive",
+        freeze_interval=2,
+        freeze_percentile=100,
     )
     result = finetune(checkpoint, str(task_file), args)
     (run,) = result["runs"]
     decisions = run["freeze_decisions"]
     assert [d["step"] for d in decisions] == [2, 4, 6, 8, 10, 12]
-    assert decisions[0]["frozen_after"] == 1 and decisions[1]["frozen_after"] == LAYERS - 1
+    assert decisions[0]["frozen_after"] == start and decisions[1]["frozen_after"] == LAYERS - 1
     assert run["final_depth"] == LAYERS - 1 and "AutoFreeze" in run["freeze_rule"]
     logged = [r["freeze_decision"] for r in metrics(tmp_path) if "freeze_decision" in r]
     assert logged == decisions
-    extended = Path(result["frozen_bottom"]["urls"]["train"]).parents[1] / "run-toy-lr-0.001-seed-0"
-    store = ActivationStore.open(extended / f"frozen-{LAYERS - 1}" / "train")
-    assert (
-        store.attrs["built"].startswith("incremental from")
-        and "frozen-1/train" in store.attrs["built"]
-    )
+    extended = tmp_path / "out" / "cache" / "toy" / "run-toy-lr-0.001-seed-0"
+    built = ActivationStore.open(extended / f"frozen-{LAYERS - 1}" / "train").attrs["built"]
+    if start == 0:
+        assert built == "full"
+    else:
+        assert built.startswith("incremental from") and "frozen-1/train (layers 1..3)" in built
+
+
+def test_a_batch_read_before_a_freeze_reaches_the_new_top_as_the_deeper_store_holds_it(
+    checkpoint, task_file, tmp_path
+):
+    """The prepared loader collates one batch ahead: a batch at depth 1 given to the top
+    at depth 3 runs layers 1..2 (frozen) first, and equals the same rows read at depth 3."""
+    result = finetune(checkpoint, str(task_file), frozen_args(tmp_path, freeze_layers=1))
+    Accelerator()
+    model = load_classifier(checkpoint, num_labels=2).eval()
+    shallow = ActivationStore.open(result["frozen_bottom"]["urls"]["train"]).read_rows(0, 8)
+    mask = shallow["attention_mask"]
+    deep = run_layers(model, shallow["hidden"], mask, 1, 3)
+    top = ClassifierTop(model, 3)
+    labels = shallow["labels"][:, 0]
+    early = top(labels, mask, hidden_states=shallow["hidden"], depth=1).logits
+    assert torch.equal(early, top(labels, mask, hidden_states=deep, depth=3).logits)
 
 
 def test_probe_reads_the_store_instead_of_running_the_bottom(

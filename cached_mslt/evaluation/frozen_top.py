@@ -68,9 +68,20 @@ class ClassifierTop(nn.Module):
         attention_mask: torch.Tensor,
         hidden_states: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
+        depth: int | None = None,
     ) -> SequenceClassifierOutput:
-        m = self.model
-        if self.frozen == 0:
+        """`depth`: what the batch holds (token ids at 0, else hidden states after that
+        many layers); below `frozen` for a batch collated before a freeze (the prepared
+        loader reads one batch ahead), which then runs through the layers it lacks, all
+        frozen, first: as the deeper store holds them."""
+        m, depth = self.model, self.frozen if depth is None else depth
+        if depth < self.frozen:
+            with torch.no_grad():
+                if depth == 0:
+                    hidden_states = bottom_forward(m, input_ids, attention_mask, self.frozen)
+                else:
+                    hidden_states = run_layers(m, hidden_states, attention_mask, depth, self.frozen)
+        elif self.frozen == 0:
             hidden_states = m.bert.embeddings(input_ids=input_ids)
         hidden = run_layers(m, hidden_states, attention_mask, self.frozen)
         logits = m.classifier(m.dropout(m.bert.pooler(hidden)))
@@ -81,7 +92,7 @@ class ClassifierTop(nn.Module):
 def _cut(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A batch cut to its longest row: the columns dropped are padding in every row."""
     length = int(batch["attention_mask"].sum(1).max())
-    return {k: v[:, :length] if v.dim() > 1 else v for k, v in batch.items()}
+    return {k: v[:, :length] if torch.is_tensor(v) and v.dim() > 1 else v for k, v in batch.items()}
 
 
 class FrozenRows:
@@ -107,7 +118,11 @@ class FrozenRows:
     @torch.no_grad()
     def _batch(self, split: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         cols = {k: torch.from_numpy(v[rows.numpy()]) for k, v in self.columns[split].items()}
-        out = {"attention_mask": cols["attention_mask"], "labels": cols["labels"][:, 0]}
+        out = {
+            "attention_mask": cols["attention_mask"],
+            "labels": cols["labels"][:, 0],
+            "depth": self.depth,
+        }
         if self.depth == 0:
             out["input_ids"] = cols["input_ids"]
         elif self.rows:

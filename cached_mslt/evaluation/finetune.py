@@ -6,6 +6,10 @@ per epoch. The weights of the best validation epoch are tested, and training sto
 `early_stopping_patience` epochs without improvement. Each task writes
 `<output_dir>/<task>/finetune_metrics.jsonl` (train loss every few steps, validation every
 epoch, test per seed) and `finetune_results.json` (mean and std over seeds).
+
+With `--freeze_layers K` (or `--freeze progressive`) the same loop trains a `ClassifierTop`
+(layers K.., pooler, classifier) from the task's stores of the frozen bottom, built once
+before the first seed (`bottom.task_bottom`); docs/evaluation.md, fine-tuning from the cache.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python pipelines/finetune.py --checkpoint runs/tiny/stage-4/model --task sentiment bbc --seeds 0 1 2
     python pipelines/finetune.py --checkpoint runs/tiny/stage-4/model --task bbc --evaluation probe
+    python pipelines/finetune.py --checkpoint runs/tiny/stage-4/model --task bbc --freeze_layers 8
 
 Tasks are 'sentiment', 'bbc' or .csv/.jsonl files with text,label columns (docs/evaluation.md).
 Multi-process: `accelerate launch pipelines/finetune.py ...`.
@@ -17,6 +18,7 @@ from cached_mslt.config import ConfigError, parse_args
 from cached_mslt.data import BUNDLED, TRAINED, load_tokenizer
 from cached_mslt.evaluation import (
     FinetuneArgs,
+    StoreLocation,
     evaluate_checkpoint,
     format_probes,
     format_results,
@@ -34,7 +36,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # tokenizer directory given with --tokenizer overrides both.
     own = run.data.tokenizer in (BUNDLED, TRAINED)
     tokenizer = None if own else load_tokenizer(run.data.tokenizer)
-    results = evaluate_checkpoint(args.checkpoint, args, tokenizer=tokenizer)
+    # --freeze_layers: the task stores live under --cache_url (default: beside the results)
+    location = StoreLocation(
+        run.schedule.cache_url, run.schedule.storage_options(), run.schedule.overwrite_cache
+    )
+    results = evaluate_checkpoint(args.checkpoint, args, tokenizer=tokenizer, location=location)
     if PartialState().is_main_process:
         if results["finetune"]:
             print(format_results(results["finetune"]))

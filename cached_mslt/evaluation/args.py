@@ -37,7 +37,10 @@ class FinetuneArgs:
         default=None, metadata={"help": "fine-tune on a fixed random subset of the train split"}
     )
     finetune_batch_size: int = 32
-    finetune_lr: float = 1e-4
+    finetune_lr: list[float] = field(
+        default_factory=lambda: [1e-4],
+        metadata={"help": "one or more learning rates: every seed runs at each (a sweep)"},
+    )
     finetune_epochs: int = 3
     finetune_warmup_ratio: float = 0.1
     finetune_weight_decay: float = 0.01
@@ -48,6 +51,45 @@ class FinetuneArgs:
         metadata={"help": "stop after this many epochs without a better validation"},
     )
     finetune_log_every: int = 20
+    freeze_layers: int = field(
+        default=0,
+        metadata={
+            "help": "freeze the embeddings and the bottom K encoder layers (eval mode); their "
+            "outputs over the task are built once into a store that every seed and learning "
+            "rate trains the top from (docs/evaluation.md, fine-tuning from the cache)"
+        },
+    )
+    freeze: str = field(
+        default="static",
+        metadata={
+            "help": "static (K stays frozen) or progressive (start from --freeze_layers and "
+            "freeze the next block when AutoFreeze's gradient-norm test says it converged)"
+        },
+    )
+    freeze_interval: int = field(
+        default=0, metadata={"help": "progressive: optimizer steps per freezing test; 0 = an epoch"}
+    )
+    freeze_percentile: float = field(
+        default=50.0,
+        metadata={
+            "help": "progressive: a layer whose gradient-norm change rate is at or below this "
+            "percentile of the trainable layers' rates has converged (AutoFreeze: the median)"
+        },
+    )
+    freeze_keep: int = field(
+        default=1, metadata={"help": "progressive: encoder layers that always keep training"}
+    )
+    freeze_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "read the frozen bottom's outputs from the store (False: run the frozen "
+            "bottom live every step, the reference the store must equal)"
+        },
+    )
+    freeze_cache_dtype: str = field(
+        default="float32",
+        metadata={"help": "store dtype: float32 (bitwise equal to live) or float16/bfloat16"},
+    )
     evaluation: list[str] = field(
         default_factory=lambda: ["finetune"],
         metadata={
@@ -68,8 +110,38 @@ class FinetuneArgs:
         unknown = sorted(set(self.evaluation) - {"finetune", "probe"})
         if unknown or not self.evaluation:
             raise ConfigError(f"--evaluation takes finetune and/or probe, got {self.evaluation}")
+        if isinstance(self.finetune_lr, int | float):  # from code: one rate
+            self.finetune_lr = [float(self.finetune_lr)]
+        if not self.finetune_lr or min(self.finetune_lr) <= 0:
+            raise ConfigError(f"--finetune_lr needs positive rates, got {self.finetune_lr}")
+        self._check_freezing()
         if not self.seeds:
             raise ConfigError("--seeds needs at least one seed")
         for name in ("finetune_epochs", "finetune_batch_size", "early_stopping_patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def _check_freezing(self) -> None:
+        if self.freeze not in ("static", "progressive"):
+            raise ConfigError(f"--freeze takes static or progressive, got {self.freeze!r}")
+        if self.freeze_layers < 0 or self.freeze_keep < 1:
+            raise ConfigError(
+                f"--freeze_layers must be >= 0 and --freeze_keep >= 1, got "
+                f"{self.freeze_layers} and {self.freeze_keep}"
+            )
+        if self.freeze == "progressive" and not self.freeze_cache:
+            raise ConfigError("--freeze progressive extends the store: it needs --freeze_cache")
+        if not 0 <= self.freeze_percentile <= 100 or self.freeze_interval < 0:
+            raise ConfigError(
+                "--freeze_percentile must be in [0, 100] and --freeze_interval >= 0, got "
+                f"{self.freeze_percentile} and {self.freeze_interval}"
+            )
+        if self.freeze_cache_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(
+                f"--freeze_cache_dtype is float32, float16 or bfloat16, got {self.freeze_cache_dtype!r}"
+            )
+
+    @property
+    def freezes(self) -> bool:
+        """Whether the bottom is frozen: a static K > 0, or progressive freezing."""
+        return self.freeze_layers > 0 or self.freeze == "progressive"

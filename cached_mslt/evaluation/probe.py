@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
 from cached_mslt.evaluation.args import FinetuneArgs
+from cached_mslt.evaluation.bottom import task_bottom
 from cached_mslt.evaluation.checkpoint import checkpoint_tokenizer, load_classifier
 from cached_mslt.evaluation.data import (
     result_header,
@@ -32,8 +33,9 @@ from cached_mslt.evaluation.data import (
     tokenize_task,
 )
 from cached_mslt.evaluation.report import classification_metrics
+from cached_mslt.evaluation.task_store import StoreLocation, TaskStores
 from cached_mslt.evaluation.tasks import Task
-from cached_mslt.models import mean_pool
+from cached_mslt.models import mean_pool, run_layers
 
 PROBE_FILE = "probe_results.json"
 BATCH = 64
@@ -98,6 +100,22 @@ def encoder_features(
     return torch.cat(features), torch.cat(labels)
 
 
+@torch.no_grad()
+def stored_features(model: PreTrainedModel, stores: TaskStores, split: str):
+    """`encoder_features` from a store of the bottom K layers: the stored rows pushed
+    through layers K.. only (the bottom is not run again), cut per batch to the longest row."""
+    rows = stores.in_memory()[split]
+    features = []
+    for a in range(0, len(rows["labels"]), BATCH):
+        mask = rows["attention_mask"][a : a + BATCH]
+        length = int(mask.sum(1).max())
+        hidden = rows["hidden"][a : a + BATCH, :length].to(model.device)
+        mask = mask[:, :length].to(model.device)
+        last = run_layers(model, hidden, mask, stores.depth)
+        features.append(mean_pool(last, mask).cpu())
+    return torch.cat(features), rows["labels"]
+
+
 def linear_probe(
     checkpoint_dir: str | Path,
     task: str | Task,
@@ -105,31 +123,49 @@ def linear_probe(
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     model_class: type[PreTrainedModel] | None = None,
+    location: StoreLocation | None = None,
 ) -> dict[str, Any]:
     """Probe `checkpoint_dir` on `task`; returns and writes `<output_dir>/<task>/probe_results.json`.
     Uses the fine-tuning options for the task split, sequence length and train subset, so
-    its numbers sit beside the fine-tuning ones on the same examples. One process."""
+    its numbers sit beside the fine-tuning ones on the same examples. With
+    `args.freeze_layers` K the features come from the task's store of the bottom K layers
+    (built by every process, or reused) and only layers K.. run. The fit runs on the main
+    process; the others return {}."""
     checkpoint_dir = Path(checkpoint_dir)
     tokenizer = checkpoint_tokenizer(checkpoint_dir, tokenizer)
-    task = task if isinstance(task, Task) else task_from_args(task, args)
+    state = PartialState()
+    if not isinstance(task, Task):
+        with state.main_process_first():
+            task = task_from_args(task, args, verbose=state.is_main_process)
     data = tokenize_task(task, tokenizer, args.max_seq_len, args.max_train_examples)
+    out_dir = task_output_dir(checkpoint_dir, args, task)
+    stores = None
+    if args.freeze_layers > 0:
+        root = str(out_dir.parent / "cache")
+        loc = location or StoreLocation()
+        stores = task_bottom(checkpoint_dir, task, data, tokenizer, args, loc, root, model_class)
+    if not state.is_main_process:
+        return {}
     model = load_classifier(checkpoint_dir, task.num_labels, model_class)
-    model.to(PartialState().device)  # the process's accelerator, if it has one
+    model.to(state.device).eval()  # the process's accelerator, if it has one
     collate = DataCollatorWithPadding(tokenizer)
     x, y = {}, {}
     for name, split in data.items():
-        x[name], y[name] = encoder_features(model, split, collate)
+        if stores is None:
+            x[name], y[name] = encoder_features(model, split, collate)
+        else:
+            x[name], y[name] = stored_features(model, stores, name)
     fit = fit_probe(x, y, task.num_labels)
     test = classification_metrics(fit.test_predictions.numpy(), y["test"].numpy(), task.num_labels)
     result = {
         **result_header(task, checkpoint_dir, data),
         "features": "mean-pooled last hidden states, frozen encoder",
+        "frozen_bottom": stores.stats if stores is not None else None,
         "valid_accuracy": fit.valid_accuracy,
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
         "l2": fit.l2,
     }
-    out_dir = task_output_dir(checkpoint_dir, args, task)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / PROBE_FILE).write_text(json.dumps(result, indent=2))
     return result

@@ -97,6 +97,8 @@ def test_learning_rate_decays_to_zero_at_the_end_of_a_wall_budget(prepared_dir, 
     assert lrs[-1] <= lrs[0] * 0.2  # the last steps run at the end of the decay
 
 
+# slow (`make test-slow`): 10-31 s each; the default suite took 12 minutes idle (2026-12-03)
+@pytest.mark.slow
 def test_two_ranks_stop_at_the_same_step_under_a_wall_budget(prepared_dir, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

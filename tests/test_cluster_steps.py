@@ -34,6 +34,8 @@ def small_flags(prepared: Path, run_dir: Path) -> list[str]:
     return [f"--{k}={v}" for k, v in flat.items() if v is not None and not isinstance(v, list)]
 
 
+# slow (`make test-slow`): 10-31 s each; the default suite took 12 minutes idle (2026-12-03)
+@pytest.mark.slow
 def test_write_config_writes_the_run_config_and_nothing_else(prepared_dir, tmp_path):
     run_dir = tmp_path / "run"
     done = python(

@@ -39,6 +39,8 @@ def _faults_of_the_last_steps(mode: str) -> tuple[bool, int]:
     return out[-2] == "True", int(out[-1])
 
 
+# slow (`make test-slow`): 10-31 s each; the default suite took 12 minutes idle (2026-12-03)
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux", reason="glibc's malloc")
 def test_steps_reuse_freed_host_memory_without_page_faults():
     applied, kept = _faults_of_the_last_steps("keep")

@@ -43,7 +43,9 @@ def test_steps_read_the_device_only_at_sync_steps(prepared_dir, tmp_path, spy, s
     assert steps == [5, 10, 15, 20], spy.calls  # sync steps; 20 also logs and evaluates
 
 
-@pytest.mark.parametrize("cache", ["always", "write-through"])
+# The eager-store case with the slow tests (`make test-slow`): 13 s; write-through's case
+# covers the two-rank sync path in the default suite (12 minutes idle, 2026-12-03).
+@pytest.mark.parametrize("cache", [pytest.param("always", marks=pytest.mark.slow), "write-through"])
 def test_two_ranks_read_the_device_and_agree_only_at_sync_steps(prepared_dir, tmp_path, cache):
     """The same over DDP on two real ranks: the stop decision, budgets and counters are
     agreed at syncs; DDP's gradient all-reduce (in C++, inside backward) is the step's

@@ -75,6 +75,8 @@ def test_storage_options_reach_a_store_url_and_are_never_printed(s3_run):
     assert options["secret"] not in done.stdout + done.stderr
 
 
+# slow (`make test-slow`): 10-31 s each; the default suite took 12 minutes idle (2026-12-03)
+@pytest.mark.slow
 def test_an_unreachable_endpoint_is_one_line_and_exit_code_7(s3_run):
     run_dir, options = s3_run
     dead = json.dumps({"endpoint_url": dead_endpoint()})

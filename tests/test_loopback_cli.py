@@ -72,6 +72,8 @@ def test_loopback_serves_until_stopped_and_the_bucket_command_creates_a_bucket()
             server.wait()
 
 
+# slow (`make test-slow`): 10-31 s each; the default suite took 12 minutes idle (2026-12-03)
+@pytest.mark.slow
 def test_the_bucket_command_fails_in_one_line_when_nothing_answers():
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "k"}
     env["AWS_SECRET_ACCESS_KEY"] = "s"

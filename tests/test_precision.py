@@ -100,6 +100,8 @@ def launch(script_args: list[str], precision_args: list[str], log: Path) -> int:
         ).returncode
 
 
+# slow (`make test-slow`): 10-31 s each; the default suite took 12 minutes idle (2026-12-03)
+@pytest.mark.slow
 def test_bf16_from_the_launcher_runs_the_step_under_autocast(
     prepared_dir, tmp_path, monkeypatch, fresh_state
 ):

@@ -85,6 +85,8 @@ def test_stages_2_and_3_on_s3_equal_a_local_run_and_store_no_credentials(
     assert inspect_main([str(tmp_path / "s3"), "--verify"]) == 0
 
 
+# slow (`make test-slow`): 10-31 s each; the default suite took 12 minutes idle (2026-12-03)
+@pytest.mark.slow
 def test_two_ranks_build_and_train_stages_2_and_3_on_s3(prepared_dir, tmp_path, s3_bucket):
     bucket, options = s3_bucket
     one = small_run(prepared_dir, tmp_path / "one", batch_size=16, **COMMON)

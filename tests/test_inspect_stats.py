@@ -135,3 +135,17 @@ def test_norm_sample_is_a_bounded_uniform_sample(monkeypatch):
     assert len(result.norm_sample) == 500 and result.tokens == 4000
     assert set(result.norm_sample.round(3)) <= set((2 * scale.double().numpy()).round(3))
     assert result.norm_quantiles((0.5,))["p50"] == pytest.approx(401, rel=0.1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_summary_logical_bytes_are_what_an_uncompressed_store_holds(tmp_path, dtype):
+    # Without a codec the chunk files hold the logical bytes plus a 4-byte crc32c per chunk
+    # and each shard's index; an int8 row is 1 byte per value and 1 exponent per token.
+    write_store(tmp_path / "s", StoreSpec(**SPEC, dtype=dtype))
+    s = summarize_store(str(tmp_path / "s"))
+    width = {"float32": 12 * 4, "float16": 12 * 2, "int8": 12 + 1}[dtype]
+    assert s.logical_bytes == 36 * 16 * (width + 1 + 4) + 36 * 8
+    row_arrays = ("hidden", "attention_mask", "labels", "row_index")
+    chunk_files = [p for a in row_arrays for p in (tmp_path / "s" / a / "c").rglob("*")]
+    held = sum(p.stat().st_size for p in chunk_files if p.is_file())
+    assert s.logical_bytes <= held < 1.1 * s.logical_bytes

@@ -20,7 +20,7 @@ from transformers import BertForMaskedLM
 
 from cached_mslt.models import bottom_fingerprint
 from cached_mslt.rundir import RunLayout
-from storage import ActivationStore, StoreError, StoreNotFoundError, check_reachable
+from storage import ActivationStore, StoreError, StoreNotFoundError, StoreSpec, check_reachable
 
 # Exit status of `pipelines/inspect_cache.py`: the worst store decides. Argparse errors use 2.
 EXIT_CODES = {"ok": 0, "incomplete": 3, "stale": 4, "corrupt": 5, "missing": 6}
@@ -88,10 +88,11 @@ def disk_bytes(url: str, storage_options: dict[str, Any] | None = None) -> int |
 
 
 def logical_bytes(spec: dict[str, Any]) -> int:
-    """Uncompressed bytes of the four row arrays (as cached_mslt/bench/store.py counts them)."""
-    n, t, h = spec["num_rows"], spec["seq_len"], spec["hidden_size"]
-    itemsize = 4 if spec["dtype"] == "float32" else 2
-    return n * t * h * itemsize + n * t * (1 + 4) + n * 8
+    """Uncompressed bytes of the four row arrays as stored: `hidden` at the store's own row
+    size (an int8 row is one byte per value plus its per-token exponent), then the mask
+    (1 byte per token), labels (4) and row index (8)."""
+    s = StoreSpec.from_dict(spec)
+    return s.num_rows * (s.row_bytes + s.seq_len * (1 + 4) + 8)
 
 
 def _raw_attrs(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -160,6 +160,11 @@ class RunLayout:
             return f"{self.cache_url.rstrip('/')}/{STAGE_PREFIX}{index}"
         return str(self.local_store(index))
 
+    def probe_url(self) -> str:
+        """Where a stage measures its store's bandwidth (`storage/bandwidth.py`): beside
+        the stores, under a name no stage's store has."""
+        return f"{self.cache_url.rstrip('/') if self.cache_url else self.root / 'cache'}/.probe"
+
     def local_stores(self) -> dict[int, Path]:
         """Stage index -> store directory, for every store under <run>/cache."""
         dirs = (self.root / "cache").glob(f"{STAGE_PREFIX}*")

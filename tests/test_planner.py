@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cached_mslt.config import ConfigError, PlanArgs, run_args
 from cached_mslt.stages.cache_choice import choose_cache
 from cached_mslt.stages.cost_model import ModelShape, Rates, Stored, stage_seconds
-from cached_mslt.stages.plan import StagePlan
+from cached_mslt.stages.plan import Stage, StagePlan
 from cached_mslt.stages.planner import make_plan, model_shape, plan_rates
 
 BERT_BASE = ModelShape(
@@ -150,3 +151,26 @@ def test_manifest_records_the_measured_rate_and_predicted_against_actual(prepare
     )
     assert "s at the measured rates" in second["cache_decision"]
     assert RunLayout.of(args).read_manifest(2)["cost_model"] == record
+    # the store's bandwidth, probed before the choice, priced it, and the probe is gone
+    probed = record["measured"]["store_bandwidth"]
+    assert probed["read_bytes_per_s"] > 0 and probed["write_bytes_per_s"] > 0
+    for way in ("read_bytes_per_s", "write_bytes_per_s"):
+        assert record["predicted"]["rates"][way] == probed[way]
+    assert first["cost_model"]["measured"]["store_bandwidth"] is None  # stage 1 stores nothing
+    assert not Path(RunLayout.of(args).probe_url()).exists()
+
+
+def test_a_slow_store_prices_write_through_above_live():
+    # the same stage and rows; only the store's bandwidth differs
+    shape = ModelShape(128, 512, 8192, 128, 0.4)
+    stage = Stage(index=2, num_layers=6, frozen_layers=3, tokens=None, steps=100, cache="auto")
+    args = (stage, shape)
+    fast = Rates(1e9, 1e9, read_bytes_per_s=1e10, write_bytes_per_s=1e10, overlap=False)
+    slow = Rates(1e9, 1e9, read_bytes_per_s=1e5, write_bytes_per_s=1e5, overlap=False)
+    cost = {
+        (name, mode): stage_seconds(mode, *args, rates, 800, 800, [Stored(3, 0.0)]).wall_s
+        for name, rates in (("fast", fast), ("slow", slow))
+        for mode in ("live", "write-through")
+    }
+    assert cost["fast", "write-through"] <= cost["fast", "live"] * 1.01
+    assert cost["slow", "write-through"] > 1.2 * cost["slow", "live"]

@@ -53,7 +53,12 @@ from cached_mslt.stages.contract import (
     check_saved_model,
 )
 from cached_mslt.stages.fixes import divergence_fix, repair_command, store_repair_hint
-from cached_mslt.stages.measured import cost_record, predicted, priced_by_previous
+from cached_mslt.stages.measured import (
+    cost_record,
+    predicted,
+    priced_by_previous,
+    store_bandwidth,
+)
 from cached_mslt.stages.plan import Stage, StagePlan
 from cached_mslt.stages.precision import (
     autocast_dtype,
@@ -193,6 +198,7 @@ class _StageRun:
     tokenizer: Any  # saved with every checkpoint: the ids are its ids
     previous: dict[str, Any] | None = None  # the previous stage's manifest
     prediction: dict[str, Any] = field(default_factory=dict)  # mode -> the cost model's
+    bandwidth: dict[str, float] | None = None  # the store location's, as probed
 
     @property
     def index(self) -> int:
@@ -244,6 +250,7 @@ def _run_stage_locked(
         run.clock.to_dict(),
         stats,
         accelerator.num_processes,
+        run.bandwidth,
     )
     save_stage(accelerator, run.model, run.tokenizer, layout, index, manifest)
     return manifest
@@ -277,6 +284,15 @@ def _choose_mode(run: _StageRun) -> tuple[str, str, list[ActivationStore]]:
     rows = train_rows(args, len(run.data.train))
     stored = [Stored(int(s.fingerprint["frozen_layers"]), _held(s)) for s in sources]
     priced = priced_by_previous(args, run.previous, world)
+    if priced is not None and stage.frozen_layers and stage.cache != "never":
+        run.bandwidth = store_bandwidth(
+            run.layout.probe_url(),
+            block_rows_for(args.train.batch_size) * round(priced[0].row_bytes),
+            run.accelerator,
+            args.schedule.storage_options(),
+        )
+        cuda = run.accelerator.device.type == "cuda"  # a GPU's loader and writer overlap I/O
+        priced = priced_by_previous(args, run.previous, world, run.bandwidth, overlap=cuda)
     reads = lambda s: run.steps(s) * rows_per_step(args, world)  # noqa: E731
     mode, why = choose_cache(run.plan, stage, rows, reads, stored, priced)
     for m in MODES if stage.frozen_layers else ("live",):
@@ -467,6 +483,7 @@ def _stage_phase(
         warmup_fraction=args.schedule.warmup_fraction,
         share=share,
         lr_schedule=args.schedule.lr_schedule,
+        decay_fraction=args.schedule.decay_fraction,
         lr_span=lr_span(run, share),
         # `fresh`: each stage its own shuffle, so a grown stage reads rows the stage before
         # did not (docs/levers.md, growth that pays); `same`: the rows the previous store holds.

@@ -29,6 +29,7 @@ __all__ = [
     "CODECS",
     "DTYPES",
     "loopback_s3",
+    "loopback_s3_process",
     "synthetic_rows",
     "write_synthetic_shards",
     "ActivationStore",
@@ -61,7 +62,11 @@ __all__ = [
 # The two modules that are also commands (`python -m storage.loopback`, `python -m
 # storage.bucket`) load on first use: imported here, runpy would warn that the module it
 # runs was already imported.
-COMMAND_MODULES = {"loopback_s3": "storage.loopback", "make_bucket": "storage.bucket"}
+COMMAND_MODULES = {
+    "loopback_s3": "storage.loopback",
+    "loopback_s3_process": "storage.loopback",
+    "make_bucket": "storage.bucket",
+}
 
 
 def __getattr__(name: str):

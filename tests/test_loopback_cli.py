@@ -84,3 +84,18 @@ def test_the_bucket_command_fails_in_one_line_when_nothing_answers():
     )
     not_remote = bucket_command("/tmp/some/dir", env)
     assert not_remote.returncode == 1 and "not an object-store URL" in not_remote.stderr
+
+
+@pytest.mark.slow
+def test_the_server_in_its_own_process_serves_a_bucket_and_stops_with_its_context():
+    import s3fs
+
+    from storage import loopback_s3_process
+
+    with loopback_s3_process("own-process") as options:
+        fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+        fs.pipe("own-process/x", b"0123456789")
+        assert fs.cat_file("own-process/x", start=2, end=5) == b"234"
+        port = int(options["endpoint_url"].rsplit(":", 1)[1])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass  # nothing listens once the context has ended

@@ -7,7 +7,8 @@ bytes of hidden states a row), against what a GPU would consume (docs/benchmarks
 - `loader` from local disk with the store's files in the page cache, and cold (their pages
   dropped with `posix_fadvise(DONTNEED)` before each epoch: only this store's files, so
   other processes' cache is left alone; /proc/sys/vm/drop_caches is not writable here);
-- `loader` from an S3 API on loopback (moto, in this process);
+- `loader` from an S3 API on loopback (moto, served by its own process, as an object
+  store is served by other machines);
 
 each with 0, 2 and 4 DataLoader workers, in rows/s and GB/s of hidden states delivered
 (the batch's mask, labels and row index ride along and are not counted). Beside them, what
@@ -147,9 +148,9 @@ def loader_benchmarks(quick: bool, s3: bool = True, root: str | None = None) -> 
         figures += loader_figures(store, "page-cache", epochs)
         figures += loader_figures(store, "cold", epochs, cold_root=Path(tmp) / "store")
     if s3:
-        from storage import loopback_s3
+        from storage import loopback_s3_process
 
-        with loopback_s3("bench") as options:
+        with loopback_s3_process("bench") as options:
             store = build_store("s3://bench/loader", rows // 2, options)
             figures += loader_figures(store, "s3-loopback", epochs)
             # a whole batch per request: a quarter of the requests, the shuffle coarser

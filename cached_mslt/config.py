@@ -128,6 +128,7 @@ RANGES: dict[str, tuple[Any, str, str]] = {
     "cache_read_timeout_s": (lambda v: _finite(v) and v > 0, "seconds > 0", "20"),
     "peak_tflops": (lambda v: v is None or _finite(v) and v > 0, "TFLOP/s > 0", "312"),
     "warmup_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.06"),
+    "decay_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a fraction in (0, 1]", "0.2"),
     "joint_tokens": (lambda v: _finite(v) and v >= 0, "a token count >= 0", "0"),
     "budget_tokens": (lambda v: v is None or _finite(v) and v >= 1, "tokens >= 1", "2097152"),
     "budget_wall_s": (lambda v: v is None or _finite(v) and v > 0, "seconds > 0", "600"),
@@ -405,7 +406,15 @@ class ScheduleArgs:
     )
     warmup_fraction: float = field(default=0.06, metadata={"help": "linear warmup share per stage"})
     lr_schedule: str = field(
-        default="linear", metadata={"help": "linear or cosine decay per stage"}
+        default="linear",
+        metadata={
+            "help": "linear or cosine decay to zero after the warm-up, or wsd (warm-up, "
+            "stable: the peak held, then a linear decay over the last --decay_fraction; "
+            "docs/levers.md)"
+        },
+    )
+    decay_fraction: float = field(
+        default=0.2, metadata={"help": "wsd: the share of the curve that decays to zero"}
     )
     lr_scope: str | None = field(
         default=None,
@@ -487,7 +496,7 @@ class ScheduleArgs:
 
     def __post_init__(self) -> None:
         choices = {
-            "lr_schedule": ("linear", "cosine"),
+            "lr_schedule": ("linear", "cosine", "wsd"),
             "lr_scope": (None, "stage", "run"),
             "stage_order": (None, "same", "fresh"),
             "growth_init": (None, *GROWTH_INITS),
@@ -500,6 +509,12 @@ class ScheduleArgs:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.lr_schedule == "wsd" and self.warmup_fraction + self.decay_fraction > 1:
+            raise ConfigError(
+                f"--lr_schedule wsd: warmup_fraction {self.warmup_fraction} + decay_fraction "
+                f"{self.decay_fraction} is over 1 (the decay would start before the warm-up "
+                "ends); lower one of them"
+            )
         self._storage_options = self._parse_storage_options()
 
     def _parse_storage_options(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import get_scheduler
+from transformers import get_scheduler, get_wsd_schedule
 
 from cached_mslt.config import ConfigError, MethodArgs
 from cached_mslt.methods.harness import METHODS, run_method
@@ -36,15 +36,19 @@ def test_spent_share_is_the_largest_over_the_budgets_measures():
             Budget(**bad)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "wsd"])
 def test_progress_schedule_equals_transformers_step_schedule(schedule):
-    steps, warmup = 50, 5
+    steps, warmup, decay = 50, 5, 10
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    reference = get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=steps)
-    for step in range(steps):
-        assert lr_factor(step / steps, warmup / steps, schedule) == pytest.approx(
-            reference.get_last_lr()[0], abs=1e-12
+    if schedule == "wsd":  # transformers' warmup_stable_decay, decaying linearly
+        reference = get_wsd_schedule(
+            opt, warmup, decay, num_stable_steps=steps - warmup - decay, decay_type="linear"
         )
+    else:
+        reference = get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=steps)
+    for step in range(steps):
+        factor = lr_factor(step / steps, warmup / steps, schedule, decay / steps)
+        assert factor == pytest.approx(reference.get_last_lr()[0], abs=1e-12)
         opt.step()
         reference.step()
 

@@ -30,6 +30,24 @@ def test_a_run_wide_schedule_continues_each_stage_from_where_the_last_ended(prep
     assert every == pytest.approx([1e-3 * (1 - k / 8) for k in range(1, 9)], rel=1e-9)
 
 
+def test_a_run_wide_wsd_schedule_holds_the_peak_until_the_last_stage_decays(prepared_dir, tmp_path):
+    args = small_run(
+        prepared_dir,
+        tmp_path / "run",
+        lr_scope="run",
+        lr_schedule="wsd",
+        decay_fraction=0.25,
+        stage_steps="6,2",
+    )
+    run_all(args)
+    rates = _rates(tmp_path / "run")
+    # 8 planned steps, the last quarter decaying: the peak through stage 1, then 5e-4, 0
+    assert rates["stage-1"] == pytest.approx([1e-3] * 6, rel=1e-9)
+    assert rates["stage-2"] == pytest.approx([5e-4, 0.0], abs=1e-12)
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        run_args("tiny", lr_schedule="wsd", warmup_fraction=0.5, decay_fraction=0.6)
+
+
 def test_a_per_stage_schedule_restarts_the_rate_at_every_stage(prepared_dir, tmp_path):
     args = small_run(prepared_dir, tmp_path / "run", lr_scope="stage", stage_steps="6,2")
     run_all(args)

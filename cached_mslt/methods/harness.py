@@ -120,6 +120,7 @@ class MethodContext:
             learning_rate=self.args.train.learning_rate * lr_multiplier,
             warmup_fraction=self.args.schedule.warmup_fraction,
             lr_schedule=self.args.schedule.lr_schedule,
+            decay_fraction=self.args.schedule.decay_fraction,
             before_step=before_step,
             trainable=trainable,
             init_optimizer=init_optimizer,

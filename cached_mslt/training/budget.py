@@ -90,12 +90,19 @@ def share_of_flops(budget: Budget, clock: RunClock, flops: float) -> float:
     return max(parts)
 
 
-def lr_factor(progress: float, warmup_fraction: float, schedule: str) -> float:
+def lr_factor(
+    progress: float, warmup_fraction: float, schedule: str, decay_fraction: float = 0.2
+) -> float:
     """The learning-rate multiplier at `progress` through a phase: linear warmup over
     `warmup_fraction`, then linear or cosine decay to zero (transformers' `linear` and
-    `cosine` schedules, driven by progress instead of a step count)."""
+    `cosine` schedules, driven by progress instead of a step count), or `wsd`: the peak
+    held until the last `decay_fraction`, then a linear decay to zero (transformers'
+    `warmup_stable_decay` with a linear decay)."""
     if progress < warmup_fraction:
         return progress / warmup_fraction
+    if schedule == "wsd":
+        decay_from = 1.0 - decay_fraction
+        return 1.0 if progress < decay_from else max(0.0, (1.0 - progress) / decay_fraction)
     t = (progress - warmup_fraction) / max(1.0 - warmup_fraction, 1e-12)
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))

@@ -76,6 +76,7 @@ class Phase:
     learning_rate: float
     warmup_fraction: float  # of the phase: linear warmup, then decay to zero
     lr_schedule: str = "linear"
+    decay_fraction: float = 0.2  # wsd: the final share of the curve that decays
     # The part of one learning-rate curve this phase covers: (0, 1) warms up and decays
     # within the phase; a stage of a run-wide schedule continues where the last one ended.
     lr_span: tuple[float, float] = (0.0, 1.0)
@@ -201,6 +202,7 @@ class _PhaseLoop:
                 phase.lr_span[0] + self.lr_progress * (phase.lr_span[1] - phase.lr_span[0]),
                 phase.warmup_fraction,
                 phase.lr_schedule,
+                phase.decay_fraction,
             ),
         )
         return optimizer, scheduler

@@ -350,11 +350,12 @@ class TrainArgs:
         metadata={"help": "torch.compile the trainable top (docs/levers.md, compile)"},
     )
     reuse_host_memory: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "keep freed host memory for the next step instead of returning it to the "
             "OS (glibc: no mmap, no trim): steps stop re-faulting their large tensors, the "
-            "process keeps its peak heap (docs/levers.md, host memory)"
+            "process keeps its peak heap; --no_reuse_host_memory for glibc's default "
+            "(docs/levers.md, host memory)"
         },
     )
     checkpoint_every: int = field(

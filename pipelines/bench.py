@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--reuse_host_memory",
-        action="store_true",
-        help="as a run with --reuse_host_memory: freed host memory kept (docs/levers.md)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="freed host memory kept, as a run does by default (--no-reuse_host_memory: "
+        "glibc's default; docs/levers.md, host memory)",
     )
     add_data_args(parser.add_argument_group("data preparation (--data)"))
     add_variant_args(parser.add_argument_group("the trainer's step (--variants)"))
@@ -123,7 +125,7 @@ def selected_benchmarks(args: argparse.Namespace) -> list[dict]:
 
 def main() -> None:
     args = build_parser().parse_args()
-    # As a run with --reuse_host_memory (TrainArgs) does, when asked.
+    # As a run does unless --no_reuse_host_memory (TrainArgs).
     reuse = args.reuse_host_memory and keep_freed_memory()
     began = time.perf_counter()
     machine = {

@@ -76,6 +76,8 @@ def test_stage_two_before_stage_one_leaves_nothing_that_looks_like_a_run(prepare
     assert not run_dir.exists()
 
 
+# slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
+@pytest.mark.slow
 def test_summary_and_plot_after_every_stage_run_one_at_a_time(prepared_dir, tmp_path):
     args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
     layout = RunLayout.of(args)

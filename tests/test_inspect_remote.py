@@ -53,6 +53,8 @@ def s3_run(prepared_dir, tmp_path_factory, s3_server):
     return run_dir, s3_server
 
 
+# slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
+@pytest.mark.slow
 def test_a_run_directory_is_read_with_its_config_endpoint_and_env_credentials(s3_run):
     run_dir, options = s3_run
     saved = json.loads((run_dir / "config.json").read_text())["schedule"]
@@ -65,6 +67,8 @@ def test_a_run_directory_is_read_with_its_config_endpoint_and_env_credentials(s3
     assert "s3://inspect-remote/run/stage-2" in done.stdout
 
 
+# slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
+@pytest.mark.slow
 def test_storage_options_reach_a_store_url_and_are_never_printed(s3_run):
     _, options = s3_run
     env = {"AWS_ENDPOINT_URL": dead_endpoint()}

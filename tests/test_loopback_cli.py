@@ -38,6 +38,8 @@ def bucket_command(url: str, env: dict[str, str], *extra: str) -> subprocess.Com
     return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
+# slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
+@pytest.mark.slow
 def test_loopback_serves_until_stopped_and_the_bucket_command_creates_a_bucket():
     port = free_port()
     server = subprocess.Popen(

@@ -205,6 +205,8 @@ def test_joint_variant_ends_with_every_layer_training_on_its_share(prepared_dir,
     assert [p["phase"] for p in plain["phases"]] == ["stage-1", "stage-2"]
 
 
+# slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
+@pytest.mark.slow
 def test_under_a_time_budget_auto_weighs_the_stage_tokens_stage_one_predicts(
     prepared_dir, tmp_path
 ):

@@ -283,6 +283,8 @@ def test_store_attributes_say_how_it_was_actually_built(prepared_dir, tmp_path, 
     assert ActivationStore.open(done["cache"]["url"]).attrs["built"] == "full"
 
 
+# slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
+@pytest.mark.slow
 def test_stale_store_error_names_the_command_and_that_command_works(prepared_dir, tmp_path):
     args = small_run(prepared_dir, tmp_path / "run", stage_steps="2")
     run_stage(args, 1)

@@ -246,6 +246,8 @@ def run_printed_fix(command: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+# slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
+@pytest.mark.slow
 def test_weights_swapped_under_a_finished_stage_are_refused_and_the_fix_works(
     prepared_dir, tmp_path
 ):
@@ -358,6 +360,8 @@ def test_timeouts_the_user_sets_for_botocore_win():
     assert with_timeouts("/local/path", mine, connect_s=5, read_s=20) == mine
 
 
+# slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
+@pytest.mark.slow
 def test_divergence_fix_as_printed_reaches_a_finite_loss(prepared_dir, tmp_path):
     from cached_mslt.stages.runner import StageError
 
@@ -394,6 +398,8 @@ def test_store_repair_hint_on_an_object_store_names_the_credentials():
     assert repair_command(run_args("tiny"), 2).endswith("--stage 2 --rebuild_cache")
 
 
+# slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
+@pytest.mark.slow
 def test_inspect_hint_for_a_half_built_store_of_a_finished_stage_works(prepared_dir, tmp_path):
     from cached_mslt.inspect.summary import summarize_store
     from storage import ActivationStore

@@ -120,6 +120,8 @@ def test_two_ranks_build_and_train_stages_2_and_3_on_s3(prepared_dir, tmp_path, 
     np.testing.assert_allclose(loss["one"], loss["two"], rtol=1e-2)
 
 
+# slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
+@pytest.mark.slow
 def test_missing_bucket_fails_at_start_with_one_message_and_no_run(
     prepared_dir, tmp_path, s3_server
 ):

@@ -29,7 +29,9 @@ def main() -> None:
         if plan.measure:
             from cached_mslt.bench import measure_rates
 
-            measured = measure_rates(args.model.preset, args.train.batch_size)
+            measured = measure_rates(
+                args.model.preset, args.train.batch_size, args.train.reuse_host_memory
+            )
             print("measured:", json.dumps(measured), file=sys.stderr)
             plan = dataclasses.replace(
                 plan,

@@ -21,7 +21,7 @@ import torch
 from cached_mslt.bench.steps import cached_case, run_shape, trainer_step
 from cached_mslt.models import run_layers
 from cached_mslt.stages import block_rows_for
-from cached_mslt.training import layer_forward_flops, step_flops
+from cached_mslt.training import keep_freed_memory, layer_forward_flops, step_flops
 from storage import ActivationStore, BlockDataset, StoreSpec, make_block_loader, synthetic_rows
 
 
@@ -100,8 +100,11 @@ def store_rates(preset: str, batch_rows: int, units: int = 64) -> dict:
     return {"write_gbps": nbytes / write_s, "read_gbps": nbytes / read_s}
 
 
-def measure_rates(preset: str, batch_rows: int) -> dict:
-    """Everything `pipelines/plan.py --measure` prints, for one process on this machine."""
+def measure_rates(preset: str, batch_rows: int, reuse_host_memory: bool = True) -> dict:
+    """Everything `pipelines/plan.py --measure` prints, for one process on this machine,
+    with host memory kept for reuse as a run keeps it (`--reuse_host_memory`)."""
+    if reuse_host_memory:
+        keep_freed_memory()
     return {
         **compute_rates(preset, batch_rows),
         **store_rates(preset, batch_rows),

@@ -3,6 +3,7 @@
 Knows nothing about models; see docs/cache-format.md for the on-disk format.
 """
 
+from storage.bandwidth import Bandwidth, probe_bandwidth
 from storage.dataset import BlockDataset, Blocks, BlockSampler, make_block_loader
 from storage.errors import (
     CorruptStoreError,
@@ -25,6 +26,8 @@ from storage.store import ActivationStore
 from storage.synthetic import synthetic_rows, write_synthetic_shards
 
 __all__ = [
+    "Bandwidth",
+    "probe_bandwidth",
     "Blocks",
     "CODECS",
     "DTYPES",

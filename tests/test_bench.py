@@ -153,6 +153,8 @@ def test_stage_speeds_use_the_span_between_a_stages_log_lines() -> None:
     assert speeds["stage-2"]["mfu"] is None  # one line: no span
 
 
+# slow (`make test-slow`): 6-9 s; the default suite took 10.7 minutes on a fresh clone (2026-12-03)
+@pytest.mark.slow
 def test_the_trainer_step_in_bf16_is_timed_against_float32_and_computes_the_same_model():
     figures = {f["name"]: f for f in precision_benchmarks("tiny", repeats=1, variants=("bf16",))}
     assert {"trainer_step_fp32_tokens_per_s", "trainer_step_bf16_tokens_per_s"} <= set(figures)

@@ -132,6 +132,8 @@ def test_missing_store_exits_6(tmp_path, capsys):
     assert code == 6 and "[MISSING]" in out
 
 
+# slow (`make test-slow`): 6-9 s; the default suite took 10.7 minutes on a fresh clone (2026-12-03)
+@pytest.mark.slow
 def test_script_runs_as_a_program_and_reports_without_traceback(tmp_path):
     """Run as a program, as users do: statuses, not tracebacks, and JSON on stdout."""
     write_store(tmp_path / "s", SPEC, shards=[1], commit=False)

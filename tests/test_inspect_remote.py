@@ -90,6 +90,8 @@ def test_an_unreachable_endpoint_is_one_line_and_exit_code_7(s3_run):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: cannot reach")
 
 
+# slow (`make test-slow`): 6-9 s; the default suite took 10.7 minutes on a fresh clone (2026-12-03)
+@pytest.mark.slow
 def test_bad_storage_options_are_one_line_and_exit_code_2_without_echoing_them(tmp_path):
     done = inspect(str(tmp_path), "--storage_options", '{"secret": "hunter2"', env={})
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr

@@ -108,6 +108,8 @@ def test_plan_refuses_a_gpu_it_has_no_peak_for():
         plan_rates(PlanArgs(gpu="Imaginary 9000"))
 
 
+# slow (`make test-slow`): 6-9 s; the default suite took 10.7 minutes on a fresh clone (2026-12-03)
+@pytest.mark.slow
 def test_plan_command_prints_the_table(tmp_path):
     out = subprocess.run(
         [

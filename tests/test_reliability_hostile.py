@@ -332,6 +332,8 @@ def silent_endpoint():
     server.close()
 
 
+# slow (`make test-slow`): 6-9 s; the default suite took 10.7 minutes on a fresh clone (2026-12-03)
+@pytest.mark.slow
 def test_a_hanging_object_store_fails_within_the_timeouts_naming_the_endpoint(silent_endpoint):
     pytest.importorskip("s3fs")
     import time

@@ -162,6 +162,8 @@ def test_second_build_of_an_s3_store_is_refused_while_the_first_holds_it(s3_buck
     holder.commit()
 
 
+# slow (`make test-slow`): 6-9 s; the default suite took 10.7 minutes on a fresh clone (2026-12-03)
+@pytest.mark.slow
 def test_killed_build_on_s3_resumes_and_completes(s3_bucket, tmp_path) -> None:
     bucket, options = s3_bucket
     url = f"s3://{bucket}/s"

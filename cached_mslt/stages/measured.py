@@ -25,7 +25,7 @@ from cached_mslt.config import RunArgs
 from cached_mslt.stages.cost_model import ModelShape, Rates, Stored, stage_seconds
 from cached_mslt.stages.plan import Stage
 from cached_mslt.stages.planner import model_shape
-from storage.bandwidth import probe_bandwidth
+from storage import probe_bandwidth
 
 logger = logging.getLogger(__name__)
 

@@ -621,6 +621,17 @@ class MethodArgs:
             "before write-through; docs/methods.md)"
         },
     )
+    mslt_first_stage_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "the MSLT methods start from this run's finished stage 1 (another MSLT "
+            "method's run directory in the same comparison, e.g. runs/compare-tiny/mslt-live) "
+            "instead of training their own: stage 1 runs the same code in every MSLT "
+            "variant, so sharing it takes its CPU-time noise out of a comparison of the "
+            "grown stages (docs/methods.md); its cost is charged as the source recorded it. "
+            "The source method itself, given the same option, trains its own"
+        },
+    )
     mslt_joint_fraction: float = field(
         default=0.1,
         metadata={

@@ -205,6 +205,39 @@ def test_joint_variant_ends_with_every_layer_training_on_its_share(prepared_dir,
     assert [p["phase"] for p in plain["phases"]] == ["stage-1", "stage-2"]
 
 
+def test_mslt_methods_sharing_a_first_stage_differ_only_after_it(prepared_dir, tmp_path):
+    """--mslt_first_stage_from: mslt-cached starts from mslt-live's stage 1 (the source
+    method, given the same option, trains its own). Under a token budget write-through
+    stages equal live ones bitwise in float32, so the two runs then end on the same loss."""
+    args = small_run(prepared_dir, tmp_path / "unused", stage_steps=None, stage_tokens="2048,1024")
+    root = tmp_path / "cmp"
+    method = MethodArgs(budget_tokens=4096, mslt_first_stage_from=str(root / "mslt-live"))
+    live = run_method("mslt-live", args, method, root / "mslt-live")
+    cached = run_method("mslt-cached", replace(args), method, root / "mslt-cached")
+    assert live["status"] == cached["status"] == "ok", cached.get("traceback")
+    manifests = [
+        json.loads((root / m / "stage-1" / "manifest.json").read_text())
+        for m in ("mslt-live", "mslt-cached")
+    ]
+    assert manifests[0] == manifests[1]  # adopted, not retrained
+    assert cached["phases"][1]["mode"] == "write-through"
+    ours = [r for r in read_metrics(root / "mslt-cached") if r["stage"] == "stage-1"]
+    theirs = [r for r in read_metrics(root / "mslt-live") if r["stage"] == "stage-1"]
+    assert [{**r, "method": "mslt-live"} for r in ours] == theirs  # its curve, as ours
+    assert cached["final_val_loss"] == live["final_val_loss"]
+    assert cached["clock"]["tokens"] == live["clock"]["tokens"]
+
+    other = replace(args, train=replace(args.train, learning_rate=2e-3))
+    refused = run_method("mslt-cached", other, method, root / "other")
+    assert refused["status"] == "failed"
+    assert "train.learning_rate" in refused["error"] and "same options" in refused["error"]
+    # Under a FLOP budget the plan's stage tokens do not depend on it: the budget check.
+    flops = MethodArgs(budget_flops=2e9, mslt_first_stage_from=str(root / "flops"))
+    assert run_method("mslt-live", args, flops, root / "flops")["status"] == "ok"
+    refused = run_method("mslt-cached", args, replace(flops, budget_flops=4e9), root / "other")
+    assert refused["status"] == "failed" and "same budget" in refused["error"]
+
+
 # slow (`make test-slow`): 7-17 s; the default suite is kept under 10 minutes (2026-12-03)
 @pytest.mark.slow
 def test_under_a_time_budget_auto_weighs_the_stage_tokens_stage_one_predicts(

@@ -8,13 +8,16 @@ to the budget. The `-joint` variants end with a joint phase (every layer trains,
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 from itertools import accumulate
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoModelForMaskedLM, PreTrainedModel
 
-from cached_mslt.config import RunArgs
+from cached_mslt.config import ConfigError, RunArgs
 from cached_mslt.methods.harness import MethodContext
 from cached_mslt.rundir import RunLayout
 from cached_mslt.stages import StagePlan, run_stage
@@ -27,6 +30,10 @@ def _run(ctx: MethodContext, cache: str, with_joint: bool = False) -> PreTrained
     args = _staged_args(ctx, cache, joint, weights)
     done, ends = None, list(accumulate(w / sum(weights) for w in weights))
     stages = StagePlan.from_args(args).stages
+    source = ctx.method.mslt_first_stage_from
+    # The source run itself trains its stage 1: both methods of a pair take one option.
+    if source and Path(source).resolve() != ctx.run_dir.resolve():
+        adopt_first_stage(ctx, args, Path(source), ends[0] * (1 - joint))
     for stage in stages:
         end = 1.0 if stage.joint else (1 - joint) * ends[stage.index - 1]
         share, start = ctx.share(end), replace(ctx.clock)
@@ -48,6 +55,64 @@ def _run(ctx: MethodContext, cache: str, with_joint: bool = False) -> PreTrained
     layout = RunLayout.of(args)
     assert layout.read_manifest(done) is not None
     return AutoModelForMaskedLM.from_pretrained(layout.model_dir(done))
+
+
+# Options that only say how a stage with frozen layers caches: stage 1 has none, so a
+# stage 1 trained under other values of these is the stage 1 this run would train.
+def _stage_one_options(args: dict[str, Any]) -> dict[str, Any]:
+    schedule = {
+        k: v
+        for k, v in args["schedule"].items()
+        if not k.startswith("cache") and k != "overwrite_cache"
+    }
+    train = {k: v for k, v in args["train"].items() if k != "run_dir"}
+    return {**args, "schedule": schedule, "train": train}
+
+
+def adopt_first_stage(ctx: MethodContext, args: RunArgs, source: Path, end: float) -> None:
+    """Start this MSLT method from `source`'s finished stage 1 (`--mslt_first_stage_from`):
+    its model and manifest are copied into this run, so `run_stage` finds stage 1 done, and
+    its metrics lines join this run's, so the report's curves and clock include it. Refused
+    unless `source` ran the same options (cache options aside) under the same budget."""
+    theirs = RunLayout(source)
+    manifest, config = theirs.read_manifest(1), theirs.read_config()
+    if manifest is None or config is None:
+        raise ConfigError(
+            f"--mslt_first_stage_from {source}: no finished stage 1 there (expected "
+            f"{theirs.manifest(1)}); run that method first, e.g. --methods mslt-live with the "
+            "same --compare_dir, and start this one once its stage 1 is done"
+        )
+    ours = _stage_one_options(json.loads(json.dumps(args.to_dict(), default=str)))
+    differ = {
+        f"{group}.{key}": (value, ours[group].get(key))
+        for group, options in _stage_one_options(config).items()
+        for key, value in options.items()
+        if ours[group].get(key) != value
+    }
+    if differ:
+        raise ConfigError(
+            f"--mslt_first_stage_from {source}: its stage 1 ran other options "
+            f"(theirs, ours): {differ}; start both methods with the same options"
+        )
+    clock = RunClock(**manifest["clock"])
+    spent = ctx.budget.spent(clock)
+    step = spent / max(clock.step, 1)  # a stage ends on the step that reaches its share
+    if not end - 1e-9 <= spent < end + 2 * step:
+        raise ConfigError(
+            f"--mslt_first_stage_from {source}: its stage 1 ended at {spent:.1%} of this "
+            f"run's budget, where this run's stage 1 ends at {end:.1%}; give both methods "
+            "the same budget"
+        )
+    if ctx.accelerator.is_main_process:
+        layout = RunLayout.of(args)
+        shutil.copytree(theirs.model_dir(1), layout.model_dir(1))
+        shutil.copy(theirs.manifest(1), layout.manifest(1))
+        stage_one = manifest["stage"]["name"]
+        with open(theirs.metrics) as lines, open(layout.metrics, "a") as out:
+            for line in map(json.loads, lines):
+                if line.get("stage") == stage_one and line.get("event") != "phase_end":
+                    out.write(json.dumps({**line, "method": ctx.name}) + "\n")
+    ctx.accelerator.wait_for_everyone()
 
 
 def _staged_args(ctx: MethodContext, cache: str, joint: float, weights: list[float]) -> RunArgs:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cached_mslt.config import ConfigError, PlanArgs, run_args
 from cached_mslt.stages.cache_choice import choose_cache
@@ -140,13 +141,20 @@ def test_manifest_records_the_measured_rate_and_predicted_against_actual(prepare
     from cached_mslt.stages import run_stage
     from tests.conftest import small_run
 
-    args = small_run(prepared_dir, tmp_path, cache="write-through")
-    first, second = run_stage(args, 1), run_stage(args, 2)
+    args = small_run(prepared_dir, tmp_path, cache="write-through", stage_layers="1,2,4")
+    first, second, third = (run_stage(args, k) for k in (1, 2, 3))
     assert first["cost_model"]["measured"]["train_flops_per_s"] > 0
     assert "predicted" not in first["cost_model"]  # nothing measured before stage 1
     record = second["cost_model"]
-    rate = first["cost_model"]["measured"]["train_flops_per_s"]
-    assert record["predicted"]["rates"]["train_flops_per_s"] == rate
+    # Stage 2 is priced at a probe of its own step and frozen forward, not at stage 1's
+    # rate (a stage that trains the embeddings runs at another one); stage 3 at stage 2's.
+    assert record["predicted"]["rates_from"] == "a probe of this stage's top and bottom"
+    rates = record["predicted"]["rates"]
+    assert rates["train_flops_per_s"] > 0 and rates["forward_flops_per_s"] > 0
+    assert rates["train_flops_per_s"] != first["cost_model"]["measured"]["train_flops_per_s"]
+    later = third["cost_model"]["predicted"]
+    assert later["rates_from"] == "the previous stage"
+    assert later["rates"]["train_flops_per_s"] == record["measured"]["train_flops_per_s"]
     assert record["predicted"]["mode"] == "write-through"
     assert record["predicted_vs_actual_wall"] == pytest.approx(
         record["predicted"]["wall_s"] / record["actual"]["wall_s"]
@@ -176,3 +184,38 @@ def test_a_slow_store_prices_write_through_above_live():
     }
     assert cost["fast", "write-through"] <= cost["fast", "live"] * 1.01
     assert cost["slow", "write-through"] > 1.2 * cost["slow", "live"]
+
+
+def test_the_rate_probe_leaves_the_model_and_the_random_state_as_they_were(tmp_path):
+    """Stage 2 times its own top before choosing a mode (`probe_compute`): the stage must
+    then train exactly as without it, so no weight, gradient or random draw may change."""
+    from accelerate import Accelerator
+
+    from cached_mslt.config import run_args
+    from cached_mslt.models import build_model
+    from cached_mslt.stages.measured import probe_compute
+
+    args = run_args(
+        "tiny",
+        num_layers=4,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        dropout=0.1,
+    )  # dropout draws random numbers
+    model = build_model(args.model, 128, 4, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    labels = torch.where(torch.rand(4, 16, generator=g) < 0.3, 5, -100)
+    batch = {
+        "input_ids": torch.randint(0, 128, (4, 16), generator=g),
+        "attention_mask": torch.ones(4, 16, dtype=torch.long),
+        "labels": labels,
+    }
+    torch.manual_seed(1)
+    rng = torch.get_rng_state()
+    rates = probe_compute(model, 2, batch, Accelerator(cpu=True), repeats=2)
+    assert rates["train_flops_per_s"] > 0 and rates["forward_flops_per_s"] > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

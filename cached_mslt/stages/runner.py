@@ -56,7 +56,9 @@ from cached_mslt.stages.fixes import divergence_fix, repair_command, store_repai
 from cached_mslt.stages.measured import (
     cost_record,
     predicted,
-    priced_by_previous,
+    previous_rate,
+    priced_at,
+    probe_compute,
     store_bandwidth,
 )
 from cached_mslt.stages.plan import Stage, StagePlan
@@ -283,7 +285,12 @@ def _choose_mode(run: _StageRun) -> tuple[str, str, list[ActivationStore]]:
     sources = earlier_stores(args, stage, run.model) if incremental else []
     rows = train_rows(args, len(run.data.train))
     stored = [Stored(int(s.fingerprint["frozen_layers"]), _held(s)) for s in sources]
-    priced = priced_by_previous(args, run.previous, world)
+    compute, source = previous_rate(run.previous), "the previous stage"
+    if compute is None and stage.frozen_layers:  # stage 2, or after a stage that measured none
+        batch = run.data.train[: args.train.batch_size]
+        compute = probe_compute(run.model, stage.frozen_layers, batch, run.accelerator)
+        source = "a probe of this stage's top and bottom"
+    priced = priced_at(args, compute, world)
     if priced is not None and stage.frozen_layers and stage.cache != "never":
         run.bandwidth = store_bandwidth(
             run.layout.probe_url(),
@@ -292,11 +299,11 @@ def _choose_mode(run: _StageRun) -> tuple[str, str, list[ActivationStore]]:
             args.schedule.storage_options(),
         )
         cuda = run.accelerator.device.type == "cuda"  # a GPU's loader and writer overlap I/O
-        priced = priced_by_previous(args, run.previous, world, run.bandwidth, overlap=cuda)
+        priced = priced_at(args, compute, world, run.bandwidth, overlap=cuda)
     reads = lambda s: run.steps(s) * rows_per_step(args, world)  # noqa: E731
     mode, why = choose_cache(run.plan, stage, rows, reads, stored, priced)
     for m in MODES if stage.frozen_layers else ("live",):
-        run.prediction[m] = predicted(priced, m, stage, rows, reads(stage), stored)
+        run.prediction[m] = predicted(priced, m, stage, rows, reads(stage), stored, source)
     run.accelerator.print(
         f"{stage.name}: {stage.num_layers} layers, {stage.frozen_layers} frozen, "
         f"{run.steps(stage)} steps; {mode} ({why})"

@@ -311,6 +311,15 @@ class TrainArgs:
     batch_size: int | None = field(
         default=None, metadata={"help": "per-process micro-batch (sequences); default: preset"}
     )
+    block_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "rows per store chunk and loader block, a divisor of --batch_size "
+            "(default: the largest up to 8). A batch is batch_size / block_rows blocks from "
+            "as many random places; larger blocks are fewer, larger store reads (what an "
+            "object store serves fastest: docs/benchmarks.md) and a coarser shuffle"
+        },
+    )
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
@@ -682,6 +691,12 @@ class RunArgs:
         if self.train.run_dir is None:
             self.train.run_dir = f"runs/{self.model.preset}"
         validate((self.model, self.data, self.train, self.schedule))
+        rows, batch = self.train.block_rows, self.train.batch_size
+        if rows is not None and not (isinstance(rows, int) and rows >= 1 and batch % rows == 0):
+            raise ConfigError(
+                f"--block_rows {rows!r}: expected a divisor of --batch_size {batch} (a batch "
+                f"is whole blocks); e.g. --block_rows {batch}"
+            )
         _check_counts(self.schedule.stage_steps, "stage_steps", "steps")
         _check_counts(self.schedule.stage_tokens, "stage_tokens", "tokens")
 

@@ -273,6 +273,25 @@ def test_write_through_stage_on_s3_equals_a_local_one(prepared_dir, tmp_path, s3
     assert on_s3 == held_units(str(tmp_path / "local" / "cache" / "stage-2")) and on_s3
 
 
+def test_block_rows_sets_the_unit_and_write_through_still_equals_live(prepared_dir, tmp_path):
+    """--block_rows: one batch is one block (the fewest, largest store reads); the unit
+    and the chunk follow it, and the stage still trains exactly like a live one."""
+    common = dict(FOUR_STAGES, stage_layers="2,4", stage_steps="3,2", batch_size=16, block_rows=16)
+    runs = {
+        mode: small_run(prepared_dir, tmp_path / mode, cache=mode, **common)
+        for mode in ("never", "write-through")
+    }
+    for args in runs.values():
+        run_stage(args, 1)
+        run_stage(args, 2)
+    assert_same_params(stage_params(runs["never"], 2), stage_params(runs["write-through"], 2))
+    url = RunLayout.of(runs["write-through"]).store_url(2)
+    store = ActivationStore.open(url, require_complete=False)
+    assert store.spec.rows_per_chunk == 16 and store.spec.chunks_per_shard == 1
+    with pytest.raises(ValueError, match="--block_rows 3: expected a divisor of --batch_size 16"):
+        small_run(prepared_dir, tmp_path / "bad", **dict(common, block_rows=3))
+
+
 def test_inspect_reads_a_partly_filled_write_through_store(prepared_dir, tmp_path):
     from cached_mslt.inspect import block_ranges, hidden_stats, open_store, summarize_run
 

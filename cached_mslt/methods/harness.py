@@ -114,7 +114,9 @@ class MethodContext:
             steps=UNBOUNDED_STEPS,
             share=phase_share,
             blocks=PreparedBlocks(
-                self.data.train, block_rows_for(self.args.train.batch_size), rows
+                self.data.train,
+                block_rows_for(self.args.train.batch_size, self.args.train.block_rows),
+                rows,
             ),
             cached=False,
             learning_rate=self.args.train.learning_rate * lr_multiplier,

@@ -118,9 +118,12 @@ USER_ERRORS = (
 )
 
 
-def block_rows_for(batch_size: int) -> int:
-    """Rows per store chunk (and per loader block): the largest divisor of the batch size up
-    to 8, so a batch is whole blocks from several random places (the shuffle window)."""
+def block_rows_for(batch_size: int, chosen: int | None = None) -> int:
+    """Rows per store chunk (and per loader block): `chosen` (`--block_rows`, a divisor of
+    the batch size), else the largest divisor of the batch size up to 8, so a batch is
+    whole blocks from several random places (the shuffle window)."""
+    if chosen is not None:
+        return chosen
     return max(d for d in range(1, min(batch_size, 8) + 1) if batch_size % d == 0)
 
 
@@ -294,7 +297,8 @@ def _choose_mode(run: _StageRun) -> tuple[str, str, list[ActivationStore]]:
     if priced is not None and stage.frozen_layers and stage.cache != "never":
         run.bandwidth = store_bandwidth(
             run.layout.probe_url(),
-            block_rows_for(args.train.batch_size) * round(priced[0].row_bytes),
+            block_rows_for(args.train.batch_size, args.train.block_rows)
+            * round(priced[0].row_bytes),
             run.accelerator,
             args.schedule.storage_options(),
         )
@@ -322,7 +326,7 @@ def _stage_blocks(
     reused here), or both (write-through: the store is filled by the steps)."""
     args, stage = run.args, run.stage
     rows = train_rows(args, len(run.data.train))
-    block_rows = block_rows_for(args.train.batch_size)
+    block_rows = block_rows_for(args.train.batch_size, args.train.block_rows)
     prepared = PreparedBlocks(run.data.train, block_rows=block_rows, num_rows=rows)
     if mode == "live":
         return prepared, {"build_s": 0.0, "reused": False}, None
@@ -574,7 +578,7 @@ def cache_request(
         frozen_layers=stage.frozen_layers,
         dtype=args.schedule.cache_dtype,
         codec=args.schedule.cache_codec,
-        rows_per_chunk=block_rows_for(args.train.batch_size),
+        rows_per_chunk=block_rows_for(args.train.batch_size, args.train.block_rows),
         data_fingerprint=data.manifest["fingerprint"],
         mask_seed=data.manifest["mask_seed"],
         seq_len=args.data.seq_len,

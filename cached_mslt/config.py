@@ -638,7 +638,8 @@ class MethodArgs:
             "instead of training their own: stage 1 runs the same code in every MSLT "
             "variant, so sharing it takes its CPU-time noise out of a comparison of the "
             "grown stages (docs/methods.md); its cost is charged as the source recorded it. "
-            "The source method itself, given the same option, trains its own"
+            "The source method itself, given the same option, trains its own; a "
+            "learning-rate sweep cannot share one (each rate trains its own stage 1)"
         },
     )
     mslt_joint_fraction: float = field(

@@ -93,6 +93,9 @@ def add_variant_args(variants: argparse._ArgumentGroup) -> None:
     )
     variants.add_argument("--preset", default="tiny", help="the shape the variants run at")
     variants.add_argument("--repeats", type=int, default=5, help="precision: interleaved rounds")
+    variants.add_argument(
+        "--device", default="cpu", help="precision: where the step runs (cuda: on the GPU)"
+    )
     variants.add_argument("--steps", type=int, default=30, help="stage: steps per phase run")
     variants.add_argument("--rounds", type=int, default=3, help="stage: stage/bench alternations")
     variants.add_argument(
@@ -110,7 +113,7 @@ def selected_benchmarks(args: argparse.Namespace) -> list[dict]:
     if args.variants:
         figures = []
         if "precision" in args.variants:
-            figures += precision_benchmarks(args.preset, repeats=args.repeats)
+            figures += precision_benchmarks(args.preset, repeats=args.repeats, device=args.device)
         if "stage" in args.variants:
             figures += stage_vs_bench(
                 args.preset, steps=args.steps, rounds=args.rounds, batch_rows=args.batch_size

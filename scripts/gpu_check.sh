@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command that checks this trainer on a GPU (docs/quickstart.md, "Checking a GPU"):
-# the cached == live equivalence, hot-path and two-rank tests on CUDA, the bench's step in
-# bf16 against float32 (`bench.py --variants precision`: its steps run on the host CPU, the
-# bench has no device option yet), and a short `make run` shape on the GPU
+# the cached == live equivalence, hot-path and two-rank tests on CUDA, the trainer's step
+# on the GPU in bf16 against float32 (`bench.py --variants precision --device cuda`), and
+# a short `make run` shape on the GPU
 # (all four tiny stages, bf16), each logged, with one report at $REPORT.
 # Without CUDA it says so, writes that to the report and exits 0. Under 10 minutes on one
 # GPU. Usage: scripts/gpu_check.sh [python] (default: .venv/bin/python, else python3).
@@ -40,7 +40,8 @@ if [ "$GPUS" -ge 2 ]; then
 else
   echo "| two-ranks | skipped: one GPU (NCCL needs a device per rank) | 0 | |" >> "$REPORT"
 fi
-check bench-bf16 "$PY" pipelines/bench.py --variants precision --preset tiny --repeats 3
+check bench-bf16 "$PY" pipelines/bench.py --variants precision --preset tiny --repeats 3 \
+  --device cuda
 check prepare "$PY" pipelines/prepare_data.py --preset tiny --prepared_dir "$OUT/prepared"
 check run-bf16 "$PY" pipelines/pretrain.py --preset tiny --run_dir "$OUT/run" \
   --prepared_dir "$OUT/prepared" --stage_steps 50 --train_examples 2048 --eval_batches 4 \

@@ -70,16 +70,19 @@ def bench_model(preset: str, layers: int = 12):
     return build_model(ModelArgs(preset=preset), run_shape(preset)[0], layers)
 
 
-def cached_case(preset: str, frozen: int, rows: int, seq_len: int = 128, layers: int = 12):
-    """What a cached step starts from: the model, a batch at the preset's run shape and the
-    frozen bottom's output for it in float16, as a store holds it. The batch is unpadded,
-    so the bottom runs without a mask, as the trainer runs it (`host_batch`)."""
+def cached_case(
+    preset: str, frozen: int, rows: int, seq_len: int = 128, layers: int = 12, device="cpu"
+):
+    """What a cached step starts from: the model (on `device`), a batch at the preset's run
+    shape and the frozen bottom's output for it in float16, as a store holds it (both on
+    the host, where a loader delivers them). The batch is unpadded, so the bottom runs
+    without a mask, as the trainer runs it (`host_batch`)."""
     model = bench_model(preset, layers)
     data = _batch(preset, rows, seq_len)
     with torch.no_grad():
         model.eval()
         hidden16 = bottom_forward(model, data["input_ids"], None, frozen).half()
-    return model, data, hidden16
+    return model.to(device), data, hidden16
 
 
 class _FakePrepared:
@@ -109,10 +112,12 @@ def trainer_step(
     batch counted on the host with its gather targets (`host_batch`), the top under bf16
     autocast when asked (compiled: through torch.compile, with the padded gather), backward,
     clipping to norm 1, fused AdamW. `inputs()` gives labels, attention_mask and the top's
-    input (token ids or hidden states). Not timed: the trainer's non-finite skip and its
-    device tallies (a few scalar ops). `wrap` (e.g. `Accelerator.prepare_model`) puts the
-    top in DDP across launched processes, as a run does. Returns the step, which returns
-    its loss."""
+    input (token ids or hidden states) on the host; the step copies them to the model's
+    device, as the trainer does, and on a GPU waits for its work, so a call's time is the
+    step's. Not timed: the trainer's non-finite skip and its device tallies (a few scalar
+    ops). `wrap` (e.g. `Accelerator.prepare_model`) puts the top in DDP across launched
+    processes, as a run does. Returns the step, which returns its loss."""
+    device = next(model.parameters()).device
     params = freeze_bottom(model, frozen)
     top = TopModel(model, frozen)
     if compiled:
@@ -129,12 +134,15 @@ def trainer_step(
         if compiled and per_row is None:
             per_row = padded_gather_per_row(mask_prob, batch["labels"].shape[1])
         _, batch = host_batch(batch, per_row)
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        batch = {k: v if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             loss, _ = top(batch.pop("labels"), batch.pop("attention_mask"), **batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return loss.detach()
 
     return step

@@ -41,13 +41,19 @@ VARIANTS = {"fp32": (False, False), "bf16": (True, False), "compiled": (False, T
 
 
 def precision_benchmarks(
-    preset: str, *, repeats: int = 5, frozen: int = 9, variants: tuple[str, ...] = tuple(VARIANTS)
+    preset: str,
+    *,
+    repeats: int = 5,
+    frozen: int = 9,
+    variants: tuple[str, ...] = tuple(VARIANTS),
+    device: str = "cpu",
 ) -> list[dict]:
     """Tokens/s of the trainer's cached step in float32 and each of `variants` (bf16
     autocast, compiled), their ratios to float32, compile time, and how far 5 steps of
-    each drift from float32."""
+    each drift from float32, with the model on `device` (`cuda`: what `make gpu-check`
+    runs)."""
     torch.set_flush_denormal(True)
-    base, data, hidden16 = cached_case(preset, frozen, 32)
+    base, data, hidden16 = cached_case(preset, frozen, 32, device=device)
     drift, steps, compile_s = {}, {}, None
     for name in dict.fromkeys(("fp32", *variants)):
         bf16, compiled = VARIANTS[name]
@@ -69,6 +75,7 @@ def precision_benchmarks(
     others = [k for k in steps if k != "fp32"]
     rounds = interleaved_rounds(steps, [("fp32", k) for k in others], window=repeats)
     tag = {"preset": preset, "frozen": frozen, "trained": 12 - frozen, "batch_tokens": 32 * 128}
+    tag["device"] = torch.device(device).type
     out = [
         {"name": f"trainer_step_{k}_tokens_per_s", "unit": "tokens/s", **tag}
         | {"value": 4096 / rounds.median_s(k)}

@@ -6,11 +6,11 @@ reached per process (the clock's counted FLOPs over its training wall seconds) a
 the mode it ran in, the seconds the cost model predicted beside the seconds it took. The
 next stage prices its modes at that rate (a frozen forward at the same rate), unless that
 stage had no frozen bottom: stage 2 times a few passes of its own top and frozen bottom
-on one batch instead (`probe_compute`). It prices its store I/O at the bandwidth a probe of the stage's
-store location measured just before (`storage/bandwidth.py`: one unit-sized write at a
-time, one batch of reads at once, on every process; the slowest process's rates, since a
-step waits for it). On one CPU thread I/O adds to compute; on a GPU the loader and the
-writer overlap it (`Rates.overlap`). The planner (`pipelines/plan.py`) prices I/O the same
+on one batch instead (`probe_compute`). It prices its store I/O at the bandwidth a probe
+of the stage's store location measured just before (`storage/bandwidth.py`: one
+unit-sized write at a time, one batch of reads at once, on every process; the slowest
+process's rates, since a step waits for it). On one CPU thread I/O adds to compute; on a
+GPU the loader and the writer overlap it (`Rates.overlap`). The planner (`pipelines/plan.py`) prices I/O the same
 way from given or `--measure`d bandwidths.
 """
 
@@ -27,7 +27,7 @@ from accelerate.utils import gather_object
 from transformers import BertForMaskedLM
 
 from cached_mslt.config import RunArgs
-from cached_mslt.models import TopModel, bottom_forward, freeze_bottom
+from cached_mslt.models import IGNORE_INDEX, TopModel, bottom_forward, freeze_bottom
 from cached_mslt.stages.cost_model import ModelShape, Rates, Stored, stage_seconds
 from cached_mslt.stages.plan import Stage
 from cached_mslt.stages.planner import model_shape
@@ -120,20 +120,14 @@ def probe_compute(
     flops = step_flops(
         config,
         tokens=rows * seq_len,
-        masked_tokens=int((labels != -100).sum()),
+        masked_tokens=int((labels != IGNORE_INDEX).sum()),
         trained_layers=config.num_hidden_layers - frozen,
         frozen_live_layers=0,
         seq_len=seq_len,
         decoder_weight_trains=False,
     )
-    mine = {
-        "train_flops_per_s": flops / step_s,
-        "forward_flops_per_s": frozen
-        * rows
-        * seq_len
-        * layer_forward_flops(config, seq_len)
-        / forward_s,
-    }
+    forward_flops = frozen * rows * seq_len * layer_forward_flops(config, seq_len)
+    mine = {"train_flops_per_s": flops / step_s, "forward_flops_per_s": forward_flops / forward_s}
     everyone = gather_object([mine])
     return {k: min(r[k] for r in everyone) for k in mine}
 

@@ -219,3 +219,17 @@ def test_the_rate_probe_leaves_the_model_and_the_random_state_as_they_were(tmp_p
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_several_processes_keep_the_previous_stages_rate_which_includes_the_all_reduce():
+    from cached_mslt.stages.measured import previous_rate
+
+    stage_one = {
+        "stage": {"frozen_layers": 0},
+        "cost_model": {"measured": {"train_flops_per_s": 5.0}},
+    }
+    assert previous_rate(stage_one, processes=1) is None  # one process: stage 2 probes itself
+    assert previous_rate(stage_one, processes=2) == {
+        "train_flops_per_s": 5.0,
+        "forward_flops_per_s": 5.0,
+    }

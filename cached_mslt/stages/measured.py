@@ -5,8 +5,8 @@ Each finished stage records in its manifest's `cost_model` the FLOP/s its traini
 reached per process (the clock's counted FLOPs over its training wall seconds) and, for
 the mode it ran in, the seconds the cost model predicted beside the seconds it took. The
 next stage prices its modes at that rate (a frozen forward at the same rate), unless that
-stage had no frozen bottom: stage 2 times a few passes of its own top and frozen bottom
-on one batch instead (`probe_compute`). It prices its store I/O at the bandwidth a probe
+stage had no frozen bottom and the run is one process: stage 2 then times a few passes of
+its own top and frozen bottom on one batch instead (`probe_compute`). It prices its store I/O at the bandwidth a probe
 of the stage's store location measured just before (`storage/bandwidth.py`: one
 unit-sized write at a time, one batch of reads at once, on every process; the slowest
 process's rates, since a step waits for it). On one CPU thread I/O adds to compute; on a
@@ -37,13 +37,16 @@ from storage import probe_bandwidth
 logger = logging.getLogger(__name__)
 
 
-def previous_rate(previous: dict[str, Any] | None) -> dict[str, float] | None:
+def previous_rate(previous: dict[str, Any] | None, processes: int = 1) -> dict[str, float] | None:
     """The training FLOP/s the previous stage measured, as the rate of both a training step
-    and a frozen forward, if that stage had a frozen bottom too. A stage without one
-    (stage 1) trains the embeddings and the tied decoder, whose gradient spans the whole
-    vocabulary, and ran 19-40% fewer FLOP/s than the stage after it (docs/scaling.md):
-    such a stage's rate does not price the next one (`probe_compute` does)."""
-    if not previous or not previous["stage"]["frozen_layers"]:
+    and a frozen forward. With one process, only if that stage had a frozen bottom too: a
+    stage without one (stage 1) trains the embeddings and the tied decoder, whose gradient
+    spans the whole vocabulary, and ran 19-40% fewer FLOP/s than the stage after it
+    (docs/scaling.md), so `probe_compute` prices the next one. With several processes the
+    previous stage's rate is kept whatever it trained: it includes the gradient all-reduce
+    and the wait for the slowest rank, which a probe without them misses (two ranks over
+    gloo: stage 2 of `make run` took 1.5x what its probe predicted, 1.19x stage 1's)."""
+    if not previous or (processes == 1 and not previous["stage"]["frozen_layers"]):
         return None
     rate = ((previous.get("cost_model") or {}).get("measured") or {}).get("train_flops_per_s")
     return {"train_flops_per_s": rate, "forward_flops_per_s": rate} if rate else None

@@ -288,7 +288,7 @@ def _choose_mode(run: _StageRun) -> tuple[str, str, list[ActivationStore]]:
     sources = earlier_stores(args, stage, run.model) if incremental else []
     rows = train_rows(args, len(run.data.train))
     stored = [Stored(int(s.fingerprint["frozen_layers"]), _held(s)) for s in sources]
-    compute, source = previous_rate(run.previous), "the previous stage"
+    compute, source = previous_rate(run.previous, world), "the previous stage"
     if compute is None and stage.frozen_layers:  # stage 2, or after a stage that measured none
         batch = run.data.train[: args.train.batch_size]
         compute = probe_compute(run.model, stage.frozen_layers, batch, run.accelerator)

@@ -27,8 +27,8 @@ from cached_mslt.models import TopModel, build_model
 from cached_mslt.rundir import RunLayout
 from cached_mslt.stages import (
     UNBOUNDED_STEPS,
-    block_rows_for,
     make_accelerator,
+    run_block_rows,
     train_rows,
 )
 from cached_mslt.training import (
@@ -115,7 +115,7 @@ class MethodContext:
             share=phase_share,
             blocks=PreparedBlocks(
                 self.data.train,
-                block_rows_for(self.args.train.batch_size, self.args.train.block_rows),
+                run_block_rows(self.args),
                 rows,
             ),
             cached=False,

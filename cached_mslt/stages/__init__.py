@@ -15,6 +15,7 @@ from cached_mslt.stages.runner import (
     block_rows_for,
     make_accelerator,
     run_all,
+    run_block_rows,
     run_stage,
     train_rows,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "WriteThrough",
     "WriteThroughBlocks",
     "block_rows_for",
+    "run_block_rows",
     "build_cache",
     "format_plan",
     "make_accelerator",

@@ -127,6 +127,11 @@ def block_rows_for(batch_size: int, chosen: int | None = None) -> int:
     return max(d for d in range(1, min(batch_size, 8) + 1) if batch_size % d == 0)
 
 
+def run_block_rows(args: RunArgs) -> int:
+    """The run's rows per store chunk, write-through unit and loader block."""
+    return block_rows_for(args.train.batch_size, args.train.block_rows)
+
+
 def train_rows(args: RunArgs, available: int) -> int:
     """How many prepared training examples a run uses (0 or None: all of them)."""
     return min(args.data.train_examples or available, available)
@@ -297,8 +302,7 @@ def _choose_mode(run: _StageRun) -> tuple[str, str, list[ActivationStore]]:
     if priced is not None and stage.frozen_layers and stage.cache != "never":
         run.bandwidth = store_bandwidth(
             run.layout.probe_url(),
-            block_rows_for(args.train.batch_size, args.train.block_rows)
-            * round(priced[0].row_bytes),
+            run_block_rows(args) * round(priced[0].row_bytes),
             run.accelerator,
             args.schedule.storage_options(),
         )
@@ -326,7 +330,7 @@ def _stage_blocks(
     reused here), or both (write-through: the store is filled by the steps)."""
     args, stage = run.args, run.stage
     rows = train_rows(args, len(run.data.train))
-    block_rows = block_rows_for(args.train.batch_size, args.train.block_rows)
+    block_rows = run_block_rows(args)
     prepared = PreparedBlocks(run.data.train, block_rows=block_rows, num_rows=rows)
     if mode == "live":
         return prepared, {"build_s": 0.0, "reused": False}, None
@@ -578,7 +582,7 @@ def cache_request(
         frozen_layers=stage.frozen_layers,
         dtype=args.schedule.cache_dtype,
         codec=args.schedule.cache_codec,
-        rows_per_chunk=block_rows_for(args.train.batch_size, args.train.block_rows),
+        rows_per_chunk=run_block_rows(args),
         data_fingerprint=data.manifest["fingerprint"],
         mask_seed=data.manifest["mask_seed"],
         seq_len=args.data.seq_len,

@@ -11,6 +11,7 @@ report.md with the table and the loss plots.
 from cached_mslt.config import MethodArgs, parse_args
 from cached_mslt.evaluation import FinetuneArgs
 from cached_mslt.methods import run_comparison
+from cached_mslt.processes import leave_process_group
 
 
 def main() -> None:
@@ -18,6 +19,7 @@ def main() -> None:
         extra=(MethodArgs, FinetuneArgs), description=__doc__
     )
     run_comparison(args, method, finetune_args)
+    leave_process_group()
 
 
 if __name__ == "__main__":

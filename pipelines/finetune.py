@@ -23,6 +23,7 @@ from cached_mslt.evaluation import (
     format_probes,
     format_results,
 )
+from cached_mslt.processes import leave_process_group
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(format_results(results["finetune"]))
         if results["probe"]:
             print(format_probes(results["probe"]))
+    leave_process_group()
     return results["finetune"] + results["probe"]
 
 

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 
 from cached_mslt.config import parse_args
+from cached_mslt.processes import leave_process_group
 from cached_mslt.stages import USER_ERRORS, run_stage, write_run_summary
 
 
@@ -29,6 +30,7 @@ def main() -> None:
         args, (stage_args,) = parse_args(extra=(StageArgs,), description=__doc__)
         run_stage(args, stage_args.stage, rebuild_cache=stage_args.rebuild_cache)
         write_run_summary(args)
+        leave_process_group()
     except USER_ERRORS as e:  # a message that says what to run, not a traceback
         sys.exit(f"error: {e}")
 

@@ -141,3 +141,20 @@ def test_killed_build_resumes_byte_identical(tmp_path) -> None:
     for a in attrs:
         del a["created_at"], a["completed_at"]
     assert attrs[0] == attrs[1]
+
+
+def test_leave_process_group_destroys_the_group_and_is_safe_to_repeat(tmp_path) -> None:
+    """Every distributed entry point leaves its process group on success: a gloo process
+    that exits with its group alive can abort in teardown (cached_mslt/processes.py)."""
+    import torch.distributed as dist
+
+    from cached_mslt.processes import leave_process_group
+
+    leave_process_group()  # no group: nothing to do
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    assert dist.is_initialized()
+    leave_process_group()
+    assert not dist.is_initialized()
+    leave_process_group()  # already left: still nothing to do

@@ -11,7 +11,7 @@ report.md with the table and the loss plots.
 from cached_mslt.config import MethodArgs, parse_args
 from cached_mslt.evaluation import FinetuneArgs
 from cached_mslt.methods import run_comparison
-from cached_mslt.processes import leave_process_group
+from cached_mslt.training import leave_process_group
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from cached_mslt.evaluation import (
     format_probes,
     format_results,
 )
-from cached_mslt.processes import leave_process_group
+from cached_mslt.training import leave_process_group
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass, field
 
 from cached_mslt.config import parse_args
-from cached_mslt.processes import leave_process_group
 from cached_mslt.stages import USER_ERRORS, run_stage, write_run_summary
+from cached_mslt.training import leave_process_group
 
 
 @dataclass

@@ -145,10 +145,10 @@ def test_killed_build_resumes_byte_identical(tmp_path) -> None:
 
 def test_leave_process_group_destroys_the_group_and_is_safe_to_repeat(tmp_path) -> None:
     """Every distributed entry point leaves its process group on success: a gloo process
-    that exits with its group alive can abort in teardown (cached_mslt/processes.py)."""
+    that exits with its group alive can abort in teardown (cached_mslt/training/processes.py)."""
     import torch.distributed as dist
 
-    from cached_mslt.processes import leave_process_group
+    from cached_mslt.training import leave_process_group
 
     leave_process_group()  # no group: nothing to do
     dist.init_process_group(

@@ -35,6 +35,7 @@ from cached_mslt.training.metrics import (
     read_metrics,
     stage_speeds,
 )
+from cached_mslt.training.processes import leave_process_group
 from cached_mslt.training.step_counts import host_batch, padded_gather_per_row
 from cached_mslt.training.trainer import DivergenceError, Phase, train_phase, validation_loss
 
@@ -58,6 +59,7 @@ __all__ = [
     "host_batch",
     "keep_freed_memory",
     "layer_forward_flops",
+    "leave_process_group",
     "markdown_table",
     "matmul_flops_per_s",
     "padded_gather_per_row",

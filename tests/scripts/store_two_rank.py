@@ -84,7 +84,7 @@ def main() -> None:
                 {"ranks": everyone, "block_orders": orders, "complete": reader.is_complete}, f
             )
     state.wait_for_everyone()
-    accelerator.end_training()  # leaves the process group (cached_mslt/processes.py)
+    accelerator.end_training()  # leaves the process group (cached_mslt/training/processes.py)
 
 
 if __name__ == "__main__":

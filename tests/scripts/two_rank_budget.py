@@ -22,4 +22,4 @@ assert result["status"] == "ok", result.get("traceback")
 steps = accelerator.gather(torch.tensor([result["clock"]["step"]]))
 assert steps[0] == steps[1], f"ranks stopped at different steps: {steps.tolist()}"
 accelerator.print(f"both ranks stopped at step {int(steps[0])}")
-accelerator.end_training()  # leaves the process group (cached_mslt/processes.py)
+accelerator.end_training()  # leaves the process group (cached_mslt/training/processes.py)

@@ -33,4 +33,4 @@ for k in stages:  # several stages in one launch: one start-up of both ranks
         seen[k] = [[*key, n] for key, n in spy.calls.items()]
 if spy is not None:
     Path(run_dir, f"spy-rank{state.process_index}.json").write_text(json.dumps(seen))
-state.end_training()  # leaves the process group (cached_mslt/processes.py)
+state.end_training()  # leaves the process group (cached_mslt/training/processes.py)

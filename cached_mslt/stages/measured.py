@@ -6,12 +6,13 @@ reached per process (the clock's counted FLOPs over its training wall seconds) a
 the mode it ran in, the seconds the cost model predicted beside the seconds it took. The
 next stage prices its modes at that rate (a frozen forward at the same rate), unless that
 stage had no frozen bottom and the run is one process: stage 2 then times a few passes of
-its own top and frozen bottom on one batch instead (`probe_compute`). It prices its store I/O at the bandwidth a probe
-of the stage's store location measured just before (`storage/bandwidth.py`: one
-unit-sized write at a time, one batch of reads at once, on every process; the slowest
-process's rates, since a step waits for it). On one CPU thread I/O adds to compute; on a
-GPU the loader and the writer overlap it (`Rates.overlap`). The planner (`pipelines/plan.py`) prices I/O the same
-way from given or `--measure`d bandwidths.
+its own top and frozen bottom on one batch instead (`probe_compute`). It prices its store
+I/O at the bandwidth a probe of the stage's store location measured just before
+(`storage/bandwidth.py`: one unit-sized write at a time, one batch of reads at once, on
+every process; the slowest process's rates, since a step waits for it). On one CPU
+thread I/O adds to compute; on a GPU the loader and the writer overlap it
+(`Rates.overlap`). The planner (`pipelines/plan.py`) prices I/O the same way from given
+or `--measure`d bandwidths.
 """
 
 from __future__ import annotations

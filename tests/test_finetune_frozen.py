@@ -25,10 +25,15 @@ from cached_mslt.evaluation import FinetuneArgs, FinetuneError, StoreLocation, f
 from cached_mslt.evaluation.checkpoint import checkpoint_tokenizer, load_classifier
 from cached_mslt.evaluation.data import task_from_args, tokenize_task
 from cached_mslt.evaluation.finetune import FINETUNE_METRICS_FILE, _optimizer
-from cached_mslt.evaluation.frozen_top import AutoFreezeTest, ClassifierTop, freeze_to
+from cached_mslt.evaluation.frozen_top import (
+    AutoFreezeTest,
+    ClassifierTop,
+    classifier_module,
+    freeze_to,
+)
 from cached_mslt.evaluation.probe import encoder_features, stored_features
 from cached_mslt.evaluation.task_store import SPLITS
-from cached_mslt.models import run_layers
+from cached_mslt.models import first_position_layer, layer_mask, run_layers
 from storage import ActivationStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +169,71 @@ def test_top_trained_from_the_store_equals_the_top_trained_live_bitwise(
     assert any("train_loss" in r for r in runs["store"])
     store_test = [r for r in runs["store"] if r.get("split") == "test"][0]["test_loss"]
     assert runs["bf16"]["runs"][0]["test_loss"] != store_test
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_first_position_layer_equals_the_whole_layer_at_position_0(attention):
+    """The [CLS]-only last layer: position 0's output, and every parameter's gradient
+    through it, equal the whole layer's up to float rounding, padded rows included."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = BertForMaskedLM(config)
+    model.set_attn_implementation(attention)
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[1, 5:], attention_mask[2, 2:] = 0, 0
+    for pads in (attention_mask, torch.ones_like(attention_mask)):  # no padding: mask None
+        hidden = model.bert.embeddings(input_ids=torch.randint(1, 50, (3, 9))).detach()
+        mask = layer_mask(model, hidden, pads)
+        layer = model.bert.encoder.layer[0]
+        outputs, grads = [], []
+        for whole in (True, False):
+            layer.zero_grad()
+            first = layer(hidden, mask)[:, :1] if whole else None
+            out = first_position_layer(layer, hidden, mask) if first is None else first
+            out.square().sum().backward()
+            outputs.append(out.detach())
+            grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+        assert outputs[1].shape == (3, 1, 32)
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_full_fine_tuning_top_equals_the_classifiers_own_forward(checkpoint):
+    """Full fine-tuning trains `ClassifierTop(model, 0)`: its loss, logits and gradients
+    are BertForSequenceClassification's own (up to the last layer's rounding)."""
+    Accelerator()
+    torch.manual_seed(0)
+    model = load_classifier(checkpoint, num_labels=2).eval()
+    top = classifier_module(model)
+    assert isinstance(top, ClassifierTop) and top.frozen == 0
+    batch = {
+        "input_ids": torch.randint(1000, 2000, (4, 11)),
+        "attention_mask": torch.tensor([[1] * 11, [1] * 7 + [0] * 4, [1] * 3 + [0] * 8, [1] * 11]),
+        "token_type_ids": torch.zeros(4, 11, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 1, 0]),
+    }
+    results = []
+    for forward in (model, top):
+        model.zero_grad()
+        out = forward(**batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), out.logits.detach(), grads))
+    (loss, logits, grads), (top_loss, top_logits, top_grads) = results
+    torch.testing.assert_close(top_logits, logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(top_loss, loss, rtol=1e-5, atol=1e-6)
+    assert top_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(top_grads[name], grads[name], rtol=1e-4, atol=1e-6)
 
 
 def test_frozen_bottom_is_out_of_the_optimizer_and_stays_in_eval_mode(checkpoint):

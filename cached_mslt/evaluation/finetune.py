@@ -47,7 +47,13 @@ from cached_mslt.evaluation.data import (
     task_output_dir,
     tokenize_task,
 )
-from cached_mslt.evaluation.frozen_top import AutoFreezeTest, ClassifierTop, FrozenRows, freeze_to
+from cached_mslt.evaluation.frozen_top import (
+    AutoFreezeTest,
+    ClassifierTop,
+    FrozenRows,
+    classifier_module,
+    freeze_to,
+)
 from cached_mslt.evaluation.progressive import Extend, ProgressiveFreezing
 from cached_mslt.evaluation.report import classification_metrics, mean_std
 from cached_mslt.evaluation.task_store import SPLITS, StoreLocation, TaskStores, build_task_stores
@@ -346,7 +352,8 @@ def finetune(
         collate = dict.fromkeys(SPLITS, DataCollatorWithPadding(tokenizer))
 
         def train_one(model, desc, lr):
-            return _fit(model, data, collate, args, accelerator, writer.log, desc, lr)
+            top = classifier_module(model)
+            return _fit(top, data, collate, args, accelerator, writer.log, desc, lr)
 
     if accelerator.is_main_process:
         writer.path.unlink(missing_ok=True)

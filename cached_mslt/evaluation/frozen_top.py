@@ -15,13 +15,31 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from cached_mslt.evaluation.args import FinetuneError
 from cached_mslt.evaluation.task_store import TaskStores
-from cached_mslt.models import bottom_forward, frozen_modules, run_layers
+from cached_mslt.models import (
+    bottom_forward,
+    first_position_layer,
+    frozen_modules,
+    layer_mask,
+    run_layers,
+)
+
+
+def _bert_classifier(model: PreTrainedModel) -> bool:
+    """BertForSequenceClassification's layout: `.bert` (embeddings, layers, pooler),
+    `.dropout` and `.classifier`."""
+    return all(hasattr(model, a) for a in ("bert", "classifier", "dropout"))
+
+
+def classifier_module(model: PreTrainedModel) -> nn.Module:
+    """What full fine-tuning trains: a BERT classifier as the top with nothing frozen (so
+    it runs the [CLS]-only last layer the frozen tops run), any other model as it is."""
+    return ClassifierTop(model, 0) if _bert_classifier(model) else model
 
 
 def check_freezable(model: PreTrainedModel, depth: int) -> None:
     """A BERT classifier (`.bert` encoder, pooler and `.classifier`) with more than `depth`
     layers: the top needs at least one to train."""
-    if not all(hasattr(model, a) for a in ("bert", "classifier", "dropout")):
+    if not _bert_classifier(model):
         raise FinetuneError(
             f"--freeze_layers needs a BertForSequenceClassification-like model (bert, dropout, "
             f"classifier); got {type(model).__name__}. Fine-tune it without --freeze_layers"
@@ -44,8 +62,11 @@ def freeze_to(model: PreTrainedModel, depth: int) -> None:
 class ClassifierTop(nn.Module):
     """Layers [frozen, L), the pooler and the classifier of a BertForSequenceClassification,
     as one module: what trains, and all `accelerator.prepare` wraps (DDP all-reduces only
-    these gradients). From hidden states at depth `frozen`, or token ids when it is 0. Its
-    logits and loss are the model's own (`BertForSequenceClassification.forward`)."""
+    these gradients). From hidden states at depth `frozen`, or token ids when it is 0 (full
+    fine-tuning is this top with nothing frozen). Its logits and loss are the model's own
+    (`BertForSequenceClassification.forward`) up to float rounding: the pooler reads
+    position 0 alone, so the last layer runs for that position only
+    (`first_position_layer`: docs/evaluation.md, the [CLS]-only last layer)."""
 
     def __init__(self, model: PreTrainedModel, frozen: int):
         super().__init__()
@@ -69,11 +90,13 @@ class ClassifierTop(nn.Module):
         hidden_states: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         depth: int | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> SequenceClassifierOutput:
         """`depth`: what the batch holds (token ids at 0, else hidden states after that
         many layers); below `frozen` for a batch collated before a freeze (the prepared
         loader reads one batch ahead), which then runs through the layers it lacks, all
-        frozen, first: as the deeper store holds them."""
+        frozen, first: as the deeper store holds them. `token_type_ids` only with token
+        ids and nothing frozen (a store holds hidden states, computed without them)."""
         m, depth = self.model, self.frozen if depth is None else depth
         if depth < self.frozen:
             with torch.no_grad():
@@ -82,9 +105,13 @@ class ClassifierTop(nn.Module):
                 else:
                     hidden_states = run_layers(m, hidden_states, attention_mask, depth, self.frozen)
         elif self.frozen == 0:
-            hidden_states = m.bert.embeddings(input_ids=input_ids)
-        hidden = run_layers(m, hidden_states, attention_mask, self.frozen)
-        logits = m.classifier(m.dropout(m.bert.pooler(hidden)))
+            hidden_states = m.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        last = m.config.num_hidden_layers - 1
+        mask = layer_mask(m, hidden_states, attention_mask)
+        for layer in m.bert.encoder.layer[self.frozen : last]:
+            hidden_states = layer(hidden_states, mask)
+        first = first_position_layer(m.bert.encoder.layer[last], hidden_states, mask)
+        logits = m.classifier(m.dropout(m.bert.pooler(first)))
         loss = F.cross_entropy(logits.view(-1, m.config.num_labels), labels.view(-1))
         return SequenceClassifierOutput(loss=loss, logits=logits)
 

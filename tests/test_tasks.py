@@ -4,6 +4,7 @@ stratified and disjoint, bad task files fail with a clear error, and overlap is 
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ from cached_mslt.evaluation.tasks import (
     SPLITS,
     TaskError,
     TaskOverlapWarning,
+    _save,
     check_overlap,
     deduplicate,
     fetch_vader_sdist,
+    load_task,
     prepare_task,
     read_bbc,
     read_sentiment,
@@ -100,6 +103,49 @@ def test_prepared_task_is_reused_when_fingerprint_matches(tmp_path):
     assert (first.path / "manifest.json").stat().st_mtime_ns == stamp
     path.write_text(path.read_text() + "one more,1\n")  # new data: new fingerprint, rebuilt
     assert prepare_task(str(path), tmp_path, verbose=False).fingerprint != first.fingerprint
+
+
+def _prepare_at_once(barrier, path: str, task_dir: str, results) -> None:
+    barrier.wait()
+    results.put(prepare_task(path, task_dir, verbose=False).fingerprint)
+
+
+def test_two_commands_preparing_one_task_at_once_both_get_it(tmp_path):
+    """Two processes (two fine-tuning commands started side by side) prepare the same task
+    at once: each writes its own scratch directory, neither fails, both read one task, and
+    no scratch directory is left."""
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\n" + "".join(f"sample {i},{i % 2}\n" for i in range(4000)))
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    writers = [
+        context.Process(target=_prepare_at_once, args=(barrier, str(path), str(tmp_path), results))
+        for _ in range(2)
+    ]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in writers] == [0, 0]
+    fingerprints = {results.get(timeout=5) for _ in writers}
+    assert fingerprints == {prepare_task(str(path), tmp_path, verbose=False).fingerprint}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_task_placed_by_another_writer_is_kept_and_an_older_one_replaced(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\n" + "".join(f"sample {i},{i % 2}\n" for i in range(40)))
+    first = prepare_task(str(path), tmp_path, verbose=False)
+    stamp = (first.path / "manifest.json").stat().st_mtime_ns
+    # A second writer that finishes the same task after the first placed it keeps the first's.
+    _save(first.splits, first.manifest, first.path)
+    assert (first.path / "manifest.json").stat().st_mtime_ns == stamp
+    # Other data under the same name replaces it, and nothing of the old one stays behind.
+    path.write_text(path.read_text() + "one more,1\n")
+    second = prepare_task(str(path), tmp_path, verbose=False)
+    assert second.fingerprint != first.fingerprint
+    assert load_task(first.path).fingerprint == second.fingerprint
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_user_task_files_csv_and_jsonl(tmp_path):

@@ -22,7 +22,9 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -383,15 +385,35 @@ def load_task(path: str | Path) -> Task:
 
 def _save(splits: DatasetDict, manifest: dict[str, Any], out: Path) -> None:
     # Write next to the target and move into place when whole, so an interrupted run never
-    # leaves a half-written task that a later run would trust.
+    # leaves a half-written task that a later run would trust. The scratch directory is the
+    # writer's own: two commands preparing one task at once (fine-tuning runs started side
+    # by side) each write theirs, and the first to finish places the task.
     if out.exists() and not (out / "manifest.json").is_file():
         raise TaskError(f"refusing to overwrite {out}: it exists and is not a prepared task")
-    tmp = out.with_name(f".{out.name}.tmp")
+    writer = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = out.with_name(f".{out.name}.tmp-{writer}")
     shutil.rmtree(tmp, ignore_errors=True)
     splits.save_to_disk(str(tmp))
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)  # atomic; refused while `out` holds a task
+        return
+    except OSError:
+        pass
+    if _prepared_fingerprint(out) == manifest["fingerprint"]:
+        shutil.rmtree(tmp)  # another writer placed this very task first: keep theirs
+        return
+    # An older task of that name (other data or split): set it aside, then replace it. A
+    # process still reading it keeps its open files.
+    old = out.with_name(f".{out.name}.old-{writer}")
+    out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prepared_fingerprint(path: Path) -> str | None:
+    manifest = path / "manifest.json"
+    return json.loads(manifest.read_text())["fingerprint"] if manifest.is_file() else None
 
 
 def prepare_task(
@@ -413,11 +435,7 @@ def prepare_task(
     params = {"seed": seed, "valid_fraction": valid_fraction, "test_fraction": test_fraction}
     fingerprint = _fingerprint(examples, params)
     out = Path(task_dir) / examples.name
-    manifest_file = out / "manifest.json"
-    if (
-        not manifest_file.is_file()
-        or json.loads(manifest_file.read_text())["fingerprint"] != fingerprint
-    ):
+    if _prepared_fingerprint(out) != fingerprint:
         index = stratified_split(examples.labels, seed, valid_fraction, test_fraction)
         splits = DatasetDict({s: examples.subset(index[s]).to_dataset() for s in SPLITS})
         manifest = {

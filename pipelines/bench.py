@@ -15,6 +15,8 @@ where the cost model of docs/design.md predicts the figure. Measures, never asse
                                                # (rows stored / missing) vs cached / live
     python pipelines/bench.py --variants loader --s3  # the loader in GB/s at bert-base rows:
                                                # page cache, cold, S3 loopback; 0/2/4 workers
+    python pipelines/bench.py --variants classifier  # fine-tuning's step: the [CLS]-only
+                                               # last layer against the whole one
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
         pipelines/bench.py --variants stage --batch_size 4   # ... at make run's shape (DDP)
 """
@@ -31,6 +33,7 @@ import torch
 from cached_mslt.bench import (
     ROOT,
     all_benchmarks,
+    classifier_benchmarks,
     data_benchmarks,
     loader_benchmarks,
     precision_benchmarks,
@@ -85,14 +88,14 @@ def add_variant_args(variants: argparse._ArgumentGroup) -> None:
     variants.add_argument(
         "--variants",
         nargs="+",
-        choices=["precision", "stage", "write-through", "loader"],
+        choices=["precision", "stage", "write-through", "loader", "classifier"],
         default=None,
         help="only these: the trainer's step in float32/bf16/compiled; a stage vs the bench "
         "step; write-through's step (rows stored / missing) vs the cached / live step; the "
-        "loader in bytes at bert-base rows",
+        "loader in bytes at bert-base rows; fine-tuning's step with the [CLS]-only last layer",
     )
     variants.add_argument("--preset", default="tiny", help="the shape the variants run at")
-    variants.add_argument("--repeats", type=int, default=5, help="precision: interleaved rounds")
+    variants.add_argument("--repeats", type=int, default=5, help="precision, classifier: interleaved rounds")
     variants.add_argument(
         "--device", default="cpu", help="precision: where the step runs (cuda: on the GPU)"
     )
@@ -122,6 +125,8 @@ def selected_benchmarks(args: argparse.Namespace) -> list[dict]:
             figures += write_through_benchmarks(args.preset)
         if "loader" in args.variants:
             figures += loader_benchmarks(args.quick, s3=args.s3)
+        if "classifier" in args.variants:
+            figures += classifier_benchmarks(repeats=args.repeats)
         return figures
     return all_benchmarks(quick=args.quick, s3=args.s3, peak_tflops=args.peak_tflops)
 

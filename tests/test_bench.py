@@ -183,3 +183,16 @@ def test_write_through_steps_are_timed_against_the_cached_and_live_steps():
         "write_through_missing_vs_live_step",
     }
     assert all(f["value"] > 0 and f["rounds"] >= 2 for f in figures)
+
+
+# slow (`make test-slow`): MiniLM-shaped steps, 29 s beside two fine-tuning runs
+@pytest.mark.slow
+def test_the_classifier_step_is_timed_with_the_first_position_last_layer_and_the_whole_one():
+    from cached_mslt.bench import classifier_benchmarks
+
+    figures = classifier_benchmarks(repeats=1)
+    speedups = [f for f in figures if f["name"] == "classifier_step_first_position_speedup"]
+    assert [f["frozen"] for f in speedups] == [0, 3, 4]
+    assert all(f["value"] > 0 and f["min"] <= f["value"] <= f["max"] for f in speedups)
+    rates = [f for f in figures if f["unit"] == "tokens/s"]
+    assert len(rates) == 6 and all(f["value"] > 0 for f in rates)

@@ -5,6 +5,7 @@ shared machine. Measures, never asserts.
 The top of the layering: may import any other subpackage.
 """
 
+from cached_mslt.bench.classifier import classifier_benchmarks
 from cached_mslt.bench.data import ROOT, data_benchmarks
 from cached_mslt.bench.loader import loader_benchmarks
 from cached_mslt.bench.rates import measure_rates
@@ -15,6 +16,7 @@ from cached_mslt.bench.write_through import write_through_benchmarks
 __all__ = [
     "ROOT",
     "all_benchmarks",
+    "classifier_benchmarks",
     "data_benchmarks",
     "loader_benchmarks",
     "measure_rates",

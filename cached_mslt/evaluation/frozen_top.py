@@ -66,12 +66,14 @@ class ClassifierTop(nn.Module):
     fine-tuning is this top with nothing frozen). Its logits and loss are the model's own
     (`BertForSequenceClassification.forward`) up to float rounding: the pooler reads
     position 0 alone, so the last layer runs for that position only
-    (`first_position_layer`: docs/evaluation.md, the [CLS]-only last layer)."""
+    (`first_position_layer`: docs/evaluation.md, the [CLS]-only last layer);
+    `first_position_only=False` runs the whole last layer (the benchmark's reference)."""
 
-    def __init__(self, model: PreTrainedModel, frozen: int):
+    def __init__(self, model: PreTrainedModel, frozen: int, first_position_only: bool = True):
         super().__init__()
         self.model = model
         self.frozen = frozen
+        self.first_position_only = first_position_only
 
     @property
     def config(self):
@@ -110,7 +112,10 @@ class ClassifierTop(nn.Module):
         mask = layer_mask(m, hidden_states, attention_mask)
         for layer in m.bert.encoder.layer[self.frozen : last]:
             hidden_states = layer(hidden_states, mask)
-        first = first_position_layer(m.bert.encoder.layer[last], hidden_states, mask)
+        if self.first_position_only:
+            first = first_position_layer(m.bert.encoder.layer[last], hidden_states, mask)
+        else:
+            first = m.bert.encoder.layer[last](hidden_states, mask)[:, :1]
         logits = m.classifier(m.dropout(m.bert.pooler(first)))
         loss = F.cross_entropy(logits.view(-1, m.config.num_labels), labels.view(-1))
         return SequenceClassifierOutput(loss=loss, logits=logits)

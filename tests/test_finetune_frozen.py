@@ -30,9 +30,10 @@ from cached_mslt.evaluation.frozen_top import (
     ClassifierTop,
     classifier_module,
     freeze_to,
+    frozen_rows,
 )
 from cached_mslt.evaluation.probe import encoder_features, stored_features
-from cached_mslt.evaluation.task_store import SPLITS
+from cached_mslt.evaluation.task_store import ROW_LENGTH_MULTIPLE, SPLITS
 from cached_mslt.models import first_position_layer, layer_mask, run_layers
 from storage import ActivationStore
 
@@ -57,13 +58,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def task_file(tmp_path_factory) -> Path:
-    """Rows of several lengths (so batches hold padding), the label in the words."""
+    """Rows of several lengths (so batches hold padding), 8 to 26 tokens (so they fall in
+    two computed lengths: 16, and the store's 26), the label in the words."""
     rng = np.random.default_rng(0)
     words = {"pos": ["great", "superb", "lovely"], "neg": ["awful", "dreadful", "boring"]}
     rows = []
     for i in range(120):
         label = "pos" if i % 2 else "neg"
-        rows.append(f"film {i} was {'really ' * (i % 5)}{rng.choice(words[label])},{label}\n")
+        rows.append(f"film {i} was {'really ' * (i % 19)}{rng.choice(words[label])},{label}\n")
     path = tmp_path_factory.mktemp("data") / "toy.csv"
     path.write_text("text,label\n" + "".join(rows))
     return path
@@ -234,6 +236,32 @@ def test_full_fine_tuning_top_equals_the_classifiers_own_forward(checkpoint):
     assert top_grads.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(top_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_each_row_is_computed_at_its_own_length_whatever_its_batch(checkpoint, attention):
+    """A task store's rows (and the live bottom's) are computed at their own length rounded
+    up to ROW_LENGTH_MULTIPLE: a row's output is bitwise the same alone, in any batch and at
+    any padding, zero beyond its length, and equal to the row at the whole padding up to
+    sdpa's rounding (docs/library-facts.md)."""
+    model = load_classifier(checkpoint, num_labels=2).eval()
+    model.set_attn_implementation(attention)
+    torch.manual_seed(0)
+    lengths = [3, 16, 17, 40, 75, 31, 9, 64]
+    ids = torch.randint(1000, 2000, (len(lengths), 80))
+    mask = (torch.arange(80)[None] < torch.tensor(lengths)[:, None]).long()
+    with torch.no_grad():
+        batch = frozen_rows(model, mask, 2, ids)
+        whole = run_layers(model, model.bert.embeddings(input_ids=ids), mask, 0, 2)
+        for i, n in enumerate(lengths):
+            computed = -(-n // ROW_LENGTH_MULTIPLE) * ROW_LENGTH_MULTIPLE
+            alone = frozen_rows(model, mask[i : i + 1, :computed], 2, ids[i : i + 1, :computed])
+            assert torch.equal(alone[0], batch[i, :computed])
+            assert not batch[i, computed:].any()
+            torch.testing.assert_close(batch[i, :n], whole[i, :n], rtol=0, atol=1e-5)
+        shuffled = torch.tensor([7, 2, 0, 5])
+        again = frozen_rows(model, mask[shuffled], 2, ids[shuffled])
+        assert torch.equal(again, batch[shuffled])
 
 
 def test_frozen_bottom_is_out_of_the_optimizer_and_stays_in_eval_mode(checkpoint):

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from cached_mslt.evaluation.args import FinetuneError
-from cached_mslt.evaluation.task_store import TaskStores
+from cached_mslt.evaluation.task_store import ROW_LENGTH_MULTIPLE, TaskStores
 from cached_mslt.models import (
     bottom_forward,
     first_position_layer,
@@ -22,6 +22,7 @@ from cached_mslt.models import (
     layer_mask,
     run_layers,
 )
+from cached_mslt.stages import by_row_length
 
 
 def _bert_classifier(model: PreTrainedModel) -> bool:
@@ -102,10 +103,9 @@ class ClassifierTop(nn.Module):
         m, depth = self.model, self.frozen if depth is None else depth
         if depth < self.frozen:
             with torch.no_grad():
-                if depth == 0:
-                    hidden_states = bottom_forward(m, input_ids, attention_mask, self.frozen)
-                else:
-                    hidden_states = run_layers(m, hidden_states, attention_mask, depth, self.frozen)
+                hidden_states = frozen_rows(
+                    m, attention_mask, self.frozen, input_ids, hidden_states, depth
+                )
         elif self.frozen == 0:
             hidden_states = m.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         last = m.config.num_hidden_layers - 1
@@ -159,11 +159,32 @@ class FrozenRows:
             out["input_ids"] = cols["input_ids"]
         elif self.rows:
             out["hidden_states"] = self.rows[split]["hidden"][rows]
-        else:  # live: the bottom at the store's padding, before the cut, as the build ran it
-            out["hidden_states"] = bottom_forward(
-                self.model, cols["input_ids"], cols["attention_mask"], self.depth
+        else:  # live: each row at its own length, before the cut, as the build ran it
+            out["hidden_states"] = frozen_rows(
+                self.model, cols["attention_mask"], self.depth, cols["input_ids"]
             )
         return _cut(out)
+
+
+def frozen_rows(
+    model: PreTrainedModel,
+    attention_mask: torch.Tensor,
+    depth: int,
+    input_ids: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    start: int = 0,
+) -> torch.Tensor:
+    """The frozen bottom's output at `depth` as a task store holds it: from token ids, or
+    from `hidden` at depth `start`, each row at its own length (`by_row_length`)."""
+
+    def rows_at_length(mask, input_ids=None, hidden=None):
+        if hidden is None:
+            return bottom_forward(model, input_ids, mask, depth)
+        return run_layers(model, hidden, mask, start, depth)
+
+    return by_row_length(
+        rows_at_length, attention_mask, ROW_LENGTH_MULTIPLE, input_ids=input_ids, hidden=hidden
+    )
 
 
 class AutoFreezeTest:

@@ -8,9 +8,11 @@ fingerprint check (a store of other weights or other rows is refused as stale) a
 same incremental rebuild, which progressive freezing uses to push a store through the
 layers it has just frozen. What a classification row needs from them:
 
-- `hidden`: the frozen bottom's output for the row padded to the store's length T (the
-  longest row of the task, at most `--max_seq_len`). The bottom sees every row at that one
-  padding, so a row's stored entry never depends on which batch it is read in.
+- `hidden`: the frozen bottom's output for the row, in an array as long as the store's
+  length T (the longest row of the task, at most `--max_seq_len`). The bottom computes
+  each row at its own length rounded up to ROW_LENGTH_MULTIPLE (zeros beyond), not at T:
+  a row costs its own length, and its stored entry never depends on which batch it is
+  built or read in (`cached_mslt.stages.by_row_length`).
 - `attention_mask`: 1 on real tokens: the top's layers read it, and a batch is cut to its
   longest row before the top runs (the cut columns are padding only).
 - `labels`: the class id at position 0 (the [CLS] row, which the pooler reads), -100
@@ -36,6 +38,10 @@ from storage import ActivationStore, StaleStoreError, StoreSpec
 
 SPLITS = ("train", "validation", "test")
 BUILD_SHARDS = 16  # storage/spec.py's MIN_SHARDS: a shard per chunk up to 16 processes
+# A row's computed length is a multiple of this: few enough lengths that the bottom runs
+# a batch in a handful of matmul-sized groups, close enough to the real length that
+# short rows (sentiment: 31 tokens on average, T = 75) pay about their own length.
+ROW_LENGTH_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ def _request(url, depth, columns, fp, args: FinetuneArgs, options, hidden: int) 
         num_rows=n,
         stage=0,  # not a pretraining stage; `frozen_layers` says the depth
         storage_options=options,
+        length_multiple=ROW_LENGTH_MULTIPLE,
     )
 
 

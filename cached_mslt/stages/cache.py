@@ -13,7 +13,7 @@ math does not depend on batch composition here (docs/library-facts.md).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -64,6 +64,9 @@ class CacheRequest:
     # 16-bit store's rows are rounded to its dtype there (`frozen_output`).
     round_at: tuple[int, ...] = ()
     chunks_per_shard: int | None = None  # None: derived (storage/spec.py); write-through: 1
+    # 0: every row computed at seq_len. N: each row at its real length rounded up to a
+    # multiple of N, zeros beyond (padded classification rows, `by_row_length`).
+    length_multiple: int = 0
     # fsspec options of `url` (endpoint, credentials): used, never recorded
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -82,6 +85,7 @@ def store_fingerprint(model: BertForMaskedLM, req: CacheRequest) -> dict[str, st
         **({"compute_dtype": req.compute_dtype} if req.compute_dtype != "float32" else {}),
         # absent where rounding changes nothing (float32, or no earlier boundary)
         **({"rounded_at": ",".join(map(str, cuts))} if (cuts := rounding_cuts(req)) else {}),
+        **({"length_multiple": str(req.length_multiple)} if req.length_multiple else {}),
     }
 
 
@@ -90,6 +94,30 @@ def rounding_cuts(req: CacheRequest) -> tuple[int, ...]:
     if req.dtype == "float32":
         return ()
     return tuple(sorted(b for b in set(req.round_at) if 0 < b < req.frozen_layers))
+
+
+def by_row_length(
+    fn: Callable[..., torch.Tensor], attention_mask: torch.Tensor, multiple: int, **columns
+) -> torch.Tensor:
+    """`fn(attention_mask, **columns)` run once per group of rows of one computed length
+    (the row's real tokens rounded up to `multiple`, at most its width), on the columns cut
+    to it; the outputs back in row order, zeros beyond each row's length.
+
+    Padded rows (a classification task's, padded to its longest) then cost their own
+    length, not the longest's. A row's length is its own, never its batch's, because sdpa
+    can round a row differently at another padded length (docs/library-facts.md): every
+    path that computes a row this way gets the same bytes, whatever rows share its batch."""
+    real = attention_mask.sum(1).clamp(min=1)
+    lengths = (-(-real // multiple) * multiple).clamp(max=attention_mask.shape[1])
+    out = None
+    for length in lengths.unique().tolist():
+        rows = (lengths == length).nonzero().squeeze(1)
+        cut = {k: v[rows, :length] for k, v in columns.items() if v is not None}
+        part = fn(attention_mask[rows, :length], **cut)
+        if out is None:
+            out = part.new_zeros((len(lengths), attention_mask.shape[1], *part.shape[2:]))
+        out[rows, :length] = part
+    return out
 
 
 def frozen_output(
@@ -102,12 +130,25 @@ def frozen_output(
     input_ids: torch.Tensor | None = None,
     previous: torch.Tensor | None = None,
     start: int = 0,
+    length_multiple: int = 0,
 ) -> torch.Tensor:
     """A store's entry for some rows: the frozen bottom's output at depth `stop`, from the
     token ids (`start` 0) or from `previous`, the rows' entry at depth `start` in an
     earlier store, rounded to `dtype` at each depth of `round_at` on the way and at the
     end. Rounding where an earlier store rounded makes every path (full, incremental,
-    write-through from any depth) give the same bytes (docs/design.md, invariant 9)."""
+    write-through from any depth) give the same bytes (docs/design.md, invariant 9).
+    `length_multiple`: each row computed at its own length (`by_row_length`)."""
+    if length_multiple:
+
+        def rows_at_length(mask, input_ids=None, previous=None):
+            return frozen_output(
+                model, mask, stop=stop, dtype=dtype, round_at=round_at,
+                input_ids=input_ids, previous=previous, start=start,
+            )  # fmt: skip
+
+        return by_row_length(
+            rows_at_length, attention_mask, length_multiple, input_ids=input_ids, previous=previous
+        )
     hidden, depth = previous, start
     for cut in [*(b for b in round_at if start < b < stop), stop]:
         if hidden is None:
@@ -329,8 +370,9 @@ def _shard_rows(model, req, batches, start_layer, dtype, device, bar) -> Iterato
             else:
                 inputs = {"previous": rows["previous"].to(device), "start": start_layer}
             hidden = frozen_output(
-                model, mask, stop=req.frozen_layers, dtype=dtype, round_at=cuts, **inputs
-            )
+                model, mask, stop=req.frozen_layers, dtype=dtype, round_at=cuts,
+                length_multiple=req.length_multiple, **inputs,
+            )  # fmt: skip
         parts["hidden"].append(hidden.cpu())
         parts["attention_mask"].append(rows["attention_mask"].to(torch.uint8))
         parts["labels"].append(rows["labels"].to(torch.int32))

@@ -98,7 +98,8 @@ class ClassifierTop(nn.Module):
         """`depth`: what the batch holds (token ids at 0, else hidden states after that
         many layers); below `frozen` for a batch collated before a freeze (the prepared
         loader reads one batch ahead), which then runs through the layers it lacks, all
-        frozen, first: as the deeper store holds them. `token_type_ids` only with token
+        frozen, first: as the deeper store holds them (up to rounding for a row whose
+        computed length the batch's cut shortened). `token_type_ids` only with token
         ids and nothing frozen (a store holds hidden states, computed without them)."""
         m, depth = self.model, self.frozen if depth is None else depth
         if depth < self.frozen:

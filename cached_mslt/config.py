@@ -167,6 +167,22 @@ def _check_counts(text: str | None, name: str, what: str) -> None:
             )
 
 
+def _check_rates(text: str | None, name: str) -> None:
+    """`--stage_dropout`: comma-separated fractions in [0, 1)."""
+    if text is None:
+        return
+    for part in str(text).replace(" ", "").split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise ConfigError(
+                f"--{name} {text!r}: {part!r} is not a fraction in [0, 1); give one value for "
+                f"every stage or one per stage, e.g. --{name} 0,0.1,0.1,0.1"
+            )
+
+
 def validate(groups: tuple[Any, ...]) -> None:
     """Refuse out-of-range values at parse time, before anything is read or written."""
     for group in groups:
@@ -413,6 +429,15 @@ class ScheduleArgs:
     )
     stage_steps: str | None = field(
         default=None, metadata={"help": "optimizer steps per stage (overrides stage_tokens)"}
+    )
+    stage_dropout: str | None = field(
+        default=None,
+        metadata={
+            "help": "hidden and attention dropout per stage, one value for all or one per "
+            "stage, e.g. 0,0.1,0.1,0.1 (what the trainable layers and head drop; the frozen "
+            "bottom runs in eval mode and never drops); default: --dropout in every stage "
+            "(docs/levers.md, lever 3)"
+        },
     )
     warmup_fraction: float = field(default=0.06, metadata={"help": "linear warmup share per stage"})
     lr_schedule: str = field(
@@ -700,6 +725,7 @@ class RunArgs:
             )
         _check_counts(self.schedule.stage_steps, "stage_steps", "steps")
         _check_counts(self.schedule.stage_tokens, "stage_tokens", "tokens")
+        _check_rates(self.schedule.stage_dropout, "stage_dropout")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,6 +5,7 @@ the last ended; with `--lr_scope stage` each stage warms up and decays on its ow
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cached_mslt.config import ConfigError, run_args
 from cached_mslt.stages.runner import run_all
@@ -93,3 +94,36 @@ def test_fresh_stages_shuffle_with_their_own_seed(
     monkeypatch.setattr(trainer, "make_block_loader", spy)
     run_all(small_run(prepared_dir, tmp_path / "run", stage_order=order, stage_steps="2"))
     assert used == seeds
+
+
+def test_each_stage_trains_with_its_own_dropout_and_its_checkpoint_records_it(
+    prepared_dir, tmp_path, monkeypatch
+):
+    """Lever 3 (`--stage_dropout`): stage K's model drops at its own rate in every dropout
+    module while it trains, its manifest and saved config record the rate, and a bad value
+    is refused at parse time."""
+    from transformers import BertForMaskedLM
+
+    from cached_mslt.rundir import RunLayout
+    from cached_mslt.stages import runner
+
+    seen, load = {}, runner.load_stage_model
+
+    def spy(args, stage, vocab_size):
+        model = load(args, stage, vocab_size)
+        seen[stage.index] = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        return model
+
+    monkeypatch.setattr(runner, "load_stage_model", spy)
+    args = small_run(prepared_dir, tmp_path / "run", stage_dropout="0,0.2", stage_steps="2")
+    run_all(args)
+    assert seen == {1: {0.0}, 2: {0.2}}
+    layout = RunLayout(tmp_path / "run")
+    assert [layout.read_manifest(k)["stage"]["dropout"] for k in (1, 2)] == [0.0, 0.2]
+    saved = BertForMaskedLM.from_pretrained(layout.model_dir(2)).config
+    assert saved.hidden_dropout_prob == saved.attention_probs_dropout_prob == 0.2
+    for bad in ("0.1,1.0", "x", "-0.1"):
+        with pytest.raises(ConfigError, match="stage_dropout"):
+            run_args("tiny", stage_dropout=bad)
+    with pytest.raises(ConfigError, match="stage_dropout has 3 values for 2 stages"):
+        run_all(small_run(prepared_dir, tmp_path / "other", stage_dropout="0,0.1,0.1"))

@@ -20,6 +20,7 @@ from cached_mslt.models.bert import (
     mlm_head_loss,
     model_fingerprint,
     run_layers,
+    set_dropout,
     set_encoder_layers,
 )
 from cached_mslt.models.mlm_loss import IGNORE_INDEX
@@ -52,6 +53,7 @@ __all__ = [
     "mean_pool",
     "mlm_head_loss",
     "run_layers",
+    "set_dropout",
     "set_encoder_layers",
     "PreLNBertConfig",
     "PreLNBertForMaskedLM",

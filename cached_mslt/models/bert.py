@@ -210,6 +210,16 @@ class TopModel(nn.Module):
         return mlm_head_loss(self.model, hidden, labels, targets)
 
 
+def set_dropout(model: nn.Module, rate: float) -> None:
+    """Every dropout of the model (hidden, attention, the head's) at `rate`, and the config
+    saying so, so a checkpoint saved after it records what its last stage trained with.
+    A frozen module in eval mode drops nothing whatever its rate."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = rate
+
+
 def frozen_modules(model: BertForMaskedLM, frozen: int) -> list[nn.Module]:
     """What `frozen` means: the embeddings (and with them the tied decoder weight) and the
     first `frozen` encoder layers. Nothing is frozen when `frozen == 0`."""

@@ -16,6 +16,7 @@ class Stage:
     steps: int | None
     cache: str  # auto | write-through | always (eager build) | never (live)
     joint: bool = False  # final phase: every layer trains again, live
+    dropout: float | None = None  # None: the model's own (--dropout)
 
     @property
     def name(self) -> str:
@@ -39,6 +40,18 @@ def _numbers(text: str | None, count: int, what: str) -> list[float] | None:
         raise ConfigError(f"{what} has {len(values)} values for {count} stages; give 1 or {count}")
     if any(v <= 0 for v in values):
         raise ConfigError(f"{what} values must be positive, got {values}")
+    return values
+
+
+def _rates(text: str | None, count: int, what: str) -> list[float] | None:
+    """Per-stage fractions (validated in [0, 1) at parse time): one for all, or one each."""
+    if text is None:
+        return None
+    values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
+    if len(values) == 1:
+        values = values * count
+    if len(values) != count:
+        raise ConfigError(f"{what} has {len(values)} values for {count} stages; give 1 or {count}")
     return values
 
 
@@ -72,6 +85,7 @@ class StagePlan:
                 f"{e}: the {args.model.preset} preset's stage_tokens ({s.stage_tokens}) are for "
                 f"its own plan; with --stage_layers {s.stage_layers} pass --stage_tokens too"
             ) from e
+        dropout = _rates(s.stage_dropout, len(layers), "stage_dropout")
         stages = []
         for i, n in enumerate(layers):
             frozen = layers[i - 1] if i else 0
@@ -84,6 +98,7 @@ class StagePlan:
                     steps=int(steps[i]) if steps else None,
                     # Nothing is frozen in stage 1, so there is nothing to cache.
                     cache="never" if frozen == 0 else s.cache,
+                    dropout=dropout[i] if dropout else None,
                 )
             )
         if s.joint_tokens > 0:

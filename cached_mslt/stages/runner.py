@@ -33,6 +33,7 @@ from cached_mslt.models import (
     check_tied,
     grow,
     model_fingerprint,
+    set_dropout,
 )
 from cached_mslt.rundir import (
     DiskFullError,
@@ -151,7 +152,10 @@ def steps_for(stage: Stage, args: RunArgs, world_size: int) -> int:
 def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMaskedLM:
     """Stage 1 starts from a fresh model; stage K from stage K-1's checkpoint, grown."""
     if stage.index == 1:
-        return build_model(args.model, vocab_size, stage.num_layers, seed=args.train.seed)
+        model = build_model(args.model, vocab_size, stage.num_layers, seed=args.train.seed)
+        if stage.dropout is not None:
+            set_dropout(model, stage.dropout)
+        return model
     check_previous_stage_done(args, stage)  # callers other than run_stage too
     layout = RunLayout.of(args)
     model = BertForMaskedLM.from_pretrained(
@@ -165,6 +169,8 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
         )
     if stage.num_layers > model.config.num_hidden_layers:
         grow(model, stage.num_layers, init=args.schedule.growth_init)
+    if stage.dropout is not None:
+        set_dropout(model, stage.dropout)
     return model
 
 

@@ -101,7 +101,8 @@ def by_row_length(
 ) -> torch.Tensor:
     """`fn(attention_mask, **columns)` run once per group of rows of one computed length
     (the row's real tokens rounded up to `multiple`, at most its width), on the columns cut
-    to it; the outputs back in row order, zeros beyond each row's length.
+    to it; the outputs back in row order, zeros beyond each row's length. Rows are padded
+    on the right, as `padded_columns` (cached_mslt/evaluation/task_store.py) pads them.
 
     Padded rows (a classification task's, padded to its longest) then cost their own
     length, not the longest's. A row's length is its own, never its batch's, because sdpa

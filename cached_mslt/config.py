@@ -149,38 +149,29 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _check_each(text: str | None, name: str, ok, expected: str, example: str) -> None:
+    """A per-stage option: comma-separated values, each of which `ok` accepts."""
+    if text is None:
+        return
+    for part in str(text).replace(" ", "").split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(
+                f"--{name} {text!r}: {part!r} is not {expected}; give one value for every "
+                f"stage or one per stage, e.g. --{name} {example}"
+            )
+
+
 def _check_counts(text: str | None, name: str, what: str) -> None:
     """`--stage_steps`/`--stage_tokens`: comma-separated whole numbers > 0 (a stage of 0.5
     steps is not a stage: int() would make it 0 and mark it done untrained)."""
-    if text is None:
-        return
-    for part in str(text).replace(" ", "").split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value >= 1 and value == int(value)):
-            raise ConfigError(
-                f"--{name} {text!r}: {part!r} is not a whole number of {what} >= 1; give one "
-                f"value for every stage or one per stage, e.g. --{name} "
-                f"{'6' if what == 'steps' else '2097152'}"
-            )
-
-
-def _check_rates(text: str | None, name: str) -> None:
-    """`--stage_dropout`: comma-separated fractions in [0, 1)."""
-    if text is None:
-        return
-    for part in str(text).replace(" ", "").split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and 0 <= value < 1):
-            raise ConfigError(
-                f"--{name} {text!r}: {part!r} is not a fraction in [0, 1); give one value for "
-                f"every stage or one per stage, e.g. --{name} 0,0.1,0.1,0.1"
-            )
+    example = "6" if what == "steps" else "2097152"
+    _check_each(
+        text, name, lambda v: v >= 1 and v == int(v), f"a whole number of {what} >= 1", example
+    )
 
 
 def validate(groups: tuple[Any, ...]) -> None:
@@ -725,7 +716,10 @@ class RunArgs:
             )
         _check_counts(self.schedule.stage_steps, "stage_steps", "steps")
         _check_counts(self.schedule.stage_tokens, "stage_tokens", "tokens")
-        _check_rates(self.schedule.stage_dropout, "stage_dropout")
+        _check_each(
+            self.schedule.stage_dropout, "stage_dropout", lambda v: 0 <= v < 1,
+            "a fraction in [0, 1)", "0,0.1,0.1,0.1",
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

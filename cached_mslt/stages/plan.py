@@ -30,7 +30,9 @@ class Stage:
         return asdict(self) | {"name": self.name}
 
 
-def _numbers(text: str | None, count: int, what: str) -> list[float] | None:
+def _per_stage(text: str | None, count: int, what: str) -> list[float] | None:
+    """A per-stage option's values (checked at parse time, config.py): one for every stage,
+    or one per stage."""
     if text is None:
         return None
     values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
@@ -38,20 +40,13 @@ def _numbers(text: str | None, count: int, what: str) -> list[float] | None:
         values = values * count
     if len(values) != count:
         raise ConfigError(f"{what} has {len(values)} values for {count} stages; give 1 or {count}")
-    if any(v <= 0 for v in values):
-        raise ConfigError(f"{what} values must be positive, got {values}")
     return values
 
 
-def _rates(text: str | None, count: int, what: str) -> list[float] | None:
-    """Per-stage fractions (validated in [0, 1) at parse time): one for all, or one each."""
-    if text is None:
-        return None
-    values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
-    if len(values) == 1:
-        values = values * count
-    if len(values) != count:
-        raise ConfigError(f"{what} has {len(values)} values for {count} stages; give 1 or {count}")
+def _numbers(text: str | None, count: int, what: str) -> list[float] | None:
+    values = _per_stage(text, count, what)
+    if values and any(v <= 0 for v in values):
+        raise ConfigError(f"{what} values must be positive, got {values}")
     return values
 
 
@@ -85,7 +80,7 @@ class StagePlan:
                 f"{e}: the {args.model.preset} preset's stage_tokens ({s.stage_tokens}) are for "
                 f"its own plan; with --stage_layers {s.stage_layers} pass --stage_tokens too"
             ) from e
-        dropout = _rates(s.stage_dropout, len(layers), "stage_dropout")
+        dropout = _per_stage(s.stage_dropout, len(layers), "stage_dropout")
         stages = []
         for i, n in enumerate(layers):
             frozen = layers[i - 1] if i else 0

@@ -13,7 +13,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from cached_mslt.bench.interleave import interleaved_rounds
-from cached_mslt.evaluation.frozen_top import ClassifierTop, freeze_to
+from cached_mslt.evaluation import ClassifierTop, freeze_to
 
 # (frozen layers, tokens a row): full fine-tuning and sentiment's K = 3 top at the
 # sentiment snippets' padded length, bbc's K = 4 top at its 128 tokens.

@@ -13,12 +13,14 @@ from transformers import PreTrainedTokenizerBase
 
 from cached_mslt.evaluation.args import FinetuneArgs, FinetuneError
 from cached_mslt.evaluation.finetune import RESULTS_FILE, finetune
+from cached_mslt.evaluation.frozen_top import ClassifierTop, freeze_to
 from cached_mslt.evaluation.probe import PROBE_FILE, fit_probe, linear_probe
 from cached_mslt.evaluation.report import format_probes, format_results
 from cached_mslt.evaluation.task_store import StoreLocation
 from cached_mslt.evaluation.tasks import DEFAULT_TASK_DIR, prepare_task
 
 __all__ = [
+    "ClassifierTop",
     "DEFAULT_TASK_DIR",
     "fit_probe",
     "prepare_task",
@@ -31,6 +33,7 @@ __all__ = [
     "finetune",
     "format_probes",
     "format_results",
+    "freeze_to",
     "linear_probe",
 ]
 

@@ -16,13 +16,11 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from cached_mslt.evaluation.args import FinetuneError
 from cached_mslt.evaluation.task_store import ROW_LENGTH_MULTIPLE, TaskStores
 from cached_mslt.models import (
-    bottom_forward,
     first_position_layer,
     frozen_modules,
     layer_mask,
-    run_layers,
 )
-from cached_mslt.stages import by_row_length
+from cached_mslt.stages import frozen_output
 
 
 def _bert_classifier(model: PreTrainedModel) -> bool:
@@ -175,17 +173,13 @@ def frozen_rows(
     hidden: torch.Tensor | None = None,
     start: int = 0,
 ) -> torch.Tensor:
-    """The frozen bottom's output at `depth` as a task store holds it: from token ids, or
-    from `hidden` at depth `start`, each row at its own length (`by_row_length`)."""
-
-    def rows_at_length(mask, input_ids=None, hidden=None):
-        if hidden is None:
-            return bottom_forward(model, input_ids, mask, depth)
-        return run_layers(model, hidden, mask, start, depth)
-
-    return by_row_length(
-        rows_at_length, attention_mask, ROW_LENGTH_MULTIPLE, input_ids=input_ids, hidden=hidden
-    )
+    """The frozen bottom's output at `depth` as a float32 task store holds it: the build's
+    own `frozen_output`, from token ids or from `hidden` at depth `start`, each row at its
+    own length."""
+    return frozen_output(
+        model, attention_mask, stop=depth, dtype=torch.float32, input_ids=input_ids,
+        previous=hidden, start=start, length_multiple=ROW_LENGTH_MULTIPLE,
+    )  # fmt: skip
 
 
 class AutoFreezeTest:

@@ -12,7 +12,7 @@ layers it has just frozen. What a classification row needs from them:
   length T (the longest row of the task, at most `--max_seq_len`). The bottom computes
   each row at its own length rounded up to ROW_LENGTH_MULTIPLE (zeros beyond), not at T:
   a row costs its own length, and its stored entry never depends on which batch it is
-  built or read in (`cached_mslt.stages.by_row_length`).
+  built or read in (`cached_mslt/stages/cache.py: by_row_length`).
 - `attention_mask`: 1 on real tokens: the top's layers read it, and a batch is cut to its
   longest row before the top runs (the cut columns are padding only).
 - `labels`: the class id at position 0 (the [CLS] row, which the pooler reads), -100

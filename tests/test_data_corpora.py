@@ -3,6 +3,8 @@
 import json
 import logging
 import re
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
+from cached_mslt.data import corpora
 from cached_mslt.data.corpora import DataError, load_corpus
 from cached_mslt.data.tokenizer import load_tokenizer
 
+HELDOUT = Path(__file__).resolve().parents[1] / "data" / "heldout" / "sotu-2001-2021"
 DOCS = ["First document.\nIt has two lines.", "Second document.", "Third, with ünïcode."]
 
 
@@ -29,6 +33,28 @@ def test_default_corpus_is_wikipedia_then_brown(default_corpus):
     # Brown's word/tag pairs are untagged: no "/nn", "/at" ... left, quotes are plain.
     assert not any(re.search(r"\w/[a-z$*+-]+\b", doc) for doc in brown[:50])
     assert "``" not in brown[0] and "Fulton County Grand Jury" in brown[0]
+
+
+def test_sotu_corpus_is_the_addresses_before_the_heldout_years():
+    corpus = load_corpus(["sotu"])
+    assert corpus.sources == [{"source": "sotu", "kind": "bundled", "documents": 212}]
+    assert corpus.documents[0].startswith("Fellow-Citizens of the Senate and House")
+    assert 1.6e6 < sum(len(d.split()) for d in corpus.documents) < 1.75e6
+    # The held-out prose (data/heldout/sotu-2001-2021) shares no document with it.
+    heldout = {" ".join(p.read_text().split()) for p in HELDOUT.glob("*.txt")}
+    assert len(heldout) == 21 and not heldout & {" ".join(d.split()) for d in corpus.documents}
+
+
+def test_sotu_corpus_refuses_an_address_of_the_heldout_years(tmp_path, monkeypatch):
+    # A tarball that held a 2001 address would put held-out prose into training.
+    (tmp_path / "sotu-1790-2000").mkdir()
+    for name in ("1790_george_washington_n.txt", "2001_george_w_bush_r.txt"):
+        (tmp_path / "sotu-1790-2000" / name).write_text("Fellow-Citizens.")
+    with tarfile.open(tmp_path / "sotu.tgz", "w:gz") as tar:
+        tar.add(tmp_path / "sotu-1790-2000", arcname="sotu-1790-2000")
+    monkeypatch.setattr(corpora, "SOTU_TGZ", tmp_path / "sotu.tgz")
+    with pytest.raises(DataError, match="2001_george_w_bush_r.txt.*held-out"):
+        load_corpus(["sotu"])
 
 
 def test_default_corpus_is_about_2_3m_tokens(default_corpus):

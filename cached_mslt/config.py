@@ -220,8 +220,9 @@ class DataArgs:
     corpus: list[str] = field(
         default_factory=lambda: ["default"],
         metadata={
-            "help": "'default' (bundled Wikipedia summaries + Brown corpus) or paths to "
-            ".txt/.jsonl/.parquet files, folders of them, or a datasets dataset saved to disk"
+            "help": "'default' (bundled Wikipedia summaries + Brown corpus), the bundled "
+            "'wikipedia', 'brown' or 'sotu' (docs/data.md), or paths to .txt/.jsonl/.parquet "
+            "files, folders of them, or a datasets dataset saved to disk"
         },
     )
     tokenizer: str | None = field(

@@ -95,7 +95,9 @@ def add_variant_args(variants: argparse._ArgumentGroup) -> None:
         "loader in bytes at bert-base rows; fine-tuning's step with the [CLS]-only last layer",
     )
     variants.add_argument("--preset", default="tiny", help="the shape the variants run at")
-    variants.add_argument("--repeats", type=int, default=5, help="precision, classifier: interleaved rounds")
+    variants.add_argument(
+        "--repeats", type=int, default=5, help="precision, classifier: interleaved rounds"
+    )
     variants.add_argument(
         "--device", default="cpu", help="precision: where the step runs (cuda: on the GPU)"
     )

@@ -31,6 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=2,
         intermediate_size=512,
         seq_len=128,
+        corpus=("default", "sotu"),
         tokenizer="train",
         vocab_size=8192,
         train_examples=0,
@@ -48,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=4,
         intermediate_size=1024,
         seq_len=128,
+        corpus=("default",),
         tokenizer="train",
         vocab_size=16384,
         train_examples=0,
@@ -65,6 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=12,
         intermediate_size=3072,
         seq_len=128,
+        corpus=("default",),
         tokenizer="bundled",
         vocab_size=30522,
         train_examples=0,
@@ -217,12 +220,12 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    corpus: list[str] = field(
-        default_factory=lambda: ["default"],
+    corpus: list[str] | None = field(
+        default=None,
         metadata={
             "help": "'default' (bundled Wikipedia summaries + Brown corpus), the bundled "
             "'wikipedia', 'brown' or 'sotu' (docs/data.md), or paths to .txt/.jsonl/.parquet "
-            "files, folders of them, or a datasets dataset saved to disk"
+            "files, folders of them, or a datasets dataset saved to disk; default: preset"
         },
     )
     tokenizer: str | None = field(
@@ -294,6 +297,8 @@ class DataArgs:
 
     def resolve(self, model: ModelArgs) -> None:
         preset = PRESETS[model.preset]
+        if self.corpus is None:
+            self.corpus = list(preset["corpus"])
         for name in ("seq_len", "tokenizer", "train_examples", "mask_prob", "views"):
             if getattr(self, name) is None:
                 setattr(self, name, preset[name])

@@ -73,6 +73,9 @@ def test_presets_set_the_scope_and_views_and_a_flag_wins():
     assert run_args("mini").data.views == 1
     assert run_args("tiny", lr_scope="stage", views=3).schedule.lr_scope == "stage"
     assert run_args("tiny", views=3).data.views == 3
+    # issue 29's lever 5: tiny trains on more text; the other presets keep the default corpus
+    assert tiny.data.corpus == ["default", "sotu"] and run_args("mini").data.corpus == ["default"]
+    assert run_args("tiny", corpus=["notes.txt"]).data.corpus == ["notes.txt"]
     with pytest.raises(ConfigError, match="lr_scope"):
         run_args("tiny", lr_scope="epoch")
     with pytest.raises(ConfigError, match="views"):
